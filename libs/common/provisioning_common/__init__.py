@@ -1,0 +1,1 @@
+"""Shared contract of the provisioning services: models, wire dialects, bus RPC, settings, schema."""

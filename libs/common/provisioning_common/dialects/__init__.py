@@ -1,0 +1,52 @@
+"""Wire dialects: the one place where JSON bodies become :class:`ProvisionRequest` and back.
+
+Every transport calls :func:`parse_provision_request` and :func:`render_result`; the dialect is
+chosen from the body (``provision_key`` without ``provisionDeviceKey`` means Innoway), never from
+the transport, so any endpoint answers each request in the dialect it was asked in.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..models import Dialect, ProvisionRequest, ProvisionResult, Transport
+from . import innoway, thingsboard
+from ._json import DialectError, loads_object
+
+__all__ = ["DialectError", "parse_provision_request", "render_result", "render_error", "detect_dialect"]
+
+_MODULES: dict[Dialect, ModuleType] = {Dialect.THINGSBOARD: thingsboard, Dialect.INNOWAY: innoway}
+
+
+def detect_dialect(obj: dict) -> Dialect:
+    if innoway.KEY_FIELD in obj and thingsboard.KEY_FIELD not in obj:
+        return Dialect.INNOWAY
+    return Dialect.THINGSBOARD
+
+
+def parse_provision_request(
+    body: bytes, *, transport: Transport, source_address: str = ""
+) -> ProvisionRequest:
+    """Parse a JSON provision body in whichever dialect it is written.
+
+    Raises :class:`DialectError` whose ``dialect`` says how to render the error.
+    """
+    try:
+        obj = loads_object(body)
+    except DialectError as exc:
+        exc.dialect = Dialect.THINGSBOARD
+        raise
+    dialect = detect_dialect(obj)
+    try:
+        return _MODULES[dialect].parse(obj, transport=transport, source_address=source_address)
+    except DialectError as exc:
+        exc.dialect = dialect
+        raise
+
+
+def render_result(dialect: Dialect, result: ProvisionResult) -> bytes:
+    return _MODULES[dialect].render(result)
+
+
+def render_error(dialect: Dialect, message: str) -> bytes:
+    return _MODULES[dialect].render_error(message)

@@ -1,0 +1,160 @@
+"""The normalized contract between gateways and services.
+
+Gateways translate a wire dialect into :class:`ProvisionRequest` and render a
+:class:`ProvisionResult` back; nothing here knows about HTTP, MQTT or CoAP.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CredentialsType(str, enum.Enum):
+    ACCESS_TOKEN = "ACCESS_TOKEN"
+    MQTT_BASIC = "MQTT_BASIC"
+    X509_CERTIFICATE = "X509_CERTIFICATE"
+    LWM2M_CREDENTIALS = "LWM2M_CREDENTIALS"
+
+
+class ProvisionStatus(str, enum.Enum):
+    SUCCESS = "SUCCESS"
+    NOT_FOUND = "NOT_FOUND"
+    FAILURE = "FAILURE"
+
+
+class ProvisionStrategy(str, enum.Enum):
+    ALLOW_CREATE_NEW_DEVICES = "ALLOW_CREATE_NEW_DEVICES"
+    CHECK_PRE_PROVISIONED_DEVICES = "CHECK_PRE_PROVISIONED_DEVICES"
+    DISABLED = "DISABLED"
+
+
+class Dialect(str, enum.Enum):
+    """Which wire vocabulary a request came in; the answer is rendered in the same one."""
+
+    THINGSBOARD = "thingsboard"
+    INNOWAY = "innoway"
+
+
+class Transport(str, enum.Enum):
+    HTTP = "HTTP"
+    MQTT = "MQTT"
+    COAP = "COAP"
+    ADMIN = "ADMIN"
+
+
+# ThingsBoard's fixed messages (spec §2); Innoway reuses them (innoway spec).
+MSG_NOT_FOUND = "Provision data was not found!"
+MSG_FAILURE = "Failed to provision device!"
+MSG_TIMEOUT = "Provisioning timed out"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SuppliedCredentials(_Frozen):
+    """Credentials a device brings in its provision request (all optional, ThingsBoard's §1 fields)."""
+
+    token: str = ""
+    client_id: str = ""
+    username: str = ""
+    password: str = ""
+    certificate: str = ""
+
+    def any_given(self) -> bool:
+        return bool(self.token or self.client_id or self.username or self.password or self.certificate)
+
+
+class ProvisionRequest(_Frozen):
+    """A provision request as every transport hands it to provisioning-core."""
+
+    request_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    provision_key: str
+    provision_secret: str = Field(repr=False)
+    device_name: str = ""
+    #: Innoway's ``device_key``: the device's own unique key inside its profile.
+    device_key: str = ""
+    credentials_type: CredentialsType = CredentialsType.ACCESS_TOKEN
+    credentials: SuppliedCredentials = Field(default_factory=SuppliedCredentials, repr=False)
+    gateway: bool = False
+    dialect: Dialect = Dialect.THINGSBOARD
+    transport: Transport = Transport.HTTP
+    source_address: str = ""
+
+
+class ProvisionResult(_Frozen):
+    """Outcome of one provision request; credentials are set on SUCCESS only."""
+
+    status: ProvisionStatus
+    device_id: str | None = None
+    device_name: str | None = None
+    credentials_type: CredentialsType | None = None
+    #: What the device receives: a token string, the certificate body, or the MQTT_BASIC object.
+    credentials_value: str | dict[str, Any] | None = Field(default=None, repr=False)
+    credentials_id: str | None = None
+    error_message: str | None = None
+
+    @classmethod
+    def not_found(cls) -> "ProvisionResult":
+        return cls(status=ProvisionStatus.NOT_FOUND, error_message=MSG_NOT_FOUND)
+
+    @classmethod
+    def failure(cls, message: str = MSG_FAILURE) -> "ProvisionResult":
+        return cls(status=ProvisionStatus.FAILURE, error_message=message)
+
+
+# --- credentials service messages -------------------------------------------------------
+
+
+class PrepareCredentialsRequest(_Frozen):
+    """Ask the credentials service to mint or hash credentials before they are stored."""
+
+    credentials_type: CredentialsType
+    credentials: SuppliedCredentials = Field(default_factory=SuppliedCredentials, repr=False)
+    #: Length of a generated token: 20 for ThingsBoard, 32 for Innoway.
+    token_length: int = Field(default=20, ge=16, le=64)
+
+
+class PreparedCredentials(_Frozen):
+    """Everything needed to store credentials and to answer the device, produced by credentials."""
+
+    credentials_type: CredentialsType
+    #: Unique lookup key stored in ``device_credentials.credentials_id`` (a hash for tokens and certificates).
+    credentials_id: str
+    #: Password hash for MQTT_BASIC, else None.
+    secret_hash: str | None = Field(default=None, repr=False)
+    #: The value the device is told (token, certificate body or MQTT_BASIC object).
+    response_value: str | dict[str, Any] = Field(repr=False)
+
+
+class PrepareCredentialsResult(_Frozen):
+    ok: bool
+    prepared: PreparedCredentials | None = None
+    error_message: str | None = None
+
+
+class AuthenticateRequest(_Frozen):
+    """Find the device owning the given credentials (token, MQTT_BASIC parts, or certificate)."""
+
+    token: str = Field(default="", repr=False)
+    client_id: str = ""
+    username: str = ""
+    password: str = Field(default="", repr=False)
+    certificate: str = Field(default="", repr=False)
+
+
+class AuthenticateResult(_Frozen):
+    authenticated: bool
+    device_id: str | None = None
+    device_name: str | None = None
+    credentials_type: CredentialsType | None = None
+
+
+class RpcFailure(_Frozen):
+    """Body of a reply when the remote handler raised: the caller turns it into its own error."""
+
+    error: str

@@ -1,0 +1,58 @@
+"""Settings for every service, read once from environment variables.
+
+One class serves all services so that a variable means the same thing everywhere
+(a gateway and the core must agree on ``BUS_NAMESPACE`` and ``PROVISION_TIMEOUT_S``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    rabbitmq_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/provisioning")
+
+    #: Prefix of every queue and exchange name; lets several stacks (or test runs) share one broker.
+    bus_namespace: str = ""
+    #: How long a gateway waits for the core; also the TTL of the request message so that
+    #: nothing is processed after the caller gave up.
+    provision_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: Unacknowledged messages a consumer holds at once (per service instance).
+    bus_prefetch: int = Field(default=128, ge=1, le=10_000)
+    #: ``quorum`` (replicated, what a cluster wants) or ``classic`` request queues.
+    bus_queue_type: str = Field(default="classic", pattern="^(classic|quorum)$")
+
+    bind_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    admin_port: int = Field(default=8081, ge=0, le=65535)
+    admin_api_token: SecretStr | None = None
+
+    #: Fernet key (urlsafe base64, 32 bytes) encrypting what must be readable again later:
+    #: credentials of pre-provisioned devices until they are handed out, and replayable answers.
+    data_encryption_key: SecretStr | None = None
+
+    #: Largest provision/telemetry body a gateway accepts, in bytes.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=16, ge=1)
+
+    #: Failed key/secret attempts allowed per provision key and per source address per minute.
+    provision_failures_per_minute: int = Field(default=60, ge=1)
+
+    log_level: str = "INFO"
+
+    def queue(self, name: str) -> str:
+        """Name of a bus queue or exchange inside this deployment's namespace."""
+        return f"{self.bus_namespace}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,78 @@
+"""What every transport gateway does, independent of its wire protocol.
+
+Like ThingsBoard's ``TransportService``: a gateway hands raw payloads here and maps the
+:class:`ProvisionOutcome` kind to its protocol's status codes. No provisioning rule lives here.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass
+
+from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout
+from .dialects import DialectError, parse_provision_request, render_error, render_result
+from .models import MSG_TIMEOUT, AuthenticateRequest, AuthenticateResult, Dialect, ProvisionResult, Transport
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class OutcomeKind(str, enum.Enum):
+    #: The core answered (SUCCESS, NOT_FOUND or FAILURE): HTTP 200.
+    ANSWERED = "answered"
+    #: The request could not be parsed: HTTP 400.
+    BAD_REQUEST = "bad_request"
+    #: The core did not answer in time or the bus is down: HTTP 503.
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class ProvisionOutcome:
+    kind: OutcomeKind
+    dialect: Dialect
+    #: The response body, already rendered in the caller's dialect.
+    body: bytes
+    result: ProvisionResult | None = None
+
+
+class TransportApi:
+    def __init__(self, bus: Bus, settings: Settings) -> None:
+        self._bus = bus
+        self._settings = settings
+
+    async def provision(self, payload: bytes, *, transport: Transport, source_address: str = "") -> ProvisionOutcome:
+        """Parse a JSON provision payload, ask the core, and render the answer in the caller's dialect."""
+        try:
+            request = parse_provision_request(payload, transport=transport, source_address=source_address)
+        except DialectError as exc:
+            dialect = exc.dialect or Dialect.THINGSBOARD
+            return ProvisionOutcome(OutcomeKind.BAD_REQUEST, dialect, render_error(dialect, exc.message))
+        try:
+            result = await self._bus.call(
+                CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id
+            )
+        except RpcTimeout:
+            log.warning("provision request %s timed out", request.request_id)
+            return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
+        except RpcError as exc:
+            log.warning("provision request %s failed on the bus: %s", request.request_id, exc)
+            return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
+        return ProvisionOutcome(OutcomeKind.ANSWERED, request.dialect, render_result(request.dialect, result), result)
+
+    async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
+        """Ask the credentials service who owns these credentials. Raises RpcError when unreachable."""
+        return await self._bus.call(CREDENTIALS_SERVICE, "authenticate", request, AuthenticateResult)
+
+    async def publish_telemetry(self, device_id: str, payload: bytes) -> None:
+        """Forward a device's telemetry to the ``device.telemetry`` topic exchange, keyed by device id."""
+        await self._bus.publish_event(TELEMETRY_EXCHANGE, device_id, payload)
+
+
+def is_json_document(payload: bytes) -> bool:
+    """Telemetry must be a JSON object or array (ThingsBoard rejects anything else)."""
+    try:
+        return isinstance(json.loads(payload), (dict, list))
+    except (ValueError, UnicodeDecodeError):
+        return False

@@ -1,0 +1,1 @@
+"""Admin API: device profiles and pre-provisioned devices (bearer-token protected)."""

@@ -1,0 +1,1 @@
+"""credentials service: mints tokens, hashes certificates and passwords, authenticates devices."""

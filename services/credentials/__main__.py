@@ -1,0 +1,32 @@
+"""``python -m credentials``: serve the credentials RPC queue until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from provisioning_common import runtime
+from provisioning_common.bus import Bus
+from provisioning_common.db.migrate import create_pool
+from provisioning_common.settings import Settings
+
+from .service import SERVICE, CredentialsService
+
+log = logging.getLogger("credentials")
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    pool = await create_pool(
+        settings.database_url.get_secret_value(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
+    )
+    bus = await Bus.connect(settings)
+    await bus.serve(SERVICE, CredentialsService(pool).handlers())
+    log.info("credentials ready on queue %s", settings.queue(SERVICE))
+    await stop.wait()
+    await bus.stop_consuming()
+    await bus.close()
+    await pool.close()
+
+
+if __name__ == "__main__":
+    runtime.run("credentials", main)

@@ -1,0 +1,95 @@
+"""Credential hashing and minting: ThingsBoard's formats where devices depend on them (spec §5, §7)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+import string
+
+from cryptography import x509
+
+TOKEN_ALPHABET = string.ascii_letters + string.digits
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# scrypt cost: ~16 MiB and tens of milliseconds per hash; always run off the event loop.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def mint_token(length: int = 20) -> str:
+    """A random token of ``length`` characters from [A-Za-z0-9] (ThingsBoard: 20, Innoway: 32)."""
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(length))
+
+
+def has_control_chars(value: str) -> bool:
+    return bool(_CONTROL.search(value))
+
+
+def tb_trim(value: str) -> str:
+    """ThingsBoard's ``certTrimNewLines``: drop PEM markers and line breaks, nothing else."""
+    return (
+        value.replace("-----BEGIN CERTIFICATE-----", "")
+        .replace("\n", "")
+        .replace("\r", "")
+        .replace("-----END CERTIFICATE-----", "")
+    )
+
+
+def tb_sha3(*parts: str) -> str:
+    """ThingsBoard's ``getSha3Hash``: SHA3-256 hex of the non-empty parts joined by ``|``, trimmed."""
+    joined = "|".join(p for p in parts if p)
+    return hashlib.sha3_256(tb_trim(joined).encode("utf-8")).hexdigest()
+
+
+def token_id(token: str) -> str:
+    """Stored lookup key of an access token: a dump of the table does not reveal the token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def certificate_body(value: str) -> str:
+    """The base64 body of a PEM or bare-base64 certificate, validated to parse as X.509.
+
+    Raises ValueError with a message fit for the device.
+    """
+    body = tb_trim(value)
+    compact = "".join(body.split())
+    try:
+        der = base64.b64decode(compact, validate=True)
+        x509.load_der_x509_certificate(der)
+    except (binascii.Error, ValueError):
+        raise ValueError("X509_CERTIFICATE value is not a valid X.509 certificate (PEM or base64 DER)") from None
+    return body
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
+    return "scrypt${}${}${}${}${}".format(
+        _SCRYPT_N,
+        _SCRYPT_R,
+        _SCRYPT_P,
+        base64.b64encode(salt).decode(),
+        base64.b64encode(digest).decode(),
+    )
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt_b64, digest_b64 = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest_b64)
+        actual = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt_b64),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(expected),
+        )
+    except (ValueError, binascii.Error):
+        return False
+    return hmac.compare_digest(actual, expected)

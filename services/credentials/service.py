@@ -1,0 +1,172 @@
+"""The credentials service's two entry points: ``prepare`` (before storing) and ``authenticate``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import asyncpg
+
+from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
+from provisioning_common.models import (
+    AuthenticateRequest,
+    AuthenticateResult,
+    CredentialsType,
+    PrepareCredentialsRequest,
+    PrepareCredentialsResult,
+    PreparedCredentials,
+)
+
+from . import hashing
+
+SERVICE = CREDENTIALS_SERVICE
+
+_DENIED = AuthenticateResult(authenticated=False)
+
+
+class CredentialsRefused(ValueError):
+    """Supplied credentials break a rule; the message is safe to show to the device."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    device_id: str
+    device_name: str
+    credentials_type: CredentialsType
+    secret_hash: str | None
+    public: dict
+
+
+async def prepare_credentials(req: PrepareCredentialsRequest) -> PreparedCredentials:
+    """Mint or validate-and-hash credentials (spec §5). Raises :class:`CredentialsRefused`."""
+    supplied = req.credentials
+    if not supplied.any_given():
+        token = hashing.mint_token(req.token_length)
+        return PreparedCredentials(
+            credentials_type=CredentialsType.ACCESS_TOKEN, credentials_id=hashing.token_id(token), response_value=token
+        )
+    ctype = req.credentials_type
+    if ctype is CredentialsType.ACCESS_TOKEN:
+        if not supplied.token or hashing.has_control_chars(supplied.token):
+            raise CredentialsRefused("Access token is empty or contains control characters")
+        return PreparedCredentials(
+            credentials_type=ctype, credentials_id=hashing.token_id(supplied.token), response_value=supplied.token
+        )
+    if ctype is CredentialsType.MQTT_BASIC:
+        client_id, username, password = supplied.client_id, supplied.username, supplied.password
+        if not client_id and not username:
+            raise CredentialsRefused("Both mqtt client id and user name are empty!")
+        if client_id and password and not username:
+            raise CredentialsRefused("Password cannot be specified along with client id")
+        if any(hashing.has_control_chars(v) for v in (client_id, username, password)):
+            raise CredentialsRefused("MQTT credentials contain control characters")
+        if not client_id:
+            credentials_id = username
+        elif not username:
+            credentials_id = hashing.tb_sha3(client_id)
+        else:
+            credentials_id = hashing.tb_sha3(client_id, username)
+        secret_hash = await asyncio.to_thread(hashing.hash_password, password) if password else None
+        return PreparedCredentials(
+            credentials_type=ctype,
+            credentials_id=credentials_id,
+            secret_hash=secret_hash,
+            response_value={"clientId": client_id, "userName": username, "password": password},
+        )
+    if ctype is CredentialsType.X509_CERTIFICATE:
+        try:
+            body = hashing.certificate_body(supplied.certificate)
+        except ValueError as exc:
+            raise CredentialsRefused(str(exc)) from None
+        return PreparedCredentials(credentials_type=ctype, credentials_id=hashing.tb_sha3(body), response_value=body)
+    raise CredentialsRefused(f"Credentials type {ctype.value} cannot be provisioned")
+
+
+class CredentialsService:
+    """RPC entry points; ``authenticate`` reads ``device_credentials`` (never writes)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "prepare": Handler(PrepareCredentialsRequest, self.prepare),
+            "authenticate": Handler(AuthenticateRequest, self.authenticate),
+        }
+
+    async def prepare(self, req: PrepareCredentialsRequest) -> PrepareCredentialsResult:
+        try:
+            return PrepareCredentialsResult(ok=True, prepared=await prepare_credentials(req))
+        except CredentialsRefused as exc:
+            return PrepareCredentialsResult(ok=False, error_message=str(exc))
+
+    async def _lookup(self, credentials_id: str) -> _Stored | None:
+        row = await self._pool.fetchrow(
+            "SELECT c.device_id, d.name, c.credentials_type, c.secret_hash, c.public_value"
+            " FROM device_credentials c JOIN devices d ON d.id = c.device_id WHERE c.credentials_id = $1",
+            credentials_id,
+        )
+        if row is None:
+            return None
+        public = json.loads(row["public_value"]) if row["public_value"] else {}
+        return _Stored(str(row["device_id"]), row["name"], CredentialsType(row["credentials_type"]),
+                       row["secret_hash"], public)
+
+    @staticmethod
+    def _ok(stored: _Stored) -> AuthenticateResult:
+        return AuthenticateResult(
+            authenticated=True,
+            device_id=stored.device_id,
+            device_name=stored.device_name,
+            credentials_type=stored.credentials_type,
+        )
+
+    async def authenticate(self, req: AuthenticateRequest) -> AuthenticateResult:
+        if req.certificate:
+            stored = await self._lookup(hashing.tb_sha3(req.certificate))
+            ok = stored is not None and stored.credentials_type is CredentialsType.X509_CERTIFICATE
+            return self._ok(stored) if ok else _DENIED  # type: ignore[arg-type]
+        if req.token:
+            return await self._by_token(req.token)
+        if req.client_id or req.username:
+            return await self._mqtt_basic(req)
+        return _DENIED
+
+    async def _by_token(self, token: str) -> AuthenticateResult:
+        stored = await self._lookup(hashing.token_id(token))
+        if stored is not None and stored.credentials_type is CredentialsType.ACCESS_TOKEN:
+            return self._ok(stored)
+        return _DENIED
+
+    async def _mqtt_basic(self, req: AuthenticateRequest) -> AuthenticateResult:
+        """ThingsBoard's MQTT_BASIC check (spec §9), including its fallback to a token as username."""
+        if not req.username:
+            stored = await self._lookup(hashing.tb_sha3(req.client_id))
+            if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
+                if await self._basic_match(stored, req) == "VALID":
+                    return self._ok(stored)
+            return _DENIED
+        stored = await self._lookup(hashing.tb_sha3(req.client_id, req.username))
+        if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
+            verdict = await self._basic_match(stored, req)
+            if verdict == "VALID":
+                return self._ok(stored)
+            if verdict == "PASSWORD_MISMATCH":
+                return _DENIED
+        stored = await self._lookup(req.username)
+        if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
+            return self._ok(stored) if await self._basic_match(stored, req) == "VALID" else _DENIED
+        return await self._by_token(req.username)
+
+    @staticmethod
+    async def _basic_match(stored: _Stored, req: AuthenticateRequest) -> str:
+        client_id, username = stored.public.get("clientId") or "", stored.public.get("userName") or ""
+        if (client_id and client_id != req.client_id) or (username and username != req.username):
+            return "HASH_MISMATCH"
+        if stored.secret_hash:
+            if not req.password:
+                return "PASSWORD_MISMATCH"
+            if not await asyncio.to_thread(hashing.verify_password, req.password, stored.secret_hash):
+                return "PASSWORD_MISMATCH"
+        return "VALID"

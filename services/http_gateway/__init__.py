@@ -1,0 +1,1 @@
+"""HTTP transport gateway: ThingsBoard/Innoway provisioning and telemetry over HTTP (FastAPI)."""
