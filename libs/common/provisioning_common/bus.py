@@ -179,17 +179,24 @@ class Bus:
         return response_model.model_validate_json(reply.body)
 
     async def publish_event(self, exchange_name: str, routing_key: str, body: bytes) -> None:
-        """Publish to a durable topic exchange (declared once), with publisher confirms."""
+        """Publish to a durable topic exchange (declared once), with publisher confirms.
+
+        Raises :class:`RpcError` when the broker cannot take it."""
         exchange = self._exchanges.get(exchange_name)
         if exchange is None:
             exchange = await self.channel.declare_exchange(
                 self._settings.queue(exchange_name), ExchangeType.TOPIC, durable=True
             )
             self._exchanges[exchange_name] = exchange
-        await exchange.publish(
-            aio_pika.Message(body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=routing_key,
-        )
+        try:
+            # Not mandatory: an event nobody subscribed to is dropped, as on any topic exchange.
+            await exchange.publish(
+                aio_pika.Message(body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=routing_key,
+                mandatory=False,
+            )
+        except Exception as exc:
+            raise RpcError(f"bus unavailable: {type(exc).__name__}") from None
 
     # --- service side ------------------------------------------------------------------
 
