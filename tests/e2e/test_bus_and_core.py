@@ -1,0 +1,142 @@
+"""provisioning-core over the bus: redelivery, time-outs, and migrations under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from devstack import Stack
+from provisioning_common.bus import CORE_SERVICE, Bus
+from provisioning_common.db.migrate import apply_migrations, migrations
+from provisioning_common.models import ProvisionRequest, ProvisionResult, Transport
+from provisioning_common.settings import Settings
+
+from .conftest import Admin, Env, _create_database, _drop_database
+
+
+@pytest.fixture
+async def bus(env: Env, stack: Stack):
+    connected = await Bus.connect(Settings(rabbitmq_url=env.infra.rabbitmq_url, bus_namespace=env.namespace,
+                                           provision_timeout_s=5))
+    yield connected
+    await connected.close()
+
+
+def _request(profile: dict, **fields) -> ProvisionRequest:
+    return ProvisionRequest(
+        provision_key=profile["provisionDeviceKey"],
+        provision_secret=profile["provisionDeviceSecret"],
+        transport=Transport.HTTP,
+        **fields,
+    )
+
+
+async def test_redelivered_request_returns_the_first_answer(
+    bus: Bus, profile: dict, db: asyncpg.Connection
+) -> None:
+    request = _request(profile, device_name=f"redeliver-{uuid.uuid4().hex[:6]}")
+    first = await bus.call(CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id)
+    second = await bus.call(CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id)
+    assert first.status.value == "SUCCESS"
+    assert second == first  # same token, same device, not FAILURE for an existing name
+    assert await db.fetchval("SELECT count(*) FROM devices WHERE name = $1", request.device_name) == 1
+
+
+async def test_concurrent_duplicates_of_one_request_create_one_device(
+    bus: Bus, profile: dict, db: asyncpg.Connection
+) -> None:
+    request = _request(profile)  # no name: every *new* request would create a new device
+    results = await asyncio.gather(
+        *(bus.call(CORE_SERVICE, "provision", request, ProvisionResult) for _ in range(8))
+    )
+    assert {r.status.value for r in results} == {"SUCCESS"}
+    assert len({r.credentials_value for r in results}) == 1
+    assert await db.fetchval(
+        "SELECT count(*) FROM devices WHERE profile_id = $1", uuid.UUID(profile["id"])
+    ) == 1
+
+
+async def test_invalid_bus_message_gets_an_error_reply_not_a_hang(bus: Bus) -> None:
+    from provisioning_common.bus import RpcError
+    from provisioning_common.models import AuthenticateRequest
+
+    started = time.monotonic()
+    with pytest.raises(RpcError, match="invalid provision request"):
+        await bus.call(CORE_SERVICE, "provision", AuthenticateRequest(token="x"), ProvisionResult)
+    assert time.monotonic() - started < 4
+
+
+def test_gateway_without_core_answers_503_within_the_timeout(env: Env, stack: Stack) -> None:
+    """A gateway in a namespace where no core listens: FAILURE + 503 + Retry-After, never a hang."""
+    lonely = Env(env.infra, database=env.database, namespace=f"e2e-nocore-{uuid.uuid4().hex[:6]}.")
+    gateway = Stack(lonely.variables(PROVISION_TIMEOUT_S="1"), ["http_gateway"]).start()
+    try:
+        started = time.monotonic()
+        tb = httpx.post(f"{lonely.http_url}/api/v1/provision",
+                        json={"provisionDeviceKey": "k", "provisionDeviceSecret": "s"}, timeout=10)
+        elapsed = time.monotonic() - started
+        assert tb.status_code == 503 and tb.headers["retry-after"] == "1"
+        assert tb.content == b'{"errorMsg":"Provisioning timed out","status":"FAILURE"}'
+        assert elapsed < 3
+        inno = httpx.post(f"{lonely.http_url}/api/provision",
+                          json={"provision_key": "k", "provision_secret": "s"}, timeout=10)
+        assert inno.status_code == 503
+        assert inno.content == b'{"status":"FAILURE","error_msg":"Provisioning timed out"}'
+    finally:
+        gateway.stop()
+        asyncio.run(_delete_queues(env, lonely.namespace))
+
+
+async def _delete_queues(env: Env, namespace: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(env.infra.rabbitmq_url)
+    async with conn:
+        channel = await conn.channel()
+        await channel.queue_delete(f"{namespace}{CORE_SERVICE}")
+
+
+def test_expired_request_is_not_processed_after_the_caller_gave_up(
+    env: Env, stack: Stack, admin: Admin
+) -> None:
+    """Requests wait in the queue while the core is down; once their TTL passed they must not create devices."""
+    profile = admin.create_profile()
+    name = f"expired-{uuid.uuid4().hex[:6]}"
+    core = stack["provisioning_core"]
+    core.stop()
+    try:
+        response = httpx.post(
+            f"{env.http_url}/api/v1/provision",
+            json={"provisionDeviceKey": profile["provisionDeviceKey"],
+                  "provisionDeviceSecret": profile["provisionDeviceSecret"], "deviceName": name},
+            timeout=15,
+        )
+        assert response.status_code == 503
+    finally:
+        core.start()
+        core.wait_ready(30)
+    time.sleep(1.0)
+    page = admin.http.get("/api/devices", params={"textSearch": name}).json()
+    assert page["totalElements"] == 0
+
+
+async def test_migrations_are_safe_when_instances_start_together(env: Env) -> None:
+    fresh = Env(env.infra)
+    await asyncio.to_thread(_create_database, fresh)
+    try:
+        conns = [await asyncpg.connect(fresh.database_url) for _ in range(4)]
+        applied = await asyncio.gather(*(apply_migrations(c) for c in conns))
+        versions = [v for v, _, _ in migrations()]
+        assert sorted(v for batch in applied for v in batch) == versions  # each applied exactly once
+        rows = await conns[0].fetch("SELECT version FROM schema_migrations ORDER BY version")
+        assert [r["version"] for r in rows] == versions
+        assert await apply_migrations(conns[0]) == []
+        for conn in conns:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(_drop_database, fresh)
