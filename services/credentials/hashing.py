@@ -59,7 +59,7 @@ def certificate_body(value: str) -> str:
     try:
         der = base64.b64decode(compact, validate=True)
         x509.load_der_x509_certificate(der)
-    except (binascii.Error, ValueError):
+    except Exception:  # binascii.Error, ValueError, x509.InvalidVersion, ...: all mean "not a certificate"
         raise ValueError("X509_CERTIFICATE value is not a valid X.509 certificate (PEM or base64 DER)") from None
     return body
 

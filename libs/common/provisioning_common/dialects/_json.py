@@ -22,9 +22,13 @@ def _reject_constant(name: str) -> Any:
 def loads_object(body: bytes) -> dict[str, Any]:
     """Parse a request body; numbers keep their source text, as Gson's ``getAsString`` does."""
     try:
-        value = json.loads(body, parse_int=str, parse_float=str, parse_constant=_reject_constant)
+        # Decode strictly first: json.loads(bytes) would let UTF-8-encoded surrogates through.
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+        value = json.loads(text, parse_int=str, parse_float=str, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DialectError(f"Request body is not valid JSON: {_short(exc)}") from None
+    except RecursionError:
+        raise DialectError("Request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise DialectError("Request body must be a JSON object")
     return value
@@ -45,6 +49,10 @@ def get_string(obj: dict[str, Any], key: str, *, required: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DialectError(f"Field {key} is not valid Unicode (lone surrogate)") from None
         return value
     kind = "null" if value is None else type(value).__name__.replace("dict", "object").replace("list", "array")
     raise DialectError(f"Field {key} must be a string, not {kind}")
