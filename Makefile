@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: up test unit e2e install bench clean
+.PHONY: up test unit e2e install bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ e2e: $(STAMP)
 ## HTTP load against a running `make up` stack.
 bench: $(STAMP)
 	$(PY) bench/http_provision.py -n 5000 -c 64
+
+## Regenerate the protobuf classes from libs/common/provisioning_common/proto/transport.proto.
+proto: $(STAMP)
+	cd libs/common/provisioning_common/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --python_out=. transport.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

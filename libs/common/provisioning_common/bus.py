@@ -147,11 +147,12 @@ class Bus:
         await self._ensure_reply_consumer()
         if service not in self._declared:
             await self._declare_service_queue(service)
+        body = payload.model_dump_json().encode()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         message = aio_pika.Message(
-            payload.model_dump_json().encode(),
+            body,
             content_type="application/json",
             type=method,
             correlation_id=correlation_id,

@@ -37,6 +37,8 @@ class Dialect(str, enum.Enum):
 
     THINGSBOARD = "thingsboard"
     INNOWAY = "innoway"
+    #: ThingsBoard's protobuf messages (MQTT and CoAP only, when a payload is not JSON).
+    PROTOBUF = "protobuf"
 
 
 class Transport(str, enum.Enum):

@@ -33,6 +33,18 @@ class Settings(BaseSettings):
     admin_port: int = Field(default=8081, ge=0, le=65535)
     admin_api_token: SecretStr | None = None
 
+    #: MQTT gateway: plain and TLS listeners (0 disables one), server certificate and limits.
+    mqtt_port: int = Field(default=1883, ge=0, le=65535)
+    mqtts_port: int = Field(default=8883, ge=0, le=65535)
+    mqtt_tls_cert_file: str | None = None
+    mqtt_tls_key_file: str | None = None
+    #: Largest MQTT packet accepted (bytes, header included); larger ones close the connection.
+    mqtt_max_packet_bytes: int = Field(default=65536, ge=1024)
+    #: Time allowed between TCP accept and CONNECT.
+    mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: A provisioning connection is closed this long after its response (ThingsBoard: 60 s).
+    mqtt_provision_close_s: float = Field(default=60.0, ge=0)
+
     #: Fernet key (urlsafe base64, 32 bytes) encrypting what must be readable again later:
     #: credentials of pre-provisioned devices until they are handed out, and replayable answers.
     data_encryption_key: SecretStr | None = None

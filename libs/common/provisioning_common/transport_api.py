@@ -42,10 +42,22 @@ class TransportApi:
         self._bus = bus
         self._settings = settings
 
-    async def provision(self, payload: bytes, *, transport: Transport, source_address: str = "") -> ProvisionOutcome:
-        """Parse a JSON provision payload, ask the core, and render the answer in the caller's dialect."""
+    @property
+    def timeout(self) -> float:
+        """How long a provision request may take before the caller gets a time-out answer."""
+        return self._settings.provision_timeout_s
+
+    async def provision(
+        self, payload: bytes, *, transport: Transport, source_address: str = "", protobuf_fallback: bool = False
+    ) -> ProvisionOutcome:
+        """Parse a provision payload, ask the core, and render the answer in the caller's dialect.
+
+        ``protobuf_fallback``: a payload that is not a JSON object is ThingsBoard's protobuf (MQTT, CoAP).
+        """
         try:
-            request = parse_provision_request(payload, transport=transport, source_address=source_address)
+            request = parse_provision_request(
+                payload, transport=transport, source_address=source_address, protobuf_fallback=protobuf_fallback
+            )
         except DialectError as exc:
             dialect = exc.dialect or Dialect.THINGSBOARD
             return ProvisionOutcome(OutcomeKind.BAD_REQUEST, dialect, render_error(dialect, exc.message))

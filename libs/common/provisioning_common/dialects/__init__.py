@@ -10,12 +10,16 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..models import Dialect, ProvisionRequest, ProvisionResult, Transport
-from . import innoway, thingsboard
+from . import innoway, protobuf, thingsboard
 from ._json import DialectError, loads_object
 
 __all__ = ["DialectError", "parse_provision_request", "render_result", "render_error", "detect_dialect"]
 
-_MODULES: dict[Dialect, ModuleType] = {Dialect.THINGSBOARD: thingsboard, Dialect.INNOWAY: innoway}
+_MODULES: dict[Dialect, ModuleType] = {
+    Dialect.THINGSBOARD: thingsboard,
+    Dialect.INNOWAY: innoway,
+    Dialect.PROTOBUF: protobuf,
+}
 
 
 def detect_dialect(obj: dict) -> Dialect:
@@ -25,15 +29,19 @@ def detect_dialect(obj: dict) -> Dialect:
 
 
 def parse_provision_request(
-    body: bytes, *, transport: Transport, source_address: str = ""
+    body: bytes, *, transport: Transport, source_address: str = "", protobuf_fallback: bool = False
 ) -> ProvisionRequest:
-    """Parse a JSON provision body in whichever dialect it is written.
+    """Parse a provision payload in whichever dialect it is written.
 
-    Raises :class:`DialectError` whose ``dialect`` says how to render the error.
+    With ``protobuf_fallback`` (MQTT, CoAP), a payload that is not a JSON object is decoded as
+    ThingsBoard's ``ProvisionDeviceRequestMsg``, as ThingsBoard does. Raises
+    :class:`DialectError` whose ``dialect`` says how to render the error.
     """
     try:
         obj = loads_object(body)
     except DialectError as exc:
+        if protobuf_fallback:
+            return protobuf.parse(body, transport=transport, source_address=source_address)
         exc.dialect = Dialect.THINGSBOARD
         raise
     dialect = detect_dialect(obj)

@@ -1,0 +1,1 @@
+"""Protobuf message classes generated from ``transport.proto`` (ThingsBoard's field numbers)."""
