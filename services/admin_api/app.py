@@ -209,12 +209,11 @@ def create_app(settings: Settings) -> FastAPI:
         device_id = uuid.uuid4()
         async with pool().acquire() as conn:
             try:
-                async with conn.transaction():
-                    await repository.insert_device(
-                        conn, device_id=device_id, name=body.name, profile_id=body.device_profile_id,
-                        device_key=body.device_key or str(device_id), gateway=False, provision_state=None,
-                        prepared=prepared, value_enc=box.encrypt_json(prepared.response_value),
-                    )
+                await repository.insert_device(
+                    conn, device_id=device_id, name=body.name, profile_id=body.device_profile_id,
+                    device_key=body.device_key or str(device_id), gateway=False, provision_state=None,
+                    prepared=prepared, value_enc=box.encrypt_json(prepared.response_value),
+                )
             except repository.DeviceConflict as exc:
                 message = {
                     "name": "Device with such name already exists!",

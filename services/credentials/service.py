@@ -13,6 +13,8 @@ from provisioning_common.models import (
     AuthenticateRequest,
     AuthenticateResult,
     CredentialsType,
+    MintTokensRequest,
+    MintTokensResult,
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
     PreparedCredentials,
@@ -38,14 +40,19 @@ class _Stored:
     public: dict
 
 
+def minted_token(length: int) -> PreparedCredentials:
+    """A new random access token, ready to store (by its hash) and to hand to the device."""
+    token = hashing.mint_token(length)
+    return PreparedCredentials(
+        credentials_type=CredentialsType.ACCESS_TOKEN, credentials_id=hashing.token_id(token), response_value=token
+    )
+
+
 async def prepare_credentials(req: PrepareCredentialsRequest) -> PreparedCredentials:
     """Mint or validate-and-hash credentials (spec §5). Raises :class:`CredentialsRefused`."""
     supplied = req.credentials
     if not supplied.any_given():
-        token = hashing.mint_token(req.token_length)
-        return PreparedCredentials(
-            credentials_type=CredentialsType.ACCESS_TOKEN, credentials_id=hashing.token_id(token), response_value=token
-        )
+        return minted_token(req.token_length)
     ctype = req.credentials_type
     if ctype is CredentialsType.ACCESS_TOKEN:
         if not supplied.token or hashing.has_control_chars(supplied.token):
@@ -92,6 +99,7 @@ class CredentialsService:
     def handlers(self) -> dict[str, Handler]:
         return {
             "prepare": Handler(PrepareCredentialsRequest, self.prepare),
+            "mint_tokens": Handler(MintTokensRequest, self.mint_tokens),
             "authenticate": Handler(AuthenticateRequest, self.authenticate),
         }
 
@@ -100,6 +108,9 @@ class CredentialsService:
             return PrepareCredentialsResult(ok=True, prepared=await prepare_credentials(req))
         except CredentialsRefused as exc:
             return PrepareCredentialsResult(ok=False, error_message=str(exc))
+
+    async def mint_tokens(self, req: MintTokensRequest) -> MintTokensResult:
+        return MintTokensResult(tokens=[minted_token(req.token_length) for _ in range(req.count)])
 
     async def _lookup(self, credentials_id: str) -> _Stored | None:
         row = await self._pool.fetchrow(

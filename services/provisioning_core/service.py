@@ -32,6 +32,7 @@ from provisioning_common.models import (
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
 from .rate_limit import FailureLimiter
+from .token_pool import TokenPool
 
 SERVICE = CORE_SERVICE
 PROVISIONED = "provisioned"
@@ -53,6 +54,7 @@ class ProvisioningCore:
     def __init__(self, pool: asyncpg.Pool, bus: Bus, box: SecretBox, limiter: FailureLimiter) -> None:
         self._pool = pool
         self._bus = bus
+        self._tokens = TokenPool(bus)
         self._box = box
         self._limiter = limiter
 
@@ -60,9 +62,8 @@ class ProvisioningCore:
         return {"provision": Handler(ProvisionRequest, self.provision)}
 
     async def provision(self, req: ProvisionRequest) -> ProvisionResult:
-        replay = await self._replay(req.request_id)
-        if replay is not None:
-            return replay
+        # A duplicate delivery is detected where the device is written (the request id is
+        # claimed in the same statement), so the common case costs no extra query.
         name = req.device_name
         if name:
             name = java_trim(name)
@@ -122,20 +123,23 @@ class ProvisioningCore:
     ) -> ProvisionResult:
         token_length = innoway.TOKEN_LENGTH if req.dialect is Dialect.INNOWAY else 20
         try:
-            prepared_reply = await self._bus.call(
-                CREDENTIALS_SERVICE,
-                "prepare",
-                PrepareCredentialsRequest(
-                    credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
-                ),
-                PrepareCredentialsResult,
-            )
+            if not req.credentials.any_given():
+                prepared = await self._tokens.take(token_length)
+            else:
+                reply = await self._bus.call(
+                    CREDENTIALS_SERVICE,
+                    "prepare",
+                    PrepareCredentialsRequest(
+                        credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
+                    ),
+                    PrepareCredentialsResult,
+                )
+                if not reply.ok or reply.prepared is None:
+                    return ProvisionResult.failure(_failure_message(reply.error_message))
+                prepared = reply.prepared
         except RpcError as exc:
             log.warning("credentials service unavailable: %s", exc)
             return ProvisionResult.failure()
-        if not prepared_reply.ok or prepared_reply.prepared is None:
-            return ProvisionResult.failure(_failure_message(prepared_reply.error_message))
-        prepared = prepared_reply.prepared
         device_id = uuid.uuid4()
         result = ProvisionResult(
             status=ProvisionStatus.SUCCESS,
@@ -145,28 +149,25 @@ class ProvisioningCore:
             credentials_value=prepared.response_value,
             credentials_id=prepared.credentials_id,
         )
-        async with self._pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    if not await self._claim_request(conn, req.request_id):
-                        raise _AlreadyHandled
-                    await repository.insert_device(
-                        conn,
-                        device_id=device_id,
-                        name=name,
-                        profile_id=profile.id,
-                        device_key=req.device_key or str(device_id),
-                        gateway=req.gateway,
-                        provision_state=PROVISIONED,
-                        prepared=prepared,
-                        value_enc=None,
-                    )
-                    await self._record_answer(conn, req.request_id, result)
-            except _AlreadyHandled:
-                return await self._replay(req.request_id) or ProvisionResult.failure()
-            except repository.DeviceConflict as exc:
-                log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
-                return ProvisionResult.failure()
+        try:
+            created = await repository.insert_device(
+                self._pool,
+                device_id=device_id,
+                name=name,
+                profile_id=profile.id,
+                device_key=req.device_key or str(device_id),
+                gateway=req.gateway,
+                provision_state=PROVISIONED,
+                prepared=prepared,
+                value_enc=None,
+                request_id=req.request_id,
+                answer_enc=self._box.encrypt_json(result.model_dump(mode="json")),
+            )
+        except repository.DeviceConflict as exc:
+            log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
+            return ProvisionResult.failure()
+        if not created:
+            return await self._replay(req.request_id) or ProvisionResult.failure()
         log.info("provisioned device %s (%s) in profile %s via %s", device_id, prepared.credentials_type.value,
                  profile.name, req.transport.value)
         return result

@@ -159,7 +159,9 @@ class Bus:
             message_id=message_id or correlation_id,
             reply_to=self._reply_queue_name,
             expiration=timeout,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            # Transient: a request lives at most ``timeout`` seconds, after which its caller has
+            # answered the device anyway; writing it to disk would only cost broker time.
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
             async with asyncio.timeout(timeout):
@@ -205,8 +207,10 @@ class Bus:
         """Consume ``service``'s queue and dispatch each message to ``handlers[message.type]``.
 
         Uses its own channel so that its prefetch window does not throttle this process's calls.
+        Replies are not confirmed: one lost with the connection leaves its request unacked, so
+        the request is redelivered and its answer replayed.
         """
-        channel = await self._connection.channel(publisher_confirms=True)
+        channel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self._settings.bus_prefetch)
         queue = await self._declare_service_queue(service, channel)
 

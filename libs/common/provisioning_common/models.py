@@ -133,6 +133,17 @@ class PreparedCredentials(_Frozen):
     response_value: str | dict[str, Any] = Field(repr=False)
 
 
+class MintTokensRequest(_Frozen):
+    """Ask for a batch of fresh access tokens, so that provisioning a device needs no round trip."""
+
+    count: int = Field(ge=1, le=1024)
+    token_length: int = Field(default=20, ge=16, le=64)
+
+
+class MintTokensResult(_Frozen):
+    tokens: list[PreparedCredentials]
+
+
 class PrepareCredentialsResult(_Frozen):
     ok: bool
     prepared: PreparedCredentials | None = None

@@ -77,6 +77,11 @@ async def ensure_database(database_url: str) -> bool:
     return True
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(database_url: str, *, min_size: int, max_size: int, migrate: bool = True) -> asyncpg.Pool:
     """A connection pool, after applying pending migrations on one connection."""
     if migrate:
@@ -85,6 +90,8 @@ async def create_pool(database_url: str, *, min_size: int, max_size: int, migrat
             await apply_migrations(conn)
         finally:
             await conn.close()
-    pool = await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size)
+    # Only roll back on release: the services leave no other session state (no LISTEN, SET or
+    # advisory locks on pooled connections), and asyncpg's default reset is a round trip per use.
+    pool = await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, reset=_reset)
     assert pool is not None
     return pool

@@ -50,7 +50,7 @@ def public_value(prepared: PreparedCredentials) -> str | None:
 
 
 async def insert_device(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection | asyncpg.Pool,
     *,
     device_id: uuid.UUID,
     name: str,
@@ -60,36 +60,38 @@ async def insert_device(
     provision_state: str | None,
     prepared: PreparedCredentials,
     value_enc: bytes | None,
-) -> None:
-    """Insert a device and its credentials; must run inside the caller's transaction.
+    request_id: str | None = None,
+    answer_enc: bytes | None = None,
+) -> bool:
+    """Write a device, its credentials and (with ``request_id``) the replayable answer in one statement.
 
-    Raises :class:`DeviceConflict` (the transaction is then to be rolled back by the caller).
+    Returns False when ``request_id`` was already claimed (a duplicate delivery: replay its
+    answer). Raises :class:`DeviceConflict` when a uniqueness rule refused the device; then
+    nothing at all was written.
     """
-    inserted = await conn.fetchval(
-        "INSERT INTO devices (id, name, profile_id, device_key, gateway, provision_state)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING id",
-        device_id,
-        name,
-        profile_id,
-        device_key,
-        gateway,
-        provision_state,
-    )
-    if inserted is None:
-        taken_name = await conn.fetchval("SELECT 1 FROM devices WHERE name = $1", name)
-        raise DeviceConflict("name" if taken_name else "device_key")
-    inserted = await conn.fetchval(
-        "INSERT INTO device_credentials (device_id, credentials_type, credentials_id, secret_hash, public_value,"
-        " value_enc) VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT DO NOTHING RETURNING device_id",
-        device_id,
-        prepared.credentials_type.value,
-        prepared.credentials_id,
-        prepared.secret_hash,
-        public_value(prepared),
-        value_enc,
-    )
-    if inserted is None:
-        raise DeviceConflict("credentials")
+    try:
+        outcome = await conn.fetchval(
+            "SELECT create_device_with_credentials($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13)",
+            request_id,
+            answer_enc,
+            device_id,
+            name,
+            profile_id,
+            device_key,
+            gateway,
+            provision_state,
+            prepared.credentials_type.value,
+            prepared.credentials_id,
+            prepared.secret_hash,
+            public_value(prepared),
+            value_enc,
+        )
+    except asyncpg.RaiseError as exc:
+        message = str(exc)
+        if message.startswith("conflict:"):
+            raise DeviceConflict(message.split(":", 1)[1]) from None
+        raise
+    return outcome == "created"
 
 
 DEVICE_SELECT = (

@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""HTTP provisioning load generator: provisions N devices at a given concurrency against a running stack.
+
+    python bench/http_provision.py --url http://127.0.0.1:8080 --admin-url http://127.0.0.1:8081 \\
+        -n 5000 -c 64 [--innoway] [--key K --secret S] [--warmup 200] [--max-seconds 120] [--json]
+
+Without --key/--secret it first creates a fresh device profile (``bench-<run>``, strategy
+ALLOW_CREATE_NEW_DEVICES) through the admin API, authenticated with --admin-token, else the
+ADMIN_API_TOKEN environment variable, else the ADMIN_API_TOKEN= line of .local/stack.env.
+
+One process, one asyncio loop (uvloop when importable) and a minimal HTTP/1.1 keep-alive client
+written on asyncio streams: -c persistent connections, each with one request in flight. A general
+client (httpx) costs several times more CPU per request, and on a small machine the generator
+shares the cores with the server, so its own overhead would distort the numbers; the generator's
+CPU time is printed next to the results for the same reason. Standard library only (plus uvloop).
+
+See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import secrets
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SUCCESS = "SUCCESS"
+_SUCCESS_MARK = b'"status":"SUCCESS"'
+_HEAD_LIMIT = 64 * 1024
+_BODY_LIMIT = 16 * 1024 * 1024
+
+
+class SetupError(Exception):
+    """Something prevents the run from starting; the message is shown as is."""
+
+
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.x as this client understands it."""
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+def find_admin_token(explicit: str | None) -> str | None:
+    """--admin-token, else $ADMIN_API_TOKEN, else the ADMIN_API_TOKEN= line of .local/stack.env."""
+    if explicit:
+        return explicit
+    if os.environ.get("ADMIN_API_TOKEN"):
+        return os.environ["ADMIN_API_TOKEN"]
+    repo_root = Path(__file__).resolve().parent.parent
+    for candidate in (Path.cwd() / ".local/stack.env", repo_root / ".local/stack.env"):
+        try:
+            text = candidate.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("ADMIN_API_TOKEN="):
+                value = line.split("=", 1)[1].strip().strip("\"'")
+                if value:
+                    return value
+    return None
+
+
+def create_profile(admin_url: str, token: str, name: str, timeout: float = 15.0) -> tuple[str, str, str]:
+    """POST {admin_url}/api/device-profiles; returns (id, provisionDeviceKey, provisionDeviceSecret)."""
+    url = admin_url.rstrip("/") + "/api/device-profiles"
+    body = json.dumps({"name": name, "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES"}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode("utf-8", "replace")
+        hint = " (wrong --admin-token?)" if exc.code == 401 else ""
+        raise SetupError(f"creating the device profile failed: HTTP {exc.code}{hint}: {detail}") from None
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"cannot reach the admin API at {url}: {exc}") from None
+    if status != 201:
+        raise SetupError(f"creating the device profile: expected HTTP 201, got {status}")
+    try:
+        profile = json.loads(raw)
+        return str(profile.get("id", "")), profile["provisionDeviceKey"], profile["provisionDeviceSecret"]
+    except (ValueError, KeyError, TypeError):
+        raise SetupError("the admin API's answer has no provisionDeviceKey/provisionDeviceSecret") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    tls: bool
+    path: str
+    host_header: str
+
+    @classmethod
+    def parse(cls, url: str, endpoint: str) -> "Target":
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SetupError(f"--url must be http://host[:port] or https://host[:port], not {url!r}")
+        tls = parts.scheme == "https"
+        port = parts.port or (443 if tls else 80)
+        host = parts.hostname
+        default_port = port == (443 if tls else 80)
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if default_port else f"{shown}:{port}"
+        return cls(host, port, tls, parts.path.rstrip("/") + endpoint, host_header)
+
+
+class RequestFactory:
+    """Pre-rendered request bytes: only the device name and Content-Length vary per request."""
+
+    def __init__(self, target: Target, innoway: bool, key: str, secret: str) -> None:
+        if innoway:
+            fields = ('{"device_name":', ',"provision_key":', ',"provision_secret":')
+        else:
+            fields = ('{"deviceName":', ',"provisionDeviceKey":', ',"provisionDeviceSecret":')
+        self._prefix = fields[0].encode()
+        self._suffix = (fields[1] + json.dumps(key) + fields[2] + json.dumps(secret) + "}").encode()
+        self._head = (
+            f"POST {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+            "User-Agent: bench-http-provision\r\nAccept: */*\r\nContent-Type: application/json\r\n"
+            "Content-Length: "
+        ).encode()
+
+    def build(self, device_name: str) -> bytes:
+        body = self._prefix + json.dumps(device_name).encode() + self._suffix
+        return b"%s%d\r\n\r\n%s" % (self._head, len(body), body)
+
+
+# --------------------------------------------------------------------------------------------
+# the HTTP/1.1 client
+
+
+class Connection:
+    """One keep-alive connection; ``request`` sends one request and reads its whole response."""
+
+    __slots__ = ("target", "ssl_ctx", "reader", "writer")
+
+    def __init__(self, target: Target, ssl_ctx: ssl.SSLContext | None) -> None:
+        self.target = target
+        self.ssl_ctx = ssl_ctx
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(
+            self.target.host, self.target.port, ssl=self.ssl_ctx, limit=_HEAD_LIMIT,
+            server_hostname=self.target.host if self.ssl_ctx else None,
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - closing a broken transport must not raise
+                pass
+        self.reader = self.writer = None
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        """Send ``data``; return (status code, body). Raises OSError/EOFError/ProtocolError."""
+        if not self.is_open:
+            await self.connect()
+        reader, writer = self.reader, self.writer
+        assert reader is not None and writer is not None
+        writer.write(data)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                raise EOFError("server closed the connection" if not exc.partial else "truncated headers") from None
+            except asyncio.LimitOverrunError:
+                raise ProtocolError("response headers too large") from None
+            lines = head[:-4].split(b"\r\n")
+            status_line = lines[0].split(None, 2)
+            if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1."):
+                raise ProtocolError(f"bad status line {lines[0][:60]!r}")
+            try:
+                status = int(status_line[1])
+            except ValueError:
+                raise ProtocolError(f"bad status line {lines[0][:60]!r}") from None
+            if 100 <= status < 200 and status != 101:
+                continue  # interim response (100 Continue): the real one follows
+            break
+        length: int | None = None
+        chunked = False
+        close = status_line[0] == b"HTTP/1.0"
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    raise ProtocolError("bad Content-Length") from None
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                token = value.strip().lower()
+                if token == b"close":
+                    close = True
+                elif token == b"keep-alive":
+                    close = False
+        try:
+            if status in (204, 304):
+                body = b""
+            elif chunked:
+                body = await self._read_chunked(reader)
+            elif length is not None:
+                if length > _BODY_LIMIT:
+                    raise ProtocolError("response body too large")
+                body = await reader.readexactly(length) if length else b""
+            else:  # delimited by the end of the connection
+                body = await reader.read(_BODY_LIMIT)
+                close = True
+        except asyncio.IncompleteReadError:
+            raise EOFError("truncated body") from None
+        if close:
+            self.close()
+        return status, body
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ProtocolError("bad chunk size") from None
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > _BODY_LIMIT:
+                raise ProtocolError("response body too large")
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def classify(status: int, body: bytes) -> str:
+    """SUCCESS, the provisioning status of another 200 answer, or ``HTTP <code>``."""
+    if status == 200:
+        if _SUCCESS_MARK in body:
+            return SUCCESS
+        try:
+            value = json.loads(body).get("status")
+        except (ValueError, AttributeError):
+            value = None
+        return str(value) if isinstance(value, str) and value else "200 without status"
+    return f"HTTP {status}"
+
+
+@dataclass
+class Phase:
+    """What one phase (warm-up or measured) saw."""
+
+    outcomes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    success_latencies_ms: list[float] = field(default_factory=list)
+    attempted: int = 0
+    elapsed_s: float = 0.0
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
+
+
+async def run_phase(conns: list[Connection], count: int, make_name, factory: RequestFactory,
+                    timeout: float, deadline: float, phase: Phase) -> None:
+    """Send ``count`` requests over ``conns`` (one in flight per connection) until done or ``deadline``."""
+    loop = asyncio.get_running_loop()
+    next_index = 0
+    perf = time.perf_counter
+
+    async def worker(conn: Connection) -> None:
+        nonlocal next_index
+        failures_in_a_row = 0
+        while next_index < count and loop.time() < deadline:
+            i = next_index
+            next_index += 1
+            data = factory.build(make_name(i))
+            phase.attempted += 1
+            t0 = perf()
+            try:
+                async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
+                    status, body = await conn.request(data)
+            except TimeoutError:
+                conn.close()  # the answer may still come: this connection is out of step now
+                phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
+                continue
+            except (OSError, EOFError, ProtocolError, ssl.SSLError) as exc:
+                conn.close()
+                phase.errors[_error_name(exc)] += 1
+                failures_in_a_row += 1
+                # a refused/reset server would otherwise burn through every request in a moment
+                await asyncio.sleep(min(0.05 * failures_in_a_row, 1.0))
+                continue
+            elapsed_ms = (perf() - t0) * 1000.0
+            failures_in_a_row = 0
+            outcome = classify(status, body)
+            phase.outcomes[outcome] += 1
+            phase.latencies_ms.append(elapsed_ms)
+            if outcome == SUCCESS:
+                phase.success_latencies_ms.append(elapsed_ms)
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = perf()
+    await asyncio.gather(*(worker(c) for c in conns))
+    phase.elapsed_s = perf() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    phase.cpu_user_s = ru1.ru_utime - ru0.ru_utime
+    phase.cpu_sys_s = ru1.ru_stime - ru0.ru_stime
+
+
+def _error_name(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe"
+    if isinstance(exc, EOFError):
+        return str(exc) or "server closed the connection"
+    if isinstance(exc, ProtocolError):
+        return f"protocol error: {exc}"
+    return type(exc).__name__
+
+
+async def open_connections(target: Target, count: int, timeout: float) -> tuple[list[Connection], Counter]:
+    """Open ``count`` connections at once; failed ones stay closed (workers retry them) and are counted."""
+    ssl_ctx = ssl.create_default_context() if target.tls else None
+    conns = [Connection(target, ssl_ctx) for _ in range(count)]
+    errors: Counter = Counter()
+
+    async def one(conn: Connection) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.connect()
+        except TimeoutError:
+            errors["connect timeout"] += 1
+        except (OSError, ssl.SSLError) as exc:
+            errors[_error_name(exc)] += 1
+
+    await asyncio.gather(*(one(c) for c in conns))
+    return conns, errors
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
+    return sorted_values[int(rank) - 1]
+
+
+def latency_summary(values: list[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+    out: dict[str, float | None] = {
+        f"p{p}": percentile(ordered, p) for p in (50, 95, 99)
+    }
+    out["min"] = ordered[0] if ordered else None
+    out["max"] = ordered[-1] if ordered else None
+    out["mean"] = sum(ordered) / len(ordered) if ordered else None
+    return {k: (round(v, 2) if v is not None else None) for k, v in out.items()}
+
+
+async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) -> dict:
+    endpoint = "/api/provision" if args.innoway else "/api/v1/provision"
+    target = Target.parse(args.url, endpoint)
+    factory = RequestFactory(target, args.innoway, key, secret)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.max_seconds
+
+    n_conns = max(1, min(args.concurrency, max(args.requests, args.warmup)))
+    conns, connect_errors = await open_connections(target, n_conns, min(args.timeout, args.max_seconds))
+    if connect_errors and sum(connect_errors.values()) == n_conns:
+        for conn in conns:
+            conn.close()
+        reason = ", ".join(f"{k} x{v}" for k, v in connect_errors.items())
+        raise SetupError(f"cannot connect to {target.host}:{target.port}: {reason}")
+
+    warm = Phase()
+    if args.warmup > 0:
+        await run_phase(conns, args.warmup, lambda i: f"bench-{run_id}-w{i}", factory,
+                        args.timeout, deadline, warm)
+    measured = Phase()
+    if args.requests > 0 and loop.time() < deadline:
+        await run_phase(conns, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
+                        args.timeout, deadline, measured)
+    for conn in conns:
+        conn.close()
+    await asyncio.sleep(0)  # let the transports close
+
+    completed = sum(measured.outcomes.values())
+    successes = measured.outcomes.get(SUCCESS, 0)
+    elapsed = measured.elapsed_s
+    cpu = measured.cpu_user_s + measured.cpu_sys_s
+    return {
+        "url": f"{args.url.rstrip('/')}{endpoint}",
+        "dialect": "innoway" if args.innoway else "thingsboard",
+        "run": run_id,
+        "event_loop": type(loop).__module__.split(".")[0],
+        "requested": args.requests,
+        "concurrency": n_conns,
+        "warmup": {"requested": args.warmup, "attempted": warm.attempted, "success": warm.outcomes.get(SUCCESS, 0),
+                   "elapsed_s": round(warm.elapsed_s, 3)},
+        "attempted": measured.attempted,
+        "completed": completed,
+        "elapsed_s": round(elapsed, 3),
+        "provisions_per_s": round(successes / elapsed, 1) if elapsed > 0 else 0.0,
+        "responses_per_s": round(completed / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": latency_summary(measured.success_latencies_ms),
+        "latency_all_responses_ms": latency_summary(measured.latencies_ms),
+        "outcomes": dict(measured.outcomes.most_common()),
+        "success": successes,
+        "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("HTTP ")),
+        "http_errors": sum(v for k, v in measured.outcomes.items() if k.startswith("HTTP ")),
+        "connection_errors": sum(measured.errors.values()),
+        "errors": dict(measured.errors.most_common()),
+        "initial_connect_errors": dict(connect_errors),
+        "not_sent": max(0, args.requests - measured.attempted),
+        "stopped_by_max_seconds": measured.attempted < args.requests or "stopped by --max-seconds" in measured.errors,
+        "generator_cpu_s": round(cpu, 3),
+        "generator_cpu_user_s": round(measured.cpu_user_s, 3),
+        "generator_cpu_sys_s": round(measured.cpu_sys_s, 3),
+        "generator_cpu_pct_of_one_core": round(100.0 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
+        "generator_cpu_us_per_request": round(1e6 * cpu / measured.attempted, 1) if measured.attempted else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def render_human(result: dict, profile_note: str) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    lat, lat_all = result["latency_ms"], result["latency_all_responses_ms"]
+    outcomes = "  ".join(f"{k} {v}" for k, v in result["outcomes"].items()) or "none"
+    errors = "  ".join(f"{k} {v}" for k, v in result["errors"].items()) or "none"
+    warm = result["warmup"]
+    lines = [
+        f"HTTP provisioning benchmark: POST {result['url']} ({result['dialect']} dialect, {result['event_loop']})",
+        f"  run {result['run']}; {profile_note}",
+        f"  requests      {result['attempted']} sent of {result['requested']}, {result['concurrency']} keep-alive "
+        f"connections; warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
+        f"  elapsed       {result['elapsed_s']:.2f} s" + ("   (stopped by --max-seconds)"
+                                                        if result["stopped_by_max_seconds"] else ""),
+        f"  provisions/s  {result['provisions_per_s']:.1f}   (SUCCESS answers per second;"
+        f" all responses {result['responses_per_s']:.1f}/s)",
+        f"  latency ms    p50 {ms(lat['p50'])}  p95 {ms(lat['p95'])}  p99 {ms(lat['p99'])}  max {ms(lat['max'])}"
+        "   (SUCCESS answers)",
+        f"                p50 {ms(lat_all['p50'])}  p95 {ms(lat_all['p95'])}  p99 {ms(lat_all['p99'])}"
+        f"  max {ms(lat_all['max'])}   (every HTTP response)",
+        f"  outcomes      {outcomes}",
+        f"                SUCCESS {result['success']} / other status {result['other_status']}"
+        f" / HTTP errors {result['http_errors']} / connection errors {result['connection_errors']}",
+        f"  conn. errors  {errors}",
+        f"  generator CPU {result['generator_cpu_s']:.2f} s (user {result['generator_cpu_user_s']:.2f}"
+        f" + sys {result['generator_cpu_sys_s']:.2f}) = {result['generator_cpu_pct_of_one_core']:.0f}% of one core,"
+        f" {result['generator_cpu_us_per_request'] or 0:.0f} us/request; this machine has {result['cpu_count']}"
+        " cores shared with the server",
+    ]
+    if result["initial_connect_errors"]:
+        failed = "  ".join(f"{k} {v}" for k, v in result["initial_connect_errors"].items())
+        lines.append(f"  note          some connections failed to open at start: {failed} (retried by the workers)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Provision N devices over HTTP at a given concurrency and report throughput and latency.")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="HTTP gateway base URL (default %(default)s)")
+    p.add_argument("--admin-url", default="http://127.0.0.1:8081",
+                   help="admin API base URL, used to create the device profile (default %(default)s)")
+    p.add_argument("--admin-token", default=None,
+                   help="admin bearer token (default: $ADMIN_API_TOKEN, else ADMIN_API_TOKEN= in .local/stack.env)")
+    p.add_argument("-n", "--requests", type=int, default=5000, help="measured provision requests (default %(default)s)")
+    p.add_argument("-c", "--concurrency", type=int, default=64,
+                   help="keep-alive connections, one request in flight on each (default %(default)s)")
+    p.add_argument("--innoway", action="store_true",
+                   help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
+    p.add_argument("--key", help="provision key of an existing profile (with --secret; skips creating one)")
+    p.add_argument("--secret", help="provision secret of an existing profile")
+    p.add_argument("--warmup", type=int, default=200, help="uncounted requests sent first (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="hard cap on the whole run, warm-up included (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line on stdout (the human-readable block then goes to stderr)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
+    args = p.parse_args(argv)
+    if (args.key is None) != (args.secret is None):
+        p.error("--key and --secret go together")
+    if args.requests < 0 or args.warmup < 0:
+        p.error("-n and --warmup must not be negative")
+    if args.concurrency < 1:
+        p.error("-c must be at least 1")
+    if args.max_seconds <= 0 or args.timeout <= 0:
+        p.error("--max-seconds and --timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_id = secrets.token_hex(4)
+    try:
+        Target.parse(args.url, "/")
+        if args.key is not None:
+            key, secret = args.key, args.secret
+            profile_note = "profile given by --key/--secret"
+        else:
+            token = find_admin_token(args.admin_token)
+            if not token:
+                raise SetupError("no admin token: pass --admin-token, set ADMIN_API_TOKEN, or run from the repo"
+                                 " root after `make up` (.local/stack.env); or give --key/--secret")
+            profile_id, key, secret = create_profile(args.admin_url, token, f"bench-{run_id}")
+            profile_note = f"created device profile bench-{run_id} ({profile_id})"
+
+        runner = asyncio.run
+        if not args.no_uvloop:
+            try:
+                import uvloop
+
+                runner = uvloop.run
+            except ImportError:
+                pass
+        result = runner(bench(args, key, secret, run_id))
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    human = render_human(result, profile_note)
+    if args.json:
+        print(human, file=sys.stderr, flush=True)
+        print(json.dumps(result, separators=(",", ":")), flush=True)
+    else:
+        print(human, flush=True)
+    return 0 if result["success"] > 0 or args.requests == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
