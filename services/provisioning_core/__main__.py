@@ -29,7 +29,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         settings.database_url.get_secret_value(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
     )
     bus = await Bus.connect(settings)
-    core = ProvisioningCore(pool, bus, box, FailureLimiter(settings.provision_failures_per_minute))
+    core = ProvisioningCore(pool, bus, box, FailureLimiter(settings.provision_failures_per_minute),
+                            profile_ttl_s=settings.profile_cache_ttl_s)
     await bus.serve(SERVICE, core.handlers())
     log.info("provisioning_core ready on queue %s", settings.queue(SERVICE))
 

@@ -31,6 +31,7 @@ from provisioning_common.models import (
 )
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
+from .profile_cache import ProfileCache
 from .rate_limit import FailureLimiter
 from .token_pool import TokenPool
 
@@ -51,8 +52,11 @@ def _random_name() -> str:
 
 
 class ProvisioningCore:
-    def __init__(self, pool: asyncpg.Pool, bus: Bus, box: SecretBox, limiter: FailureLimiter) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, bus: Bus, box: SecretBox, limiter: FailureLimiter, profile_ttl_s: float = 1.0
+    ) -> None:
         self._pool = pool
+        self._profiles = ProfileCache(pool, profile_ttl_s)
         self._bus = bus
         self._tokens = TokenPool(bus)
         self._box = box
@@ -73,7 +77,7 @@ class ProvisioningCore:
             return ProvisionResult.not_found()
         if self._limiter.blocked(req.provision_key, req.source_address):
             return ProvisionResult.failure("Too many failed provisioning attempts; retry later")
-        profile = await repository.profile_by_key(self._pool, req.provision_key)
+        profile = await self._profiles.get(req.provision_key)
         if (
             profile is None
             or profile.provision_secret is None

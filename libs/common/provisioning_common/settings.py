@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     #: Failed key/secret attempts allowed per provision key and per source address per minute.
     provision_failures_per_minute: int = Field(default=60, ge=1)
 
+    #: How long provisioning-core trusts a cached device profile (admin changes apply after this).
+    profile_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
+
     log_level: str = "INFO"
 
     def queue(self, name: str) -> str:
