@@ -7,6 +7,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,7 +52,10 @@ class Env:
     encryption_key: str = field(default_factory=generate_key)
     http_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
+    mqtt_port: int = field(default_factory=free_port)
+    mqtts_port: int = field(default_factory=free_port)
     extra: dict[str, str] = field(default_factory=dict)
+    ca_file: Path | None = None
 
     @property
     def database_url(self) -> str:
@@ -65,6 +69,10 @@ class Env:
             "BIND_HOST": "127.0.0.1",
             "HTTP_PORT": str(self.http_port),
             "ADMIN_PORT": str(self.admin_port),
+            "MQTT_PORT": str(self.mqtt_port),
+            "MQTTS_PORT": str(self.mqtts_port),
+            # Tests reconnect and check refusals quickly; ThingsBoard's 60 s would only slow them.
+            "MQTT_PROVISION_CLOSE_S": "5",
             "ADMIN_API_TOKEN": self.admin_token,
             "DATA_ENCRYPTION_KEY": self.encryption_key,
             "PROVISION_TIMEOUT_S": "5",
@@ -110,10 +118,20 @@ def _drop_database(env: Env) -> None:
     )
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(server certificate, server key, CA certificate devices trust) for the MQTT TLS listener."""
+    from mqtt_gateway.tls import generate_dev_certificate
+
+    return generate_dev_certificate(tmp_path_factory.mktemp("mqtt-tls"))
+
+
 @pytest.fixture(scope="module")
-def env(infra: Infra) -> Iterator[Env]:
+def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
     """A private database and bus namespace for one test module."""
     environment = Env(infra)
+    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]))
+    environment.ca_file = tls_files[2]
     _create_database(environment)
     try:
         yield environment

@@ -23,6 +23,9 @@ from provisioning_common.settings import Settings
 from .stack import SERVICES, Stack, port_in_use
 
 LOCAL_ENV = Path(".local/stack.env")
+DEV_TLS_DIR = Path(".local/mqtt-tls")
+#: Used instead of the MQTT defaults when those are taken and the user did not choose a port.
+MQTT_FALLBACK = {"MQTT_PORT": 11883, "MQTTS_PORT": 18883}
 
 
 def load_local_env(path: Path = LOCAL_ENV) -> dict[str, str]:
@@ -65,10 +68,31 @@ def up() -> int:
     env = {**load_local_env(), **os.environ}
     os.environ.update(env)
     settings = Settings()
-    for var, port in (("HTTP_PORT", settings.http_port), ("ADMIN_PORT", settings.admin_port)):
-        if port_in_use(settings.bind_host, port):
-            print(f"error: port {port} is already in use; set {var} to a free port", file=sys.stderr)
-            return 1
+    for var, port in (("HTTP_PORT", settings.http_port), ("ADMIN_PORT", settings.admin_port),
+                      ("MQTT_PORT", settings.mqtt_port), ("MQTTS_PORT", settings.mqtts_port)):
+        if not port or not port_in_use(settings.bind_host, port):
+            continue
+        if var in MQTT_FALLBACK and var not in os.environ:
+            # Many machines already run an MQTT broker on 1883/8883: keep `make up` working.
+            env[var] = os.environ[var] = str(MQTT_FALLBACK[var])
+            print(f"note: port {port} is in use (another MQTT broker?); using {env[var]}; set {var} to choose",
+                  file=sys.stderr)
+            if port_in_use(settings.bind_host, MQTT_FALLBACK[var]):
+                print(f"error: port {env[var]} is already in use; set {var} to a free port", file=sys.stderr)
+                return 1
+            continue
+        print(f"error: port {port} is already in use; set {var} to a free port", file=sys.stderr)
+        return 1
+    if not os.environ.get("MQTT_TLS_CERT_FILE") or not os.environ.get("MQTT_TLS_KEY_FILE"):
+        from mqtt_gateway.tls import generate_dev_certificate
+
+        cert, key, public = generate_dev_certificate(DEV_TLS_DIR)
+        env["MQTT_TLS_CERT_FILE"], env["MQTT_TLS_KEY_FILE"] = str(cert), str(key)
+        tls_note = f"development certificate; devices trust {public}"
+    else:
+        tls_note = f"certificate {os.environ['MQTT_TLS_CERT_FILE']}"
+    os.environ.update(env)
+    settings = Settings()
     try:
         asyncio.run(prepare_database(settings.database_url.get_secret_value()))
     except (OSError, Exception) as exc:  # noqa: BLE001 - one clear line for the user
@@ -89,6 +113,8 @@ def up() -> int:
         "\nProvisioning stack is up:\n"
         f"  HTTP gateway   http://{host}:{settings.http_port}/api/v1/provision  (Innoway: /api/provision)\n"
         f"  Admin API      http://{host}:{settings.admin_port}/api  (Authorization: Bearer <token>)\n"
+        f"  MQTT           mqtt://{host}:{settings.mqtt_port}  (provision with username 'provision')\n"
+        f"  MQTT over TLS  mqtts://{host}:{settings.mqtts_port}  ({tls_note})\n"
         f"  Admin token    {env['ADMIN_API_TOKEN']} {token_note}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 #: Start order: back-end services first so gateways find their queues consumed.
-SERVICES: tuple[str, ...] = ("credentials", "provisioning_core", "admin_api", "http_gateway")
+SERVICES: tuple[str, ...] = ("credentials", "provisioning_core", "admin_api", "http_gateway", "mqtt_gateway")
 
 #: How each service tells it is ready: an HTTP health URL (port variable) or a log line.
 _HEALTH_PORT_VAR = {"http_gateway": "HTTP_PORT", "admin_api": "ADMIN_PORT"}

@@ -1,0 +1,308 @@
+"""One device connection: CONNECT, then either a provisioning session or an authenticated device session.
+
+Behaviour follows ThingsBoard's ``MqttTransportHandler`` (spec §3.2, §7, §9): the provisioning
+rules themselves live in provisioning-core; this class only speaks MQTT and calls ``TransportApi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from provisioning_common.bus import RpcError
+from provisioning_common.dialects import render_error
+from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, Transport
+from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
+
+from . import codec
+from .codec import (
+    Connect,
+    Disconnect,
+    IdentifierRejected,
+    PingReq,
+    ProtocolError,
+    PubAck,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    UnsupportedProtocol,
+)
+from .tls import Connection
+
+log = logging.getLogger(__name__)
+
+PROVISION = "provision"
+REQUEST_TOPIC = "/provision/request"
+RESPONSE_TOPIC = "/provision/response"
+TELEMETRY_TOPIC = "v1/devices/me/telemetry"
+
+# CONNACK return codes (3.1/3.1.1) and their MQTT 5 reason codes.
+ACCEPTED = 0
+_REFUSED_PROTOCOL = {3: 0x01, 4: 0x01, 5: 0x84}
+_REFUSED_IDENTIFIER = {3: 0x02, 4: 0x02, 5: 0x85}
+_NOT_AUTHORIZED = {3: 0x05, 4: 0x05, 5: 0x87}
+
+# MQTT 5 reason codes used on PUBACK / SUBACK / DISCONNECT.
+RC_UNSPECIFIED = 0x80
+RC_IMPLEMENTATION_SPECIFIC = 0x83
+RC_TOPIC_FILTER_INVALID = 0x8F
+RC_TOPIC_NAME_INVALID = 0x90
+RC_PAYLOAD_FORMAT_INVALID = 0x99
+RC_QOS_NOT_SUPPORTED = 0x9B
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_packet_bytes: int
+    connect_timeout_s: float
+    provision_close_s: float
+
+
+class _Close(Exception):
+    """End this session (after whatever was already written)."""
+
+
+class MqttSession:
+    def __init__(self, conn: Connection, api: TransportApi, limits: SessionLimits) -> None:
+        self._conn = conn
+        self._api = api
+        self._limits = limits
+        self._level = 4
+        self._keep_alive = 0
+        self._device_id: str | None = None
+        self._provisioning = False
+        #: QoS granted on /provision/response, None while not subscribed (ThingsBoard then uses 1).
+        self._response_qos: int | None = None
+        self._protobuf = False
+        self._next_packet_id = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+
+    @property
+    def busy(self) -> bool:
+        """True while a provision request of this session is being answered."""
+        return bool(self._tasks)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            try:
+                connect = await asyncio.wait_for(self._read(None), self._limits.connect_timeout_s)
+            except UnsupportedProtocol:
+                # The client's level is unknown to us: answer in 3.1.1's format (0x01), as brokers do.
+                self._send(codec.encode_connack(_REFUSED_PROTOCOL[4], protocol_level=4))
+                return
+            except IdentifierRejected:
+                self._send(codec.encode_connack(_REFUSED_IDENTIFIER[4], protocol_level=4))
+                return
+            if not isinstance(connect, Connect):  # decode_packet guarantees it; defensive
+                return
+            self._level = connect.protocol_level
+            self._keep_alive = connect.keep_alive
+            if not await self._accept(connect):
+                return
+            await self._serve()
+        except (_Close, ProtocolError, asyncio.IncompleteReadError, ConnectionError, TimeoutError, EOFError) as exc:
+            log.debug("closing %s: %s", self._conn.peer_address, type(exc).__name__)
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        if self._tasks:
+            # Let answers in flight reach the device before the socket goes (bounded by the bus timeout).
+            await asyncio.wait(list(self._tasks), timeout=self._api.timeout + 1)
+        self._closed.set()
+        self._conn.close()
+        with contextlib.suppress(Exception):
+            await self._conn.wait_closed()
+
+    async def close_gracefully(self, timeout: float) -> None:
+        """Used on shutdown: wait (bounded) for in-flight answers, then close."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        self._conn.close()
+
+    # --- io -------------------------------------------------------------------------------
+
+    async def _read(self, level: int | None) -> codec.Packet:
+        return await codec.read_packet(
+            self._conn.reader, max_packet_size=self._limits.max_packet_bytes, protocol_level=level
+        )
+
+    def _send(self, data: bytes) -> None:
+        if data and not self._conn.is_closing:
+            self._conn.write(data)
+
+    def _disconnect(self, reason_code: int) -> None:
+        """MQTT 5 tells the client why; 3.1/3.1.1 just close."""
+        if self._level == 5:
+            self._send(codec.encode_disconnect(reason_code, protocol_level=5))
+        raise _Close
+
+    def _packet_id(self) -> int:
+        self._next_packet_id = self._next_packet_id % 0xFFFF + 1
+        return self._next_packet_id
+
+    # --- CONNECT ----------------------------------------------------------------------------
+
+    async def _accept(self, connect: Connect) -> bool:
+        if connect.username == PROVISION or connect.client_id == PROVISION:
+            self._provisioning = True
+            self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level))
+            return True
+        device = await self._authenticate(connect)
+        if device is None:
+            self._send(codec.encode_connack(_NOT_AUTHORIZED[self._level], protocol_level=self._level))
+            return False
+        self._device_id = device
+        self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level))
+        return True
+
+    async def _authenticate(self, connect: Connect) -> str | None:
+        """The device id for these credentials, or None (ThingsBoard's order: certificate, then basic/token)."""
+        password = connect.password.decode("utf-8", "replace") if connect.password else ""
+        attempts: list[AuthenticateRequest] = []
+        chain = self._conn.peer_certificate_chain
+        if chain:
+            attempts.append(AuthenticateRequest(certificate=base64.b64encode(chain[0]).decode()))
+        else:
+            attempts.append(
+                AuthenticateRequest(client_id=connect.client_id, username=connect.username or "", password=password)
+            )
+            if password:
+                # Innoway: the access token is the password, with any username.
+                attempts.append(AuthenticateRequest(token=password))
+        for attempt in attempts:
+            try:
+                result = await self._api.authenticate(attempt)
+            except RpcError as exc:
+                log.warning("authentication unavailable: %s", exc)
+                return None
+            if result.authenticated and result.device_id:
+                return result.device_id
+        return None
+
+    # --- packets ----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        idle_limit = self._keep_alive * 1.5 if self._keep_alive else None
+        while True:
+            try:
+                packet = await asyncio.wait_for(self._read(self._level), idle_limit)
+            except TimeoutError:
+                log.debug("keep-alive expired for %s", self._conn.peer_address)
+                raise _Close from None
+            if isinstance(packet, PingReq):
+                self._send(codec.encode_pingresp())
+            elif isinstance(packet, Publish):
+                await self._on_publish(packet)
+            elif isinstance(packet, Subscribe):
+                self._on_subscribe(packet)
+            elif isinstance(packet, Unsubscribe):
+                if self._provisioning and RESPONSE_TOPIC in packet.topics:
+                    self._response_qos = None
+                self._send(codec.encode_unsuback(packet.packet_id, len(packet.topics), protocol_level=self._level))
+            elif isinstance(packet, Disconnect):
+                raise _Close
+            elif isinstance(packet, PubAck):
+                continue  # acknowledgement of our QoS 1 response
+            else:
+                raise ProtocolError("unexpected packet", 0x82)
+            await self._conn.drain()
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        refused = RC_TOPIC_FILTER_INVALID if self._level == 5 else RC_UNSPECIFIED
+        codes: list[int] = []
+        for topic, qos in packet.topics:
+            if self._provisioning and topic == RESPONSE_TOPIC:
+                granted = min(qos, 1)
+                self._response_qos = granted
+                codes.append(granted)
+            else:
+                codes.append(refused)
+        self._send(codec.encode_suback(packet.packet_id, codes, protocol_level=self._level))
+
+    async def _on_publish(self, packet: Publish) -> None:
+        if packet.qos == 2:
+            self._puback_then_disconnect(packet, RC_QOS_NOT_SUPPORTED)
+        if self._provisioning:
+            if packet.topic != REQUEST_TOPIC:
+                self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)
+            task = asyncio.create_task(self._provision(packet))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if packet.topic != TELEMETRY_TOPIC:
+            self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)
+        if not is_json_document(packet.payload):
+            self._puback_then_disconnect(packet, RC_PAYLOAD_FORMAT_INVALID)
+        assert self._device_id is not None
+        try:
+            await self._api.publish_telemetry(self._device_id, packet.payload)
+        except RpcError:
+            self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
+        if packet.qos == 1 and packet.packet_id is not None:
+            self._send(codec.encode_puback(packet.packet_id, protocol_level=self._level))
+
+    def _puback_then_disconnect(self, packet: Publish, reason_code: int) -> None:
+        """ThingsBoard acknowledges with a reason code (visible in MQTT 5 only), then disconnects."""
+        if packet.qos >= 1 and packet.packet_id is not None:
+            self._send(codec.encode_puback(packet.packet_id, reason_code=reason_code, protocol_level=self._level))
+        self._disconnect(reason_code)
+
+    # --- provisioning ------------------------------------------------------------------------
+
+    async def _provision(self, packet: Publish) -> None:
+        try:
+            await self._answer_provision(packet)
+        except _Close:
+            self._conn.close()
+        except Exception:  # never let one request kill the server
+            log.exception("provision request failed on %s", self._conn.peer_address)
+            self._conn.close()
+
+    async def _answer_provision(self, packet: Publish) -> None:
+        outcome = await self._api.provision(
+            packet.payload,
+            transport=Transport.MQTT,
+            source_address=self._conn.peer_address.rsplit(":", 1)[0],
+            protobuf_fallback=True,
+        )
+        if outcome.kind is OutcomeKind.BAD_REQUEST:
+            if outcome.dialect is Dialect.PROTOBUF:
+                # Neither JSON nor protobuf: ThingsBoard's AdaptorException.
+                if self._level == 5:
+                    self._puback_then_disconnect(packet, RC_PAYLOAD_FORMAT_INVALID)
+                raise _Close
+            self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
+        if outcome.dialect is Dialect.PROTOBUF:
+            self._protobuf = True  # sticky for the session, as in ThingsBoard
+        body = outcome.body
+        if outcome.kind is OutcomeKind.UNAVAILABLE:
+            # Never silence: tell the device, then close as ThingsBoard does on a core error.
+            if self._protobuf:
+                body = render_error(Dialect.PROTOBUF, MSG_TIMEOUT)
+            self._publish_response(body)
+            self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
+        if packet.qos == 1 and packet.packet_id is not None:
+            self._send(codec.encode_puback(packet.packet_id, protocol_level=self._level))
+        self._publish_response(body)
+        await self._conn.drain()
+        if self._limits.provision_close_s > 0:
+            asyncio.get_running_loop().call_later(self._limits.provision_close_s, self._conn.close)
+
+    def _publish_response(self, body: bytes) -> None:
+        qos = 1 if self._response_qos is None else self._response_qos
+        self._send(
+            codec.encode_publish(
+                RESPONSE_TOPIC,
+                body,
+                qos=qos,
+                packet_id=self._packet_id() if qos else None,
+                protocol_level=self._level,
+            )
+        )

@@ -1,0 +1,703 @@
+"""Transports for the MQTT gateway: plain TCP and TLS, behind one :class:`Connection` interface.
+
+Why pyOpenSSL and not :mod:`ssl`: ThingsBoard devices authenticate with X.509 certificates that are often
+self-signed and unknown to any CA. The TLS layer must *request* a client certificate and accept whatever
+it gets; the MQTT CONNECT handler then looks the certificate up by its hash. The stdlib cannot do that
+(``CERT_OPTIONAL`` without a matching CA fails the handshake, ``CERT_NONE`` never asks for a certificate,
+and there is no verify callback: CPython issue #75425). pyOpenSSL can, and with memory BIOs it runs on the
+asyncio event loop like any other protocol: bytes from the socket go into the SSL object, bytes the SSL
+object produces go to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Connection",
+    "PlainConnection",
+    "TlsConnection",
+    "generate_dev_certificate",
+    "make_server_context",
+    "start_plain_server",
+    "start_tls_server",
+]
+
+#: Bytes asked of the SSL object per ``recv``/``bio_read``. A TLS record carries at most 16 KiB of plaintext.
+_CHUNK = 65536
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """What the MQTT session needs from a client connection, the same for plain TCP and TLS."""
+
+    reader: asyncio.StreamReader
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for sending; silently dropped once the connection is closing."""
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark.
+
+        Raises :class:`ConnectionError` once the connection is lost.
+        """
+
+    def close(self) -> None:
+        """Close the transport (buffered data is still flushed). Idempotent."""
+
+    async def wait_closed(self) -> None:
+        """Return once the transport is closed."""
+
+    @property
+    def peer_address(self) -> str:
+        """``"ip:port"`` of the client."""
+
+    @property
+    def peer_certificate_chain(self) -> list[bytes]:
+        """DER of the certificates the client presented, leaf first; ``[]`` for plain TCP or no certificate."""
+
+    @property
+    def is_closing(self) -> bool:
+        """True once :meth:`close` was called or the connection was lost."""
+
+
+ClientConnected = Callable[[Connection], Awaitable[None]]
+
+
+def _format_peer(peername: object) -> str:
+    # IPv4 ("ip", port) and IPv6 ("ip", port, flowinfo, scope_id) alike: "ip:port" (no brackets, so that
+    # ``rsplit(":", 1)[0]`` gives the address back).
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return str(peername) if peername else "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plain TCP
+
+
+class PlainConnection:
+    """:class:`Connection` over the ``(reader, writer)`` pair of :func:`asyncio.start_server`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self._writer = writer
+        self._peer = _format_peer(writer.get_extra_info("peername"))
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._writer.is_closing():
+            return
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer
+
+    @property
+    def peer_certificate_chain(self) -> list[bytes]:
+        return []
+
+    @property
+    def is_closing(self) -> bool:
+        return self._closed or self._writer.is_closing()
+
+    def __repr__(self) -> str:
+        return f"<PlainConnection {self._peer}>"
+
+
+async def start_plain_server(
+    client_connected: ClientConnected, host: str, port: int, *, backlog: int = 1024
+) -> asyncio.Server:
+    """Listen on ``host:port`` (plain TCP) and run ``client_connected(connection)`` per client, as a task."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = PlainConnection(reader, writer)
+        try:
+            await client_connected(connection)
+        except Exception:
+            log.exception("connection handler failed for %s", connection.peer_address)
+            connection.close()
+
+    return await asyncio.start_server(on_client, host, port, backlog=backlog)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TLS (pyOpenSSL over memory BIOs)
+
+
+def _accept_any_certificate(
+    connection: SSL.Connection, certificate: object, errno: int, depth: int, preverify_ok: int
+) -> bool:
+    # Authentication is done at MQTT CONNECT by the certificate's hash, not by a CA: accept everything here.
+    return True
+
+
+def make_server_context(cert_file: str, key_file: str) -> SSL.Context:
+    """A server context that requests (but does not require) a client certificate and accepts any.
+
+    ``cert_file`` is PEM, the server certificate optionally followed by its intermediates/CA.
+    """
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_TICKET
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    # Devices connect once to provision: no session resumption (no cache, no tickets).
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # OpenSSL's defaults for TLS 1.2 (TLS 1.3 suites are configured separately and fine as they are), minus
+    # anything without authentication or with broken primitives.
+    context.set_cipher_list(b"DEFAULT:!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES")
+    context.use_certificate_chain_file(cert_file)
+    context.use_privatekey_file(key_file)
+    context.check_privatekey()
+    # VERIFY_PEER on a server = send a CertificateRequest; without VERIFY_FAIL_IF_NO_PEER_CERT a client
+    # without a certificate is still let in; the callback makes any presented certificate acceptable.
+    context.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)
+    return context
+
+
+class TlsConnection(asyncio.Protocol):
+    """One TLS client: the :class:`asyncio.Protocol` the server's transport drives *and* the
+    :class:`Connection` the MQTT session uses."""
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        client_connected: ClientConnected,
+        handshake_timeout: float,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ssl = SSL.Connection(context, None)
+        self._ssl.set_accept_state()
+        self._client_connected = client_connected
+        self._handshake_timeout = handshake_timeout
+        self._tasks = tasks
+        self.reader = asyncio.StreamReader(loop=self._loop)
+        self._transport: asyncio.Transport | None = None
+        self._peer = "unknown"
+        self._chain: list[bytes] = []
+        self._handshake_done = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._lost = False
+        self._eof = False
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed_future: asyncio.Future[None] = self._loop.create_future()
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; rely on the interface only.
+        self._transport = transport  # type: ignore[assignment]
+        self._peer = _format_peer(transport.get_extra_info("peername"))
+        # Read-side flow control: the StreamReader pauses the socket when its buffer is full.
+        self.reader.set_transport(transport)
+        self._handshake_timer = self._loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lost or self._transport is None:
+            return
+        try:
+            self._ssl.bio_write(data)
+        except SSL.Error as exc:  # should not happen with a memory BIO
+            self._fail(f"bio_write: {exc!r}")
+            return
+        if not self._handshake_done and not self._do_handshake():
+            return
+        self._receive_plaintext()
+        self._flush()  # reading may produce output (alerts, key updates)
+
+    def eof_received(self) -> bool:
+        if not self._handshake_done:
+            log.debug("TLS client %s closed before the handshake finished", self._peer)
+            self._cancel_handshake_timer()
+            return False  # the transport closes itself
+        # Like asyncio.start_server for plain TCP: the reader sees EOF, the session decides when to close.
+        self._feed_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self._cancel_handshake_timer()
+        self._feed_eof()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("Connection lost"))
+        self._drain_waiters.clear()
+        if not self._closed_future.done():
+            self._closed_future.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # --- handshake and record layer --------------------------------------------------------------------------
+
+    def _do_handshake(self) -> bool:
+        """Advance the handshake; True once it is complete."""
+        try:
+            self._ssl.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        except SSL.Error as exc:
+            self._fail(f"TLS handshake failed: {_describe(exc)}")
+            return False
+        self._handshake_done = True
+        self._cancel_handshake_timer()
+        self._flush()
+        self._chain = self._read_peer_chain()
+        log.debug(
+            "TLS handshake with %s done: %s %s, %d client certificate(s)",
+            self._peer,
+            self._ssl.get_protocol_version_name(),
+            self._ssl.get_cipher_name(),
+            len(self._chain),
+        )
+        task = self._loop.create_task(self._run_client())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _read_peer_chain(self) -> list[bytes]:
+        # On the server side SSL_get_peer_cert_chain() does not contain the client's own certificate:
+        # prepend SSL_get_peer_certificate() (and drop it from the rest should a library include it).
+        leaf = self._ssl.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return []
+        leaf_der = leaf.public_bytes(serialization.Encoding.DER)
+        rest = [
+            cert.public_bytes(serialization.Encoding.DER)
+            for cert in self._ssl.get_peer_cert_chain(as_cryptography=True) or []
+        ]
+        if rest and rest[0] == leaf_der:
+            rest = rest[1:]
+        return [leaf_der, *rest]
+
+    def _receive_plaintext(self) -> None:
+        while True:
+            try:
+                data = self._ssl.recv(_CHUNK)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                # The client sent close_notify: end of its stream; the session closes (and answers it).
+                self._feed_eof()
+                return
+            except (SSL.SysCallError, SSL.Error) as exc:
+                self._fail(f"TLS read error: {_describe(exc)}")
+                return
+            if not data:
+                return
+            if not self._eof:
+                self.reader.feed_data(data)
+
+    def _feed_eof(self) -> None:
+        if not self._eof:
+            self._eof = True
+            self.reader.feed_eof()
+
+    def _flush(self) -> None:
+        """Move what the SSL object produced to the socket."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = self._ssl.bio_read(_CHUNK)
+            except SSL.WantReadError:
+                break
+            except SSL.Error:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if chunks and self._transport is not None and not self._lost:
+            self._transport.write(b"".join(chunks))
+
+    def _fail(self, reason: str) -> None:
+        """A broken connection: send the alert OpenSSL may have produced, then drop the socket."""
+        log.debug("closing TLS connection from %s: %s", self._peer, reason)
+        self._cancel_handshake_timer()
+        self._flush()
+        self._feed_eof()
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self._handshake_done or self._lost:
+            return
+        log.debug("TLS handshake with %s timed out after %.1f s", self._peer, self._handshake_timeout)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    async def _run_client(self) -> None:
+        try:
+            await self._client_connected(self)
+        except Exception:
+            log.exception("connection handler failed for %s", self._peer)
+            self.close()
+
+    # --- Connection --------------------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._lost or not self._handshake_done or not data:
+            return
+        try:
+            self._ssl.sendall(data)
+        except SSL.Error as exc:
+            self._fail(f"TLS write error: {_describe(exc)}")
+            return
+        self._flush()
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._cancel_handshake_timer()
+        if self._handshake_done and not self._lost:
+            # close_notify, so the client can tell a clean close from a truncation.
+            with contextlib.suppress(SSL.Error):
+                self._ssl.shutdown()
+            self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_future)
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer
+
+    @property
+    def peer_certificate_chain(self) -> list[bytes]:
+        return list(self._chain)
+
+    @property
+    def is_closing(self) -> bool:
+        return self._closing or self._lost or (self._transport is not None and self._transport.is_closing())
+
+    def __repr__(self) -> str:
+        return f"<TlsConnection {self._peer}>"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SSL.Error) and exc.args:
+        return f"{type(exc).__name__}: {exc.args[0]}"
+    return repr(exc)
+
+
+async def start_tls_server(
+    client_connected: ClientConnected,
+    host: str,
+    port: int,
+    context: SSL.Context,
+    *,
+    handshake_timeout: float = 10.0,
+    backlog: int = 1024,
+) -> asyncio.Server:
+    """Listen on ``host:port`` (TLS with ``context``) and run ``client_connected(connection)`` per client,
+    as a task, once its handshake has succeeded. A failed or timed-out handshake closes that socket only."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    return await loop.create_server(
+        lambda: TlsConnection(context, client_connected, handshake_timeout, tasks),
+        host,
+        port,
+        backlog=backlog,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Development certificate
+
+_CA_CERT = "ca.pem"
+_CA_KEY = "ca.key"
+_SERVER_CERT = "server.pem"
+_SERVER_KEY = "server.key"
+_PUBLIC_CA = "mqttserver.pub.pem"
+_MIN_REMAINING = datetime.timedelta(days=1)
+_CA_LIFETIME = datetime.timedelta(days=3650)
+_SERVER_LIFETIME = datetime.timedelta(days=825)
+
+
+def generate_dev_certificate(
+    directory: str | Path, hostnames: Sequence[str] = ("localhost", "127.0.0.1")
+) -> tuple[Path, Path, Path]:
+    """Create (once) a development CA and a server certificate it signs, for the MQTT TLS listener.
+
+    Files in ``directory``: ``ca.pem``/``ca.key`` (the CA), ``server.pem`` (server certificate followed by the
+    CA certificate), ``server.key`` (mode 0600) and ``mqttserver.pub.pem`` (the CA certificate devices must
+    trust; ThingsBoard's name for it). Existing files are reused while valid for more than a day and covering
+    ``hostnames``; the CA is kept when only the server certificate must be renewed, so devices keep trusting it.
+    The subject alternative names are always DNS:localhost and IP:127.0.0.1 plus ``hostnames``.
+
+    Returns ``(server_cert_path, server_key_path, public_ca_path)``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / name for name in (_CA_CERT, _CA_KEY, _SERVER_CERT, _SERVER_KEY, _PUBLIC_CA)}
+    sans = _subject_alternative_names(hostnames)
+    with _directory_lock(directory):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca = _load_valid_ca(paths[_CA_CERT], paths[_CA_KEY], now)
+        if ca is None:
+            ca = _make_ca(now)
+            _write(paths[_CA_KEY], _key_pem(ca[1]), private=True)
+            _write(paths[_CA_CERT], ca[0].public_bytes(serialization.Encoding.PEM))
+        ca_cert, ca_key = ca
+        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        if not _server_is_valid(paths[_SERVER_CERT], paths[_SERVER_KEY], ca_cert, sans, now):
+            server_cert, server_key = _make_server(ca_cert, ca_key, sans, now)
+            _write(paths[_SERVER_KEY], _key_pem(server_key), private=True)
+            _write(paths[_SERVER_CERT], server_cert.public_bytes(serialization.Encoding.PEM) + ca_pem)
+        if not paths[_PUBLIC_CA].exists() or paths[_PUBLIC_CA].read_bytes() != ca_pem:
+            _write(paths[_PUBLIC_CA], ca_pem)
+    return paths[_SERVER_CERT], paths[_SERVER_KEY], paths[_PUBLIC_CA]
+
+
+def _subject_alternative_names(hostnames: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for raw in ("localhost", "127.0.0.1", *hostnames):
+        host = raw.strip().strip("[]")
+        if not host:
+            continue
+        try:
+            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            name = x509.DNSName(host.lower())
+        if name not in names:
+            names.append(name)
+    return names
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path):  # type: ignore[no-untyped-def]
+    """Serialise concurrent generators (several gateways starting at once) on one directory."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(directory / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write atomically (temporary file + rename); private files are created 0600 from the start."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o600 if private else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _valid_long_enough(cert: x509.Certificate, now: datetime.datetime) -> bool:
+    return cert.not_valid_before_utc <= now and cert.not_valid_after_utc - now > _MIN_REMAINING
+
+
+def _load_valid_ca(
+    cert_path: Path, key_path: Path, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or _public_der(key.public_key()) != _public_der(
+        cert.public_key()
+    ):
+        return None
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    if not constraints.ca or not _valid_long_enough(cert, now):
+        return None
+    return cert, key
+
+
+def _server_is_valid(
+    cert_path: Path,
+    key_path: Path,
+    ca_cert: x509.Certificate,
+    sans: list[x509.GeneralName],
+    now: datetime.datetime,
+) -> bool:
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        leaf = chain[0]
+        leaf.verify_directly_issued_by(ca_cert)
+        present = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except Exception:  # missing, unreadable, not ours, no SAN: make a new one
+        return False
+    if chain[1:] != [ca_cert]:
+        return False
+    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+        return False
+    if any(name not in present for name in sans):
+        return False
+    return _valid_long_enough(leaf, now)
+
+
+def _make_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "IoT provisioning (development)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "IoT provisioning development CA"),
+        ]
+    )
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _make_server(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    sans: list[x509.GeneralName],
+    now: datetime.datetime,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    first = sans[0]
+    common_name = str(first.value)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    not_after = min(now + _SERVER_LIFETIME, ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
