@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from provisioning_common.settings import Settings
+
 #: Start order: back-end services first so gateways find their queues consumed.
 SERVICES: tuple[str, ...] = ("credentials", "provisioning_core", "admin_api", "http_gateway", "mqtt_gateway")
 
@@ -84,7 +86,8 @@ class ServiceProcess:
                 if self._ready.wait(0.05):
                     return
                 continue
-            url = f"http://127.0.0.1:{self.env[port_var]}/health"
+            port = self.env.get(port_var) or Settings.model_fields[port_var.lower()].default
+            url = f"http://127.0.0.1:{port}/health"
             try:
                 with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
