@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
@@ -39,7 +40,65 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
+#: ThingsBoard's path and Innoway's; both serve both dialects (chosen by the body).
+PROVISION_PATHS = frozenset({"/api/v1/provision", "/api/provision"})
+
+
+class ProvisionFastPath:
+    """Serves ``POST`` on the provisioning paths in plain ASGI; everything else goes to FastAPI.
+
+    Provisioning is the hot path, and FastAPI's routing, dependency and Request/Response
+    machinery cost more CPU per request than parsing and publishing the request itself.
+    """
+
+    def __init__(self, app: FastAPI, api: Callable[[], TransportApi], limit: int, too_large: bytes) -> None:
+        self.app = app
+        self._api = api
+        self._limit = limit
+        self._too_large = too_large
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or scope["path"] not in PROVISION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await _respond(send, 405, b'{"errorMsg":"Method Not Allowed","status":"FAILURE"}', [(b"allow", b"POST")])
+            return
+        body = await _read_body(scope, receive, self._limit)
+        if body is None:
+            await _respond(send, 413, self._too_large)
+            return
+        client = scope.get("client")
+        outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=client[0] if client else "")
+        extra = [(b"retry-after", b"1")] if outcome.kind is OutcomeKind.UNAVAILABLE else []
+        await _respond(send, _STATUS[outcome.kind], outcome.body, extra)
+
+
+async def _read_body(scope: dict[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is known to exceed ``limit`` bytes."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            return None
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body"):
+            return body
+
+
+async def _respond(send: Callable[..., Any], status: int, body: bytes,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
     """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given."""
     state: dict[str, object] = {}
 
@@ -59,20 +118,6 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
         return state["api"]  # type: ignore[return-value]
 
     too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
-
-    async def provision(request: Request) -> Response:
-        try:
-            body = await read_body(request, settings.max_body_bytes)
-        except BodyTooLarge:
-            return Response(too_large, status_code=413, media_type=JSON)
-        source = request.client.host if request.client else ""
-        outcome = await api().provision(body, transport=Transport.HTTP, source_address=source)
-        headers = {"Retry-After": "1"} if outcome.kind is OutcomeKind.UNAVAILABLE else None
-        return Response(outcome.body, status_code=_STATUS[outcome.kind], media_type=JSON, headers=headers)
-
-    # ThingsBoard's path, and Innoway's; both serve both dialects (chosen by the body).
-    app.add_api_route("/api/v1/provision", provision, methods=["POST"], include_in_schema=True)
-    app.add_api_route("/api/provision", provision, methods=["POST"], include_in_schema=True)
 
     @app.post("/api/v1/{token}/telemetry")
     async def telemetry(token: str, request: Request) -> Response:
@@ -100,4 +145,4 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
         return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
                         media_type=JSON)
 
-    return app
+    return ProvisionFastPath(app, api, settings.max_body_bytes, too_large)
