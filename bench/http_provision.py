@@ -28,21 +28,23 @@ import secrets
 import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
 
-SUCCESS = "SUCCESS"
+from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
+    NO_TOKEN_MESSAGE,
+    SUCCESS,
+    SetupError,
+    create_profile,
+    find_admin_token,
+    latency_summary,
+    pick_runner,
+)
+
 _SUCCESS_MARK = b'"status":"SUCCESS"'
 _HEAD_LIMIT = 64 * 1024
 _BODY_LIMIT = 16 * 1024 * 1024
-
-
-class SetupError(Exception):
-    """Something prevents the run from starting; the message is shown as is."""
 
 
 class ProtocolError(Exception):
@@ -51,53 +53,6 @@ class ProtocolError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # configuration
-
-
-def find_admin_token(explicit: str | None) -> str | None:
-    """--admin-token, else $ADMIN_API_TOKEN, else the ADMIN_API_TOKEN= line of .local/stack.env."""
-    if explicit:
-        return explicit
-    if os.environ.get("ADMIN_API_TOKEN"):
-        return os.environ["ADMIN_API_TOKEN"]
-    repo_root = Path(__file__).resolve().parent.parent
-    for candidate in (Path.cwd() / ".local/stack.env", repo_root / ".local/stack.env"):
-        try:
-            text = candidate.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("ADMIN_API_TOKEN="):
-                value = line.split("=", 1)[1].strip().strip("\"'")
-                if value:
-                    return value
-    return None
-
-
-def create_profile(admin_url: str, token: str, name: str, timeout: float = 15.0) -> tuple[str, str, str]:
-    """POST {admin_url}/api/device-profiles; returns (id, provisionDeviceKey, provisionDeviceSecret)."""
-    url = admin_url.rstrip("/") + "/api/device-profiles"
-    body = json.dumps({"name": name, "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES"}).encode()
-    request = urllib.request.Request(
-        url, data=body, method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read()[:300].decode("utf-8", "replace")
-        hint = " (wrong --admin-token?)" if exc.code == 401 else ""
-        raise SetupError(f"creating the device profile failed: HTTP {exc.code}{hint}: {detail}") from None
-    except (OSError, ValueError) as exc:
-        raise SetupError(f"cannot reach the admin API at {url}: {exc}") from None
-    if status != 201:
-        raise SetupError(f"creating the device profile: expected HTTP 201, got {status}")
-    try:
-        profile = json.loads(raw)
-        return str(profile.get("id", "")), profile["provisionDeviceKey"], profile["provisionDeviceSecret"]
-    except (ValueError, KeyError, TypeError):
-        raise SetupError("the admin API's answer has no provisionDeviceKey/provisionDeviceSecret") from None
 
 
 @dataclass(frozen=True)
@@ -372,25 +327,6 @@ async def open_connections(target: Target, count: int, timeout: float) -> tuple[
     return conns, errors
 
 
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return None
-    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
-    return sorted_values[int(rank) - 1]
-
-
-def latency_summary(values: list[float]) -> dict[str, float | None]:
-    ordered = sorted(values)
-    out: dict[str, float | None] = {
-        f"p{p}": percentile(ordered, p) for p in (50, 95, 99)
-    }
-    out["min"] = ordered[0] if ordered else None
-    out["max"] = ordered[-1] if ordered else None
-    out["mean"] = sum(ordered) / len(ordered) if ordered else None
-    return {k: (round(v, 2) if v is not None else None) for k, v in out.items()}
-
-
 async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) -> dict:
     endpoint = "/api/provision" if args.innoway else "/api/v1/provision"
     target = Target.parse(args.url, endpoint)
@@ -537,20 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             token = find_admin_token(args.admin_token)
             if not token:
-                raise SetupError("no admin token: pass --admin-token, set ADMIN_API_TOKEN, or run from the repo"
-                                 " root after `make up` (.local/stack.env); or give --key/--secret")
+                raise SetupError(NO_TOKEN_MESSAGE)
             profile_id, key, secret = create_profile(args.admin_url, token, f"bench-{run_id}")
             profile_note = f"created device profile bench-{run_id} ({profile_id})"
 
-        runner = asyncio.run
-        if not args.no_uvloop:
-            try:
-                import uvloop
-
-                runner = uvloop.run
-            except ImportError:
-                pass
-        result = runner(bench(args, key, secret, run_id))
+        result = pick_runner(args.no_uvloop)(bench(args, key, secret, run_id))
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -261,6 +261,9 @@ class MqttSession:
             await self._answer_provision(packet)
         except _Close:
             self._conn.close()
+        except ConnectionError:
+            log.debug("%s left before its provision answer", self._conn.peer_address)
+            self._conn.close()
         except Exception:  # never let one request kill the server
             log.exception("provision request failed on %s", self._conn.peer_address)
             self._conn.close()

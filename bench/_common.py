@@ -1,0 +1,118 @@
+"""Helpers shared by the load generators in bench/ (standard library only).
+
+* :func:`find_admin_token` and :func:`create_profile`: the admin API side of a run (a fresh
+  ``bench-<run>`` device profile with strategy ALLOW_CREATE_NEW_DEVICES);
+* :func:`percentile` and :func:`latency_summary`: nearest-rank latency statistics;
+* :func:`cpu_times` and :func:`pick_runner`: generator CPU accounting and the event loop choice.
+
+The scripts import this module as ``_common``: running ``python bench/<script>.py`` puts bench/
+first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SUCCESS = "SUCCESS"
+
+
+class SetupError(Exception):
+    """Something prevents the run from starting; the message is shown as is."""
+
+
+def find_admin_token(explicit: str | None) -> str | None:
+    """--admin-token, else $ADMIN_API_TOKEN, else the ADMIN_API_TOKEN= line of .local/stack.env."""
+    if explicit:
+        return explicit
+    if os.environ.get("ADMIN_API_TOKEN"):
+        return os.environ["ADMIN_API_TOKEN"]
+    repo_root = Path(__file__).resolve().parent.parent
+    for candidate in (Path.cwd() / ".local/stack.env", repo_root / ".local/stack.env"):
+        try:
+            text = candidate.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("ADMIN_API_TOKEN="):
+                value = line.split("=", 1)[1].strip().strip("\"'")
+                if value:
+                    return value
+    return None
+
+
+def create_profile(admin_url: str, token: str, name: str, timeout: float = 15.0) -> tuple[str, str, str]:
+    """POST {admin_url}/api/device-profiles; returns (id, provisionDeviceKey, provisionDeviceSecret)."""
+    url = admin_url.rstrip("/") + "/api/device-profiles"
+    body = json.dumps({"name": name, "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES"}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode("utf-8", "replace")
+        hint = " (wrong --admin-token?)" if exc.code == 401 else ""
+        raise SetupError(f"creating the device profile failed: HTTP {exc.code}{hint}: {detail}") from None
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"cannot reach the admin API at {url}: {exc}") from None
+    if status != 201:
+        raise SetupError(f"creating the device profile: expected HTTP 201, got {status}")
+    try:
+        profile = json.loads(raw)
+        return str(profile.get("id", "")), profile["provisionDeviceKey"], profile["provisionDeviceSecret"]
+    except (ValueError, KeyError, TypeError):
+        raise SetupError("the admin API's answer has no provisionDeviceKey/provisionDeviceSecret") from None
+
+
+NO_TOKEN_MESSAGE = ("no admin token: pass --admin-token, set ADMIN_API_TOKEN, or run from the repo"
+                    " root after `make up` (.local/stack.env); or give --key/--secret")
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
+    return sorted_values[int(rank) - 1]
+
+
+def latency_summary(values: list[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+    out: dict[str, float | None] = {
+        f"p{p}": percentile(ordered, p) for p in (50, 95, 99)
+    }
+    out["min"] = ordered[0] if ordered else None
+    out["max"] = ordered[-1] if ordered else None
+    out["mean"] = sum(ordered) / len(ordered) if ordered else None
+    return {k: (round(v, 2) if v is not None else None) for k, v in out.items()}
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def cpu_times() -> tuple[float, float]:
+    """(user, system) CPU seconds this process has used so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime
+
+
+def pick_runner(no_uvloop: bool):  # type: ignore[no-untyped-def]
+    """uvloop.run when importable (and not refused), else asyncio.run."""
+    if not no_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run
+        except ImportError:
+            pass
+    return asyncio.run
