@@ -346,3 +346,36 @@ def test_core_missing_gives_a_failure_answer_not_silence(env: Env, stack: Stack)
         assert time.monotonic() - started < 4
     finally:
         gateway.stop()
+
+
+# --- MQTT_BASIC variants (spec §9) -----------------------------------------------------------
+
+
+def test_mqtt_basic_client_id_only(env: Env, stack: Stack, profile: dict) -> None:
+    client_id = f"only-cid-{uuid.uuid4().hex[:8]}"
+    answer = mc.provision_json(env.mqtt_port, tb_request(profile, deviceName=client_id,
+                                                        credentialsType="MQTT_BASIC", clientId=client_id))
+    assert answer["credentialsValue"] == {"clientId": client_id, "userName": "", "password": ""}
+    good = mc.connect(env.mqtt_port, client_id=client_id)
+    try:
+        assert mc.accepted(good)
+    finally:
+        good.stop()
+    other = mc.connect(env.mqtt_port, client_id=f"x{client_id}")
+    other.stop()
+    assert mc.refusal_value(other) == mc.NOT_AUTHORIZED
+
+
+def test_mqtt_basic_username_and_password_with_any_client_id(env: Env, stack: Stack, profile: dict) -> None:
+    username = f"user-{uuid.uuid4().hex[:8]}"
+    answer = mc.provision_json(env.mqtt_port, tb_request(profile, deviceName=username, credentialsType="MQTT_BASIC",
+                                                        username=username, password="pw-1"))
+    assert answer["status"] == "SUCCESS"
+    good = mc.connect(env.mqtt_port, client_id="whatever", username=username, password="pw-1")
+    try:
+        assert mc.accepted(good)
+    finally:
+        good.stop()
+    no_password = mc.connect(env.mqtt_port, client_id="whatever", username=username)
+    no_password.stop()
+    assert mc.refusal_value(no_password) == mc.NOT_AUTHORIZED

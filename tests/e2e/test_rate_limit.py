@@ -1,0 +1,43 @@
+"""Wrong secrets are rate-limited per provision key and per source address (our deviation from ThingsBoard)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Infra
+
+from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+
+LIMIT = 3
+
+
+@pytest.fixture(scope="module")
+def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
+    """This module's stack allows only LIMIT failures per minute."""
+    environment = Env(infra)
+    environment.extra.update(
+        PROVISION_FAILURES_PER_MINUTE=str(LIMIT),
+        MQTT_TLS_CERT_FILE=str(tls_files[0]),
+        MQTT_TLS_KEY_FILE=str(tls_files[1]),
+    )
+    _create_database(environment)
+    try:
+        yield environment
+    finally:
+        _drop_database(environment)
+
+
+def test_wrong_secrets_lock_the_key_then_the_right_secret_is_refused_too(http: httpx.Client, admin: Admin) -> None:
+    profile = admin.create_profile()
+    for _ in range(LIMIT):
+        wrong = http.post("/api/v1/provision", json=tb_request(profile, provisionDeviceSecret="guess"))
+        assert wrong.json()["status"] == "NOT_FOUND"
+    locked = http.post("/api/v1/provision", json=tb_request(profile, deviceName="legit"))
+    assert locked.status_code == 200
+    assert locked.json() == {"errorMsg": "Too many failed provisioning attempts; retry later", "status": "FAILURE"}
+    # Nothing was created for the refused request.
+    assert admin.http.get("/api/devices", params={"deviceProfileId": profile["id"]}).json()["totalElements"] == 0
