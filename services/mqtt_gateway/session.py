@@ -228,7 +228,8 @@ class MqttSession:
 
     async def _on_publish(self, packet: Publish) -> None:
         if packet.qos == 2:
-            self._puback_then_disconnect(packet, RC_QOS_NOT_SUPPORTED)
+            # QoS 2 would be acknowledged with PUBREC, not PUBACK: refuse it outright.
+            self._disconnect(RC_QOS_NOT_SUPPORTED)
         if self._provisioning:
             if packet.topic != REQUEST_TOPIC:
                 self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)

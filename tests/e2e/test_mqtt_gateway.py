@@ -379,3 +379,16 @@ def test_mqtt_basic_username_and_password_with_any_client_id(env: Env, stack: St
     no_password = mc.connect(env.mqtt_port, client_id="whatever", username=username)
     no_password.stop()
     assert mc.refusal_value(no_password) == mc.NOT_AUTHORIZED
+
+
+def test_qos2_publish_is_refused_without_a_puback(env: Env, stack: Stack) -> None:
+    connect = codec.encode_connect("q2", username="provision", protocol_level=5)
+    publish = codec.encode_publish("/provision/request", b"{}", qos=2, packet_id=7, protocol_level=5)
+    sock = mc.raw_connect(env.mqtt_port, connect + publish)
+    try:
+        data = mc.read_until_closed(sock)
+    finally:
+        sock.close()
+    connack, rest = data[:5], data[5:]
+    assert connack == b"\x20\x03\x00\x00\x00"
+    assert rest == codec.encode_disconnect(0x9B, protocol_level=5)  # no PUBACK (0x40) before it
