@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import re
 import secrets
 import string
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -17,6 +19,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from provisioning_common.bus import CREDENTIALS_SERVICE, Bus, RpcError
+from provisioning_common.certificates import (
+    CertificateRefused,
+    check_ca,
+    load_pem_chain,
+    load_signing_pair,
+    name_hash,
+    tb_sha3,
+    to_pem,
+)
 from provisioning_common.db import repository
 from provisioning_common.db.migrate import create_pool
 from provisioning_common.models import (
@@ -40,7 +51,7 @@ def generate_profile_secret() -> str:
 
 
 def _profile_dict(row: Any) -> dict[str, Any]:
-    return {
+    profile = {
         "id": str(row["id"]),
         "name": row["name"],
         "provisionStrategy": row["provision_strategy"],
@@ -48,6 +59,76 @@ def _profile_dict(row: Any) -> dict[str, Any]:
         "provisionDeviceSecret": row["provision_secret"],
         "createdTime": int(row["created_at"].timestamp() * 1000),
     }
+    if row["provision_strategy"] == ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
+        profile.update(
+            certificatePem=row["certificate_pem"],
+            certificateRegExPattern=row["certificate_regex"],
+            allowCreateNewDevicesByX509Certificate=row["allow_create_by_x509"],
+        )
+    if row["signing_certificate_pem"]:
+        profile.update(
+            signingCertificatePem=row["signing_certificate_pem"],
+            hasSigningKey=row["signing_key_enc"] is not None,
+            issuedCertificateValidityDays=row["issued_validity_days"],
+        )
+    return profile
+
+
+@dataclass(frozen=True)
+class _ProfileColumns:
+    """Everything stored for a profile body, validated: key/secret, CA index, encrypted signing key."""
+
+    key: str | None
+    secret: str | None
+    certificate_pem: str | None
+    certificate_regex: str | None
+    ca_subject_hash: str | None
+    signing_certificate_pem: str | None
+    signing_key_enc: str | None
+
+    def args(self) -> tuple[Any, ...]:
+        return (self.key, self.secret, self.certificate_pem, self.certificate_regex, self.ca_subject_hash,
+                self.signing_certificate_pem, self.signing_key_enc)
+
+
+def _profile_columns(body: DeviceProfileIn, box: SecretBox, existing: Any | None = None) -> _ProfileColumns:
+    """Validate a profile body into its stored columns; HTTP 400 with the reason when it is not valid."""
+    key, secret = body.provision_device_key, body.provision_device_secret
+    certificate_pem = regex = ca_hash = None
+    if body.provision_strategy is ProvisionStrategy.X509_CERTIFICATE_CHAIN:
+        if not body.certificate_pem:
+            raise _error(400, "certificatePem is required for X509_CERTIFICATE_CHAIN")
+        try:
+            ca = load_pem_chain(body.certificate_pem)[0]
+            check_ca(ca, "certificatePem")
+        except ValueError as exc:  # CertificateRefused is a ValueError
+            raise _error(400, f"certificatePem: {exc}") from None
+        try:
+            if re.compile(body.certificate_regex).groups < 1:
+                raise _error(400, "certificateRegExPattern needs a capture group for the device name")
+        except re.error as exc:
+            raise _error(400, f"certificateRegExPattern is not a valid regular expression: {exc}") from None
+        certificate_pem, regex, ca_hash = to_pem(ca), body.certificate_regex, name_hash(ca.subject)
+        # As ThingsBoard: the profile's provision key is the CA's hash (unique), with no secret, so
+        # JSON provision requests cannot use this profile.
+        key, secret = tb_sha3(certificate_pem), None
+    elif body.provision_strategy is not ProvisionStrategy.DISABLED:
+        key, secret = key or generate_profile_secret(), secret or generate_profile_secret()
+    signing_pem = signing_enc = None
+    if body.signing_certificate_pem or body.signing_key_pem:
+        signing_pem = body.signing_certificate_pem
+        key_pem = body.signing_key_pem
+        if key_pem is None and existing is not None and existing["signing_certificate_pem"] == signing_pem:
+            signing_enc = existing["signing_key_enc"]  # unchanged CA: keep the stored key
+        elif not signing_pem or not key_pem:
+            raise _error(400, "signingCertificatePem and signingKeyPem go together")
+        else:
+            try:
+                load_signing_pair(signing_pem, key_pem)
+            except CertificateRefused as exc:
+                raise _error(400, str(exc)) from None
+            signing_enc = box.encrypt_json(key_pem).decode()
+    return _ProfileColumns(key, secret, certificate_pem, regex, ca_hash, signing_pem, signing_enc)
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -124,28 +205,30 @@ def create_app(settings: Settings) -> FastAPI:
 
     # --- device profiles ---------------------------------------------------------------
 
-    def _key_secret(body: DeviceProfileIn) -> tuple[str | None, str | None]:
-        if body.provision_strategy is ProvisionStrategy.DISABLED:
-            return body.provision_device_key, body.provision_device_secret
-        return (body.provision_device_key or generate_profile_secret(),
-                body.provision_device_secret or generate_profile_secret())
-
     async def _write_profile(sql: str, *args: Any) -> Any:
         try:
             row = await pool().fetchrow(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             if "provision_key" in (exc.constraint_name or ""):
+                if args[2] == ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
+                    raise _error(409, "Device profile with such certificate already exists!") from None
                 raise _error(409, "Device profile with such provision device key already exists!") from None
             raise _error(409, "Device profile with such name already exists!") from None
         return row
 
+    _PROFILE_FIELDS = (
+        "name, provision_strategy, provision_key, provision_secret, certificate_pem, certificate_regex,"
+        " ca_subject_hash, signing_certificate_pem, signing_key_enc, allow_create_by_x509, issued_validity_days"
+    )
+
     @api.post("/device-profiles", status_code=201)
     async def create_profile(body: DeviceProfileIn) -> dict[str, Any]:
-        key, secret = _key_secret(body)
+        columns = _profile_columns(body, box)
         row = await _write_profile(
-            "INSERT INTO device_profiles (id, name, provision_strategy, provision_key, provision_secret)"
-            " VALUES ($1, $2, $3, $4, $5) RETURNING *",
-            uuid.uuid4(), body.name, body.provision_strategy.value, key, secret,
+            f"INSERT INTO device_profiles (id, {_PROFILE_FIELDS})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *",
+            uuid.uuid4(), body.name, body.provision_strategy.value, *columns.args(),
+            body.allow_create_by_x509, body.issued_validity_days,
         )
         return _profile_dict(row)
 
@@ -171,12 +254,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @api.put("/device-profiles/{profile_id}")
     async def update_profile(profile_id: uuid.UUID, body: DeviceProfileIn) -> dict[str, Any]:
-        await _profile_or_404(profile_id)
-        key, secret = _key_secret(body)
+        existing = await _profile_or_404(profile_id)
+        columns = _profile_columns(body, box, existing)
         row = await _write_profile(
-            "UPDATE device_profiles SET name = $2, provision_strategy = $3, provision_key = $4,"
-            " provision_secret = $5, updated_at = now() WHERE id = $1 RETURNING *",
-            profile_id, body.name, body.provision_strategy.value, key, secret,
+            "UPDATE device_profiles SET (" + _PROFILE_FIELDS + ", updated_at) ="
+            " ($2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, now()) WHERE id = $1 RETURNING *",
+            profile_id, body.name, body.provision_strategy.value, *columns.args(),
+            body.allow_create_by_x509, body.issued_validity_days,
         )
         return _profile_dict(row)
 

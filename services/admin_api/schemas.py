@@ -30,6 +30,14 @@ class DeviceProfileIn(_Body):
     provision_device_secret: str | None = Field(
         default=None, alias="provisionDeviceSecret", min_length=1, max_length=255
     )
+    # X509_CERTIFICATE_CHAIN (ThingsBoard's field names).
+    certificate_pem: str | None = Field(default=None, alias="certificatePem", max_length=65536)
+    certificate_regex: str = Field(default="(.*)", alias="certificateRegExPattern", min_length=1, max_length=1024)
+    allow_create_by_x509: bool = Field(default=True, alias="allowCreateNewDevicesByX509Certificate")
+    # Certificates issued from CSRs (ours): the signing CA and its key; the key is never returned.
+    signing_certificate_pem: str | None = Field(default=None, alias="signingCertificatePem", max_length=65536)
+    signing_key_pem: str | None = Field(default=None, alias="signingKeyPem", max_length=65536, repr=False)
+    issued_validity_days: int = Field(default=365, alias="issuedCertificateValidityDays", ge=1, le=36500)
 
     _name = field_validator("name")(_check_name)
 

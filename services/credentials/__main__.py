@@ -8,6 +8,7 @@ import logging
 from provisioning_common import runtime
 from provisioning_common.bus import Bus
 from provisioning_common.db.migrate import create_pool
+from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
 from .service import SERVICE, CredentialsService
@@ -20,7 +21,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         settings.database_url.get_secret_value(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
     )
     bus = await Bus.connect(settings)
-    await bus.serve(SERVICE, CredentialsService(pool).handlers())
+    box = SecretBox(settings.data_encryption_key.get_secret_value()) if settings.data_encryption_key else None
+    await bus.serve(SERVICE, CredentialsService(pool, box).handlers())
     log.info("credentials ready on queue %s", settings.queue(SERVICE))
     await stop.wait()
     await bus.stop_consuming()

@@ -12,6 +12,11 @@ import string
 
 from cryptography import x509
 
+# ThingsBoard's certificate/id hash format lives with the shared contract; re-exported here.
+from provisioning_common.certificates import tb_sha3, tb_trim
+
+__all__ = ["tb_sha3", "tb_trim", "mint_token", "token_id", "certificate_body", "hash_password", "verify_password"]
+
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -26,22 +31,6 @@ def mint_token(length: int = 20) -> str:
 
 def has_control_chars(value: str) -> bool:
     return bool(_CONTROL.search(value))
-
-
-def tb_trim(value: str) -> str:
-    """ThingsBoard's ``certTrimNewLines``: drop PEM markers and line breaks, nothing else."""
-    return (
-        value.replace("-----BEGIN CERTIFICATE-----", "")
-        .replace("\n", "")
-        .replace("\r", "")
-        .replace("-----END CERTIFICATE-----", "")
-    )
-
-
-def tb_sha3(*parts: str) -> str:
-    """ThingsBoard's ``getSha3Hash``: SHA3-256 hex of the non-empty parts joined by ``|``, trimmed."""
-    joined = "|".join(p for p in parts if p)
-    return hashlib.sha3_256(tb_trim(joined).encode("utf-8")).hexdigest()
 
 
 def token_id(token: str) -> str:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass
 
 import asyncpg
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
+from provisioning_common.certificates import name_hash, to_pem
 from provisioning_common.models import (
     AuthenticateRequest,
+    IssueCertificateRequest,
+    IssueCertificateResult,
+    VerifyChainRequest,
+    VerifyChainResult,
     AuthenticateResult,
     CredentialsType,
     MintTokensRequest,
@@ -20,7 +29,9 @@ from provisioning_common.models import (
     PreparedCredentials,
 )
 
-from . import hashing
+from provisioning_common.secretbox import InvalidToken, SecretBox
+
+from . import hashing, x509_ca
 
 SERVICE = CREDENTIALS_SERVICE
 
@@ -91,15 +102,18 @@ async def prepare_credentials(req: PrepareCredentialsRequest) -> PreparedCredent
 
 
 class CredentialsService:
-    """RPC entry points; ``authenticate`` reads ``device_credentials`` (never writes)."""
+    """RPC entry points; reads ``device_credentials`` and CA profiles, never writes."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox | None = None) -> None:
         self._pool = pool
+        self._box = box
 
     def handlers(self) -> dict[str, Handler]:
         return {
             "prepare": Handler(PrepareCredentialsRequest, self.prepare),
             "mint_tokens": Handler(MintTokensRequest, self.mint_tokens),
+            "verify_chain": Handler(VerifyChainRequest, self.verify_chain),
+            "issue_certificate": Handler(IssueCertificateRequest, self.issue_certificate),
             "authenticate": Handler(AuthenticateRequest, self.authenticate),
         }
 
@@ -111,6 +125,60 @@ class CredentialsService:
 
     async def mint_tokens(self, req: MintTokensRequest) -> MintTokensResult:
         return MintTokensResult(tokens=[minted_token(req.token_length) for _ in range(req.count)])
+
+    async def verify_chain(self, req: VerifyChainRequest) -> VerifyChainResult:
+        """Which X509_CERTIFICATE_CHAIN profile's CA the chain reaches, found by issuer name (indexed)."""
+        try:
+            chain = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in req.chain]
+        except Exception:
+            return VerifyChainResult(ok=False, error_message="presented certificates do not parse")
+        issuers = list({name_hash(cert.issuer) for cert in chain})
+        candidates = await self._pool.fetch(
+            "SELECT id, certificate_pem FROM device_profiles"
+            " WHERE provision_strategy = 'X509_CERTIFICATE_CHAIN' AND ca_subject_hash = ANY($1::text[])",
+            issuers,
+        )
+        error = "no device profile holds the CA of this chain"
+        for candidate in candidates:
+            try:
+                leaf = await asyncio.to_thread(x509_ca.verify_chain, chain, candidate["certificate_pem"])
+            except x509_ca.CertificateRefused as exc:
+                error = str(exc)
+                continue
+            body = base64.b64encode(leaf.public_bytes(Encoding.DER)).decode()
+            return VerifyChainResult(
+                ok=True,
+                profile_id=str(candidate["id"]),
+                leaf_common_name=x509_ca.common_name(leaf),
+                leaf_body=body,
+                leaf_credentials_id=hashing.tb_sha3(body),
+            )
+        return VerifyChainResult(ok=False, error_message=error)
+
+    async def issue_certificate(self, req: IssueCertificateRequest) -> IssueCertificateResult:
+        """Sign a device certificate for a CSR with the profile's CA (its key decrypted only here)."""
+        if self._box is None:
+            return IssueCertificateResult(ok=False, error_message="certificate issuance needs DATA_ENCRYPTION_KEY")
+        try:
+            key_pem = self._box.decrypt_json(req.signing_key_enc.encode())
+            chain, key = x509_ca.load_signing_pair(req.signing_certificate, key_pem)
+            cert = await asyncio.to_thread(
+                x509_ca.issue_for_csr, req.csr, req.device_name, chain, key, req.validity_days
+            )
+        except InvalidToken:
+            return IssueCertificateResult(ok=False, error_message="signing key cannot be decrypted")
+        except x509_ca.CertificateRefused as exc:
+            return IssueCertificateResult(ok=False, error_message=str(exc))
+        pem = to_pem(cert)
+        return IssueCertificateResult(
+            ok=True,
+            prepared=PreparedCredentials(
+                credentials_type=CredentialsType.X509_CERTIFICATE,
+                credentials_id=hashing.tb_sha3(pem),
+                response_value=pem,
+            ),
+            ca_certificates=[to_pem(c) for c in chain],
+        )
 
     async def _lookup(self, credentials_id: str) -> _Stored | None:
         row = await self._pool.fetchrow(

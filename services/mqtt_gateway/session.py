@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from provisioning_common.bus import RpcError
 from provisioning_common.dialects import render_error
-from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, Transport
+from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, ProvisionStatus, Transport
 from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
 
 from . import codec
@@ -166,9 +166,9 @@ class MqttSession:
         """The device id for these credentials, or None (ThingsBoard's order: certificate, then basic/token)."""
         password = connect.password.decode("utf-8", "replace") if connect.password else ""
         attempts: list[AuthenticateRequest] = []
-        chain = self._conn.peer_certificate_chain
+        chain = [base64.b64encode(der).decode() for der in self._conn.peer_certificate_chain]
         if chain:
-            attempts.append(AuthenticateRequest(certificate=base64.b64encode(chain[0]).decode()))
+            attempts.append(AuthenticateRequest(certificate=chain[0]))
         else:
             attempts.append(
                 AuthenticateRequest(client_id=connect.client_id, username=connect.username or "", password=password)
@@ -184,6 +184,13 @@ class MqttSession:
                 return None
             if result.authenticated and result.device_id:
                 return result.device_id
+        if chain:
+            # Unknown leaf: maybe its chain reaches the CA of an X509_CERTIFICATE_CHAIN profile (spec §8).
+            provisioned = await self._api.provision_x509_chain(
+                chain, transport=Transport.MQTT, source_address=self._conn.peer_address.rsplit(":", 1)[0]
+            )
+            if provisioned.status is ProvisionStatus.SUCCESS and provisioned.device_id:
+                return provisioned.device_id
         return None
 
     # --- packets ----------------------------------------------------------------------------

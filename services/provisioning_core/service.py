@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 import string
 import uuid
@@ -21,7 +22,14 @@ from provisioning_common.db import repository
 from provisioning_common.dialects import innoway
 from provisioning_common.models import (
     MSG_FAILURE,
+    CredentialsType,
     Dialect,
+    IssueCertificateRequest,
+    IssueCertificateResult,
+    PreparedCredentials,
+    VerifyChainRequest,
+    VerifyChainResult,
+    X509ChainProvisionRequest,
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
     ProvisionRequest,
@@ -63,7 +71,10 @@ class ProvisioningCore:
         self._limiter = limiter
 
     def handlers(self) -> dict[str, Handler]:
-        return {"provision": Handler(ProvisionRequest, self.provision)}
+        return {
+            "provision": Handler(ProvisionRequest, self.provision),
+            "provision_x509_chain": Handler(X509ChainProvisionRequest, self.provision_x509_chain),
+        }
 
     async def provision(self, req: ProvisionRequest) -> ProvisionResult:
         # A duplicate delivery is detected where the device is written (the request id is
@@ -126,8 +137,14 @@ class ProvisioningCore:
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
     ) -> ProvisionResult:
         token_length = innoway.TOKEN_LENGTH if req.dialect is Dialect.INNOWAY else 20
+        ca_certificates: list[str] | None = None
         try:
-            if not req.credentials.any_given():
+            if req.credentials_type is CredentialsType.X509_CSR:
+                issued = await self._issue_certificate(req, profile, name)
+                if not issued.ok or issued.prepared is None:
+                    return ProvisionResult.failure(issued.error_message or MSG_FAILURE)
+                prepared, ca_certificates = issued.prepared, issued.ca_certificates
+            elif not req.credentials.any_given():
                 prepared = await self._tokens.take(token_length)
             else:
                 reply = await self._bus.call(
@@ -152,6 +169,7 @@ class ProvisioningCore:
             credentials_type=prepared.credentials_type,
             credentials_value=prepared.response_value,
             credentials_id=prepared.credentials_id,
+            ca_certificates=ca_certificates,
         )
         try:
             created = await repository.insert_device(
@@ -175,6 +193,93 @@ class ProvisioningCore:
         log.info("provisioned device %s (%s) in profile %s via %s", device_id, prepared.credentials_type.value,
                  profile.name, req.transport.value)
         return result
+
+    async def _issue_certificate(
+        self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
+    ) -> IssueCertificateResult:
+        """A certificate for the device's CSR, issued by credentials with the profile's signing CA."""
+        if not profile.signing_certificate_pem or not profile.signing_key_enc:
+            return IssueCertificateResult(ok=False, error_message="This device profile does not issue certificates")
+        if not req.credentials.csr:
+            return IssueCertificateResult(ok=False, error_message="X509_CSR requires a csr (PEM)")
+        return await self._bus.call(
+            CREDENTIALS_SERVICE,
+            "issue_certificate",
+            IssueCertificateRequest(
+                csr=req.credentials.csr,
+                device_name=name,
+                signing_certificate=profile.signing_certificate_pem,
+                signing_key_enc=profile.signing_key_enc,
+                validity_days=profile.issued_validity_days,
+            ),
+            IssueCertificateResult,
+        )
+
+    async def provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
+        """ThingsBoard's X.509 chain strategy (spec §8): create, rotate, or refuse on a TLS connect."""
+        try:
+            verified = await self._bus.call(
+                CREDENTIALS_SERVICE, "verify_chain", VerifyChainRequest(chain=req.chain), VerifyChainResult
+            )
+        except RpcError as exc:
+            log.warning("credentials service unavailable: %s", exc)
+            return ProvisionResult.failure()
+        if not verified.ok or verified.profile_id is None or not verified.leaf_body or not verified.leaf_credentials_id:
+            log.info("x509 chain refused: %s", verified.error_message)
+            return ProvisionResult.failure(verified.error_message or MSG_FAILURE)
+        profile = await repository.profile_by_id(self._pool, uuid.UUID(verified.profile_id))
+        if profile is None or profile.provision_strategy != ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
+            return ProvisionResult.failure()
+        name = _name_from_common_name(profile.certificate_regex or "(.*)", verified.leaf_common_name)
+        if not name:
+            log.info("x509 chain refused: CN does not match the pattern of profile %s", profile.name)
+            return ProvisionResult.failure("Certificate CN does not match the device profile's pattern")
+        prepared = PreparedCredentials(
+            credentials_type=CredentialsType.X509_CERTIFICATE,
+            credentials_id=verified.leaf_credentials_id,
+            response_value=verified.leaf_body,
+        )
+        for _ in range(2):  # a concurrent first connect of the same device turns creation into rotation
+            row = await self._pool.fetchrow(
+                "SELECT d.id, d.profile_id, c.credentials_type FROM devices d"
+                " JOIN device_credentials c ON c.device_id = d.id WHERE d.name = $1",
+                name,
+            )
+            if row is not None:
+                if row["profile_id"] != profile.id or row["credentials_type"] != CredentialsType.X509_CERTIFICATE.value:
+                    return ProvisionResult.failure()
+                try:
+                    await self._pool.execute(
+                        "UPDATE device_credentials SET credentials_id = $2, value_enc = NULL WHERE device_id = $1",
+                        row["id"], prepared.credentials_id,
+                    )
+                except asyncpg.UniqueViolationError:
+                    return ProvisionResult.failure()  # this leaf belongs to another device
+                return self._x509_success(str(row["id"]), name, prepared)
+            if not profile.allow_create_by_x509:
+                log.info("x509 chain refused: device %s unknown and creation not allowed", name)
+                return ProvisionResult.failure()
+            device_id = uuid.uuid4()
+            try:
+                await repository.insert_device(
+                    self._pool, device_id=device_id, name=name, profile_id=profile.id, device_key=str(device_id),
+                    gateway=False, provision_state=PROVISIONED, prepared=prepared, value_enc=None,
+                )
+            except repository.DeviceConflict as exc:
+                if exc.what == "name":
+                    continue
+                return ProvisionResult.failure()
+            log.info("provisioned device %s by X.509 chain in profile %s", device_id, profile.name)
+            return self._x509_success(str(device_id), name, prepared)
+        return ProvisionResult.failure()
+
+    @staticmethod
+    def _x509_success(device_id: str, name: str, prepared: PreparedCredentials) -> ProvisionResult:
+        return ProvisionResult(
+            status=ProvisionStatus.SUCCESS, device_id=device_id, device_name=name,
+            credentials_type=CredentialsType.X509_CERTIFICATE, credentials_value=prepared.response_value,
+            credentials_id=prepared.credentials_id,
+        )
 
     async def _claim_pre_provisioned(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
@@ -232,6 +337,18 @@ class _AlreadyHandled(Exception):
 
 class _Refused(Exception):
     """Roll back and answer FAILURE."""
+
+
+def _name_from_common_name(pattern: str, common_name: str | None) -> str | None:
+    """ThingsBoard: ``Pattern.compile(regex).matcher(CN).find()`` then ``group(1)`` (spec §8)."""
+    if common_name is None:
+        return None
+    try:
+        match = re.search(pattern, common_name)
+        name = match.group(1) if match else None
+    except (re.error, IndexError):
+        return None
+    return java_trim(name) if name else None
 
 
 def _failure_message(credentials_error: str | None) -> str:

@@ -18,6 +18,8 @@ class CredentialsType(str, enum.Enum):
     MQTT_BASIC = "MQTT_BASIC"
     X509_CERTIFICATE = "X509_CERTIFICATE"
     LWM2M_CREDENTIALS = "LWM2M_CREDENTIALS"
+    #: Ours, beyond ThingsBoard: the device sends a CSR and receives an X509_CERTIFICATE issued for it.
+    X509_CSR = "X509_CSR"
 
 
 class ProvisionStatus(str, enum.Enum):
@@ -30,6 +32,8 @@ class ProvisionStrategy(str, enum.Enum):
     ALLOW_CREATE_NEW_DEVICES = "ALLOW_CREATE_NEW_DEVICES"
     CHECK_PRE_PROVISIONED_DEVICES = "CHECK_PRE_PROVISIONED_DEVICES"
     DISABLED = "DISABLED"
+    #: ThingsBoard 3.5+: devices provision by connecting over MQTT TLS with a chain to the profile's CA.
+    X509_CERTIFICATE_CHAIN = "X509_CERTIFICATE_CHAIN"
 
 
 class Dialect(str, enum.Enum):
@@ -66,9 +70,11 @@ class SuppliedCredentials(_Frozen):
     username: str = ""
     password: str = ""
     certificate: str = ""
+    #: PEM certificate signing request (``X509_CSR``).
+    csr: str = ""
 
     def any_given(self) -> bool:
-        return bool(self.token or self.client_id or self.username or self.password or self.certificate)
+        return bool(self.token or self.client_id or self.username or self.password or self.certificate or self.csr)
 
 
 class ProvisionRequest(_Frozen):
@@ -98,6 +104,8 @@ class ProvisionResult(_Frozen):
     #: What the device receives: a token string, the certificate body, or the MQTT_BASIC object.
     credentials_value: str | dict[str, Any] | None = Field(default=None, repr=False)
     credentials_id: str | None = None
+    #: PEM chain of the CA that issued ``credentials_value`` (certificates issued from a CSR).
+    ca_certificates: list[str] | None = None
     error_message: str | None = None
 
     @classmethod
@@ -165,6 +173,49 @@ class AuthenticateResult(_Frozen):
     device_id: str | None = None
     device_name: str | None = None
     credentials_type: CredentialsType | None = None
+
+
+class VerifyChainRequest(_Frozen):
+    """Find the X509_CERTIFICATE_CHAIN profile whose CA a presented chain (base64 DER, leaf first) reaches."""
+
+    chain: list[str] = Field(min_length=1, max_length=10, repr=False)
+
+
+class VerifyChainResult(_Frozen):
+    ok: bool
+    profile_id: str | None = None
+    #: The leaf's first CN (RFC 4514 escaped), and its base64 body (what credentials store).
+    leaf_common_name: str | None = None
+    leaf_body: str | None = Field(default=None, repr=False)
+    #: The leaf's ThingsBoard hash: its X509_CERTIFICATE credentials id.
+    leaf_credentials_id: str | None = None
+    error_message: str | None = None
+
+
+class IssueCertificateRequest(_Frozen):
+    """Issue a device certificate for a CSR with a profile's signing CA (its key arrives encrypted)."""
+
+    csr: str = Field(repr=False)
+    device_name: str
+    signing_certificate: str
+    signing_key_enc: str = Field(repr=False)
+    validity_days: int = Field(ge=1, le=36500)
+
+
+class IssueCertificateResult(_Frozen):
+    ok: bool
+    prepared: PreparedCredentials | None = None
+    ca_certificates: list[str] | None = None
+    error_message: str | None = None
+
+
+class X509ChainProvisionRequest(_Frozen):
+    """A device connected over MQTT TLS with this chain (base64 DER, leaf first) and no known leaf."""
+
+    request_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    chain: list[str] = Field(min_length=1, max_length=10)
+    transport: Transport = Transport.MQTT
+    source_address: str = ""
 
 
 class RpcFailure(_Frozen):

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout
 from .dialects import DialectError, parse_provision_request, render_error, render_result
-from .models import MSG_TIMEOUT, AuthenticateRequest, AuthenticateResult, Dialect, ProvisionResult, Transport
+from .models import (
+    MSG_TIMEOUT,
+    AuthenticateRequest,
+    AuthenticateResult,
+    Dialect,
+    ProvisionResult,
+    Transport,
+    X509ChainProvisionRequest,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,16 @@ class TransportApi:
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
         """Ask the credentials service who owns these credentials. Raises RpcError when unreachable."""
         return await self._bus.call(CREDENTIALS_SERVICE, "authenticate", request, AuthenticateResult)
+
+    async def provision_x509_chain(self, chain: list[str], *, transport: Transport, source_address: str = "") -> ProvisionResult:
+        """A TLS client presented a chain (base64 DER, leaf first) whose leaf is unknown: let the core
+        apply the X509_CERTIFICATE_CHAIN strategy. Bus failures become FAILURE."""
+        request = X509ChainProvisionRequest(chain=chain[:10], transport=transport, source_address=source_address)
+        try:
+            return await self._bus.call(CORE_SERVICE, "provision_x509_chain", request, ProvisionResult)
+        except RpcError as exc:
+            log.warning("x509 chain provisioning unavailable: %s", exc)
+            return ProvisionResult.failure(MSG_TIMEOUT)
 
     async def publish_telemetry(self, device_id: str, payload: bytes) -> None:
         """Forward a device's telemetry to the ``device.telemetry`` topic exchange, keyed by device id."""

@@ -31,13 +31,26 @@ class ProfileRow:
     provision_strategy: str
     provision_key: str | None
     provision_secret: str | None
+    certificate_regex: str | None = None
+    allow_create_by_x509: bool = True
+    signing_certificate_pem: str | None = None
+    signing_key_enc: str | None = None
+    issued_validity_days: int = 365
 
 
-PROFILE_COLUMNS = "id, name, provision_strategy, provision_key, provision_secret"
+PROFILE_COLUMNS = (
+    "id, name, provision_strategy, provision_key, provision_secret, certificate_regex, allow_create_by_x509,"
+    " signing_certificate_pem, signing_key_enc, issued_validity_days"
+)
 
 
 async def profile_by_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> ProfileRow | None:
     row = await conn.fetchrow(f"SELECT {PROFILE_COLUMNS} FROM device_profiles WHERE provision_key = $1", key)
+    return ProfileRow(**dict(row)) if row else None
+
+
+async def profile_by_id(conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID) -> ProfileRow | None:
+    row = await conn.fetchrow(f"SELECT {PROFILE_COLUMNS} FROM device_profiles WHERE id = $1", profile_id)
     return ProfileRow(**dict(row)) if row else None
 
 

@@ -63,7 +63,7 @@ def render(result: ProvisionResult) -> bytes:
     """``ProvisionDeviceResponseMsg`` bytes; failures carry only the status (``08 02`` / ``08 03``)."""
     msg = pb.ProvisionDeviceResponseMsg(status=_STATUS[result.status])
     if result.status is ProvisionStatus.SUCCESS:
-        if result.credentials_type is not None:
+        if result.credentials_type in _TYPE_NUMBERS:
             msg.credentialsType = _TYPE_NUMBERS[result.credentials_type]
         value = result.credentials_value
         if isinstance(value, dict):

@@ -41,6 +41,7 @@ def parse(obj: dict[str, Any], *, transport: Transport, source_address: str = ""
             username=get_string(obj, "username"),
             password=get_string(obj, "password"),
             certificate=get_string(obj, "hash"),
+            csr=get_string(obj, "csr"),
         ),
         gateway=get_bool(obj, "gateway"),
         dialect=Dialect.THINGSBOARD,
@@ -57,6 +58,10 @@ def render(result: ProvisionResult) -> bytes:
     if result.credentials_value is not None:
         body["credentialsValue"] = result.credentials_value
     body["credentialsType"] = (result.credentials_type or CredentialsType.ACCESS_TOKEN).value
+    if result.ca_certificates is not None:
+        # A certificate issued from a CSR (our extension): its hash and the issuing CA chain.
+        body["credentialsId"] = result.credentials_id
+        body["caCertificates"] = result.ca_certificates
     body["status"] = result.status.value
     return dumps(body)
 
