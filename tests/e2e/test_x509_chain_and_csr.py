@@ -251,3 +251,21 @@ def test_admin_validates_signing_pairs(admin: Admin) -> None:
     assert post(signingCertificatePem=ca.pem).status_code == 400
     leaf = issue("leaf", ca)
     assert "not a CA" in post(signingCertificatePem=leaf.pem, signingKeyPem=leaf.key_pem).json()["message"]
+
+
+def test_readme_example_client_runs(env: Env, stack: Stack, signing_profile: dict, tmp_path: Path) -> None:
+    """examples/x509_csr_client.py, as the README shows it, against the real stack."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "x509_csr_client.py"
+    name = f"example-{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(
+        [sys.executable, str(script), "--key", signing_profile["provisionDeviceKey"],
+         "--secret", signing_profile["provisionDeviceSecret"], "--name", name, "--http", env.http_url,
+         "--mqtts-port", str(env.mqtts_port), "--ca", str(env.ca_file), "--out", str(tmp_path / name)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"connected to mqtts://localhost:{env.mqtts_port} as {name}" in result.stdout
+    assert (tmp_path / name / "device.key").stat().st_mode & 0o777 == 0o600
