@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from .certs import pem_body, self_signed_pem
+from tests.pki import pem_body, self_signed_pem
 from .conftest import Admin, Env, tb_request
 
 NOT_FOUND = b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}'

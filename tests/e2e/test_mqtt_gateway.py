@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import shutil
 import socket
@@ -11,42 +10,24 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from devstack import Stack
 from mqtt_gateway import codec
 from provisioning_common.proto import transport_pb2 as pb
 
 from . import mqtt_clients as mc
-from .certs import pem_body
+from tests.pki import issue, pem_body, write_client_files
 from .conftest import Admin, Env, tb_request
 from .test_http_provisioning import TelemetryListener, device_by_name
 
 
 def _device_cert(tmp_path: Path, cn: str = "x509-device") -> tuple[str, str, str]:
     """A self-signed device certificate as ThingsBoard's X.509 example makes it: (pem, cert file, key file)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30)).sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    cert_file, key_file = tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key"
-    cert_file.write_text(pem)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return pem, str(cert_file), str(key_file)
+    device = issue(cn)
+    cert_file, key_file = write_client_files(tmp_path, device)
+    return device.pem, cert_file, key_file
 
 
 # --- ThingsBoard's four example clients ------------------------------------------------------

@@ -19,7 +19,7 @@ from devstack import Stack
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, tb_request
-from .pki import Issued, csr_for, issue, write_client_files
+from tests.pki import Issued, csr_for, issue, write_client_files
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A test PKI made with ``cryptography``: CAs, intermediates, device leaves and CSRs."""
+"""A test PKI made with ``cryptography``: CAs, intermediates, device leaves and CSRs (unit and e2e tests)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ class Issued:
 
     @property
     def body(self) -> str:
-        return "".join(line for line in self.pem.splitlines() if "CERTIFICATE" not in line)
+        return pem_body(self.pem)
+
+    @property
+    def der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
 
 
 def issue(cn: str, issuer: Issued | None = None, *, ca: bool = False, days: int = 30,
@@ -70,3 +74,13 @@ def write_client_files(directory: Path, leaf: Issued, *chain: Issued) -> tuple[s
     cert_file.write_text(leaf.pem + "".join(c.pem for c in chain))
     key_file.write_text(leaf.key_pem)
     return str(cert_file), str(key_file)
+
+
+def self_signed_pem(common_name: str = "device") -> str:
+    """A self-signed device certificate, as ThingsBoard's X.509 example makes it."""
+    return issue(common_name).pem
+
+
+def pem_body(pem: str) -> str:
+    """The base64 body of a PEM certificate: what ThingsBoard stores and answers."""
+    return "".join(line for line in pem.splitlines() if "CERTIFICATE" not in line)
