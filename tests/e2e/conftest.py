@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ async def _drop_namespace(rabbitmq_url: str, names: list[str]) -> None:
                 pass
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port nothing is bound to now (the CoAP gateway's COAP_PORT; 0 would disable it)."""
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class Env:
     """One isolated deployment: its database, bus namespace, ports and secrets."""
@@ -54,6 +62,7 @@ class Env:
     admin_port: int = field(default_factory=free_port)
     mqtt_port: int = field(default_factory=free_port)
     mqtts_port: int = field(default_factory=free_port)
+    coap_port: int = field(default_factory=free_udp_port)
     extra: dict[str, str] = field(default_factory=dict)
     ca_file: Path | None = None
 
@@ -71,6 +80,7 @@ class Env:
             "ADMIN_PORT": str(self.admin_port),
             "MQTT_PORT": str(self.mqtt_port),
             "MQTTS_PORT": str(self.mqtts_port),
+            "COAP_PORT": str(self.coap_port),
             # Tests reconnect and check refusals quickly; ThingsBoard's 60 s would only slow them.
             "MQTT_PROVISION_CLOSE_S": "5",
             "ADMIN_API_TOKEN": self.admin_token,

@@ -17,7 +17,7 @@ import pytest
 
 from devstack import free_port
 
-from .conftest import Env, _drop_database
+from .conftest import Env, _drop_database, free_udp_port
 
 
 def _start(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -49,7 +49,7 @@ def up_env(env: Env) -> dict[str, str]:
         "BUS_NAMESPACE": f"e2e-up-{uuid.uuid4().hex[:6]}.",
         "BIND_HOST": "127.0.0.1",
         "HTTP_PORT": str(free_port()), "ADMIN_PORT": str(free_port()),
-        "MQTT_PORT": str(free_port()), "MQTTS_PORT": str(free_port()),
+        "MQTT_PORT": str(free_port()), "MQTTS_PORT": str(free_port()), "COAP_PORT": str(free_udp_port()),
     })
     yield variables
     _drop_database(Env(env.infra, database=env.database + "_up", namespace=variables["BUS_NAMESPACE"]))
@@ -64,6 +64,7 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, up_env: dict[
         token = next(line.split("=", 1)[1] for line in secrets_file.read_text().splitlines()
                      if line.startswith("ADMIN_API_TOKEN="))
         assert token in banner and "mqttserver.pub.pem" in banner
+        assert f"coap://127.0.0.1:{up_env['COAP_PORT']}/api/v1/provision" in banner
         assert (tmp_path / ".local" / "mqtt-tls" / "mqttserver.pub.pem").exists()
         admin = f"http://127.0.0.1:{up_env['ADMIN_PORT']}"
         profile = httpx.post(f"{admin}/api/device-profiles", headers={"Authorization": f"Bearer {token}"},
@@ -105,3 +106,13 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path, up_env: dict[str, str])
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert f"error: port {port} is already in use; set HTTP_PORT to a free port" in output
+
+
+def test_udp_port_in_use_for_coap_is_a_one_line_error(tmp_path: Path, up_env: dict[str, str]) -> None:
+    with socket.socket(type=socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        proc = _start(tmp_path, {**up_env, "COAP_PORT": str(port)})
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"error: port {port} is already in use; set COAP_PORT to a free port" in output

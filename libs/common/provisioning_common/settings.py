@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     #: A provisioning connection is closed this long after its response (ThingsBoard: 60 s).
     mqtt_provision_close_s: float = Field(default=60.0, ge=0)
 
+    #: CoAP gateway: UDP port of its listener (ThingsBoard's 5683; 0 disables it, never "a random port").
+    coap_port: int = Field(default=5683, ge=0, le=65535)
+
     #: Fernet key (urlsafe base64, 32 bytes) encrypting what must be readable again later:
     #: credentials of pre-provisioned devices until they are handed out, and replayable answers.
     data_encryption_key: SecretStr | None = None

@@ -69,8 +69,9 @@ def up() -> int:
     os.environ.update(env)
     settings = Settings()
     for var, port in (("HTTP_PORT", settings.http_port), ("ADMIN_PORT", settings.admin_port),
-                      ("MQTT_PORT", settings.mqtt_port), ("MQTTS_PORT", settings.mqtts_port)):
-        if not port or not port_in_use(settings.bind_host, port):
+                      ("MQTT_PORT", settings.mqtt_port), ("MQTTS_PORT", settings.mqtts_port),
+                      ("COAP_PORT", settings.coap_port)):
+        if not port or not port_in_use(settings.bind_host, port, udp=var == "COAP_PORT"):
             continue
         if var in MQTT_FALLBACK and var not in os.environ:
             # Many machines already run an MQTT broker on 1883/8883: keep `make up` working.
@@ -115,6 +116,7 @@ def up() -> int:
         f"  Admin API      http://{host}:{settings.admin_port}/api  (Authorization: Bearer <token>)\n"
         f"  MQTT           mqtt://{host}:{settings.mqtt_port}  (provision with username 'provision')\n"
         f"  MQTT over TLS  mqtts://{host}:{settings.mqtts_port}  ({tls_note})\n"
+        f"  CoAP           coap://{host}:{settings.coap_port}/api/v1/provision  (UDP; Innoway: /api/provision)\n"
         f"  Admin token    {env['ADMIN_API_TOKEN']} {token_note}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,

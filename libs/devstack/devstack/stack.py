@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from provisioning_common.settings import Settings
 
 #: Start order: back-end services first so gateways find their queues consumed.
-SERVICES: tuple[str, ...] = ("credentials", "provisioning_core", "admin_api", "http_gateway", "mqtt_gateway")
+SERVICES: tuple[str, ...] = (
+    "credentials", "provisioning_core", "admin_api", "http_gateway", "mqtt_gateway", "coap_gateway",
+)
 
 #: How each service tells it is ready: an HTTP health URL (port variable) or a log line.
 _HEALTH_PORT_VAR = {"http_gateway": "HTTP_PORT", "admin_api": "ADMIN_PORT"}
@@ -29,9 +31,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def port_in_use(host: str, port: int, *, udp: bool = False) -> bool:
+    """Whether ``port`` (TCP, or UDP with ``udp``) cannot be bound on ``host``."""
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as sock:
+        if not udp:  # UDP: no SO_REUSEADDR, which would let a bind succeed beside a live listener
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

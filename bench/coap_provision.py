@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""CoAP provisioning load generator: provisions N devices at a given concurrency against a running stack.
+
+    python bench/coap_provision.py --host 127.0.0.1 --port 5683 --admin-url http://127.0.0.1:8081 \\
+        -n 5000 -c 64 [--non] [--innoway] [--key K --secret S] [--warmup 200] [--max-seconds 120] [--json]
+
+Without --key/--secret it first creates a fresh device profile (``bench-<run>``, strategy
+ALLOW_CREATE_NEW_DEVICES) through the admin API, exactly as bench/http_provision.py does.
+
+Each of the -c workers is one aiocoap client context, i.e. one UDP socket, like one device; it
+provisions one device after another: POST ``coap://HOST:PORT/api/v1/provision`` (``/api/provision``
+with --innoway), confirmable unless --non, and waits for the answer. One socket per worker because
+aiocoap, as RFC 7252 §4.7 asks (NSTART = 1), keeps a single confirmable exchange open per endpoint:
+a shared context would send one request at a time. Latency runs from handing the request to aiocoap
+to having its answer (retransmissions and separate responses included).
+
+One process, one asyncio loop (uvloop when importable). See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import secrets
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiocoap
+from aiocoap.numbers.codes import Code
+
+from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
+    NO_TOKEN_MESSAGE,
+    SUCCESS,
+    SetupError,
+    cpu_times,
+    create_profile,
+    find_admin_token,
+    fmt_ms,
+    latency_summary,
+    pick_runner,
+)
+
+_SUCCESS_MARK = b'"status":"SUCCESS"'
+
+
+@dataclass
+class Phase:
+    attempted: int = 0
+    outcomes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    success_latencies_ms: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
+
+
+def classify(response: aiocoap.Message) -> str:
+    """SUCCESS; the provisioning status of a 4.00 answer (NOT_FOUND, FAILURE); else ``CoAP <code>``."""
+    if response.code is Code.CREATED and _SUCCESS_MARK in response.payload:
+        return SUCCESS
+    if response.code is Code.BAD_REQUEST:
+        try:
+            status = json.loads(response.payload).get("status")
+        except (ValueError, AttributeError):
+            status = None
+        if isinstance(status, str) and status != "FAILURE":
+            return status
+        if status == "FAILURE":
+            return "FAILURE (4.00)"
+    return f"CoAP {response.code.dotted}"
+
+
+class RequestFactory:
+    def __init__(self, uri: str, innoway: bool, key: str, secret: str, non: bool) -> None:
+        self.uri, self.innoway, self.key, self.secret = uri, innoway, key, secret
+        self.tuning = aiocoap.Unreliable if non else aiocoap.Reliable
+
+    def make(self, name: str) -> aiocoap.Message:
+        if self.innoway:
+            body = {"device_name": name, "provision_key": self.key, "provision_secret": self.secret}
+        else:
+            body = {"deviceName": name, "provisionDeviceKey": self.key, "provisionDeviceSecret": self.secret}
+        return aiocoap.Message(code=Code.POST, uri=self.uri, payload=json.dumps(body).encode(),
+                               transport_tuning=self.tuning)
+
+
+async def run_phase(contexts: list[aiocoap.Context], count: int, name_of, factory: RequestFactory,
+                    timeout: float, deadline: float, phase: Phase) -> None:
+    loop = asyncio.get_running_loop()
+    perf = time.perf_counter
+    numbers = itertools.count()
+
+    async def worker(context: aiocoap.Context) -> None:
+        while True:
+            i = next(numbers)
+            if i >= count or loop.time() >= deadline:
+                return
+            phase.attempted += 1
+            message = factory.make(name_of(i))
+            t0 = perf()
+            try:
+                async with asyncio.timeout(max(0.001, min(timeout, deadline - loop.time()))):
+                    response = await context.request(message).response
+            except TimeoutError:
+                phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
+                continue
+            except aiocoap.error.Error as exc:
+                phase.errors[type(exc).__name__] += 1
+                await asyncio.sleep(0.05)  # an unreachable server would otherwise burn through -n at once
+                continue
+            elapsed_ms = (perf() - t0) * 1000.0
+            outcome = classify(response)
+            phase.outcomes[outcome] += 1
+            phase.latencies_ms.append(elapsed_ms)
+            if outcome == SUCCESS:
+                phase.success_latencies_ms.append(elapsed_ms)
+
+    u0, s0 = cpu_times()
+    t0 = perf()
+    await asyncio.gather(*(worker(c) for c in contexts))
+    phase.elapsed_s = perf() - t0
+    u1, s1 = cpu_times()
+    phase.cpu_user_s, phase.cpu_sys_s = u1 - u0, s1 - s0
+
+
+async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) -> dict:
+    path = "/api/provision" if args.innoway else "/api/v1/provision"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    uri = f"coap://{host}:{args.port}{path}"
+    factory = RequestFactory(uri, args.innoway, key, secret, args.non)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.max_seconds
+
+    workers = max(1, min(args.concurrency, max(args.requests, args.warmup)))
+    contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(workers)]
+    try:
+        warm = Phase()
+        if args.warmup > 0:
+            await run_phase(contexts, args.warmup, lambda i: f"bench-{run_id}-w{i}", factory,
+                            args.timeout, deadline, warm)
+            if not warm.outcomes and warm.errors:
+                reason = ", ".join(f"{k} x{v}" for k, v in warm.errors.items())
+                raise SetupError(f"no answer from {uri} during the warm-up: {reason}")
+        measured = Phase()
+        if args.requests > 0 and loop.time() < deadline:
+            await run_phase(contexts, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
+                            args.timeout, deadline, measured)
+    finally:
+        await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)
+
+    completed = sum(measured.outcomes.values())
+    successes = measured.outcomes.get(SUCCESS, 0)
+    elapsed = measured.elapsed_s
+    cpu = measured.cpu_user_s + measured.cpu_sys_s
+    timeouts = measured.errors.get("timeout", 0)
+    return {
+        "url": uri,
+        "dialect": "innoway" if args.innoway else "thingsboard",
+        "message_type": "NON" if args.non else "CON",
+        "run": run_id,
+        "event_loop": type(loop).__module__.split(".")[0],
+        "requested": args.requests,
+        "concurrency": workers,
+        "warmup": {"requested": args.warmup, "attempted": warm.attempted, "success": warm.outcomes.get(SUCCESS, 0),
+                   "elapsed_s": round(warm.elapsed_s, 3)},
+        "attempted": measured.attempted,
+        "completed": completed,
+        "elapsed_s": round(elapsed, 3),
+        "provisions_per_s": round(successes / elapsed, 1) if elapsed > 0 else 0.0,
+        "responses_per_s": round(completed / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": latency_summary(measured.success_latencies_ms),
+        "latency_all_responses_ms": latency_summary(measured.latencies_ms),
+        "outcomes": dict(measured.outcomes.most_common()),
+        "success": successes,
+        "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("CoAP ")),
+        "coap_errors": sum(v for k, v in measured.outcomes.items() if k.startswith("CoAP ")),
+        "no_answer": sum(measured.errors.values()),
+        "timeouts": timeouts,
+        "errors": dict(measured.errors.most_common()),
+        "not_sent": max(0, args.requests - measured.attempted),
+        "stopped_by_max_seconds": measured.attempted < args.requests or "stopped by --max-seconds" in measured.errors,
+        "generator_cpu_s": round(cpu, 3),
+        "generator_cpu_user_s": round(measured.cpu_user_s, 3),
+        "generator_cpu_sys_s": round(measured.cpu_sys_s, 3),
+        "generator_cpu_pct_of_one_core": round(100.0 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
+        "generator_cpu_us_per_request": round(1e6 * cpu / measured.attempted, 1) if measured.attempted else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def render_human(result: dict, profile_note: str) -> str:
+    def lat(summary: dict) -> str:
+        return (f"p50 {fmt_ms(summary['p50'])}  p95 {fmt_ms(summary['p95'])}  p99 {fmt_ms(summary['p99'])}"
+                f"  max {fmt_ms(summary['max'])}")
+
+    outcomes = "  ".join(f"{k} {v}" for k, v in result["outcomes"].items()) or "none"
+    errors = "  ".join(f"{k} {v}" for k, v in result["errors"].items()) or "none"
+    warm = result["warmup"]
+    return "\n".join([
+        f"CoAP provisioning benchmark: POST {result['url']} ({result['dialect']} dialect,"
+        f" {result['message_type']}, {result['event_loop']})",
+        f"  run {result['run']}; {profile_note}",
+        f"  requests      {result['attempted']} sent of {result['requested']} by {result['concurrency']} workers"
+        f" (one UDP socket each); warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
+        f"  elapsed       {result['elapsed_s']:.2f} s" + ("   (stopped by --max-seconds)"
+                                                        if result["stopped_by_max_seconds"] else ""),
+        f"  provisions/s  {result['provisions_per_s']:.1f}   (SUCCESS answers per second;"
+        f" all responses {result['responses_per_s']:.1f}/s)",
+        f"  latency ms    {lat(result['latency_ms'])}   (SUCCESS answers)",
+        f"                {lat(result['latency_all_responses_ms'])}   (every CoAP response)",
+        f"  outcomes      {outcomes}",
+        f"                SUCCESS {result['success']} / other status {result['other_status']}"
+        f" / CoAP errors {result['coap_errors']} / no answer {result['no_answer']}",
+        f"  no answer     {errors}",
+        f"  generator CPU {result['generator_cpu_s']:.2f} s (user {result['generator_cpu_user_s']:.2f}"
+        f" + sys {result['generator_cpu_sys_s']:.2f}) = {result['generator_cpu_pct_of_one_core']:.0f}% of one core,"
+        f" {result['generator_cpu_us_per_request'] or 0:.0f} us/request; this machine has {result['cpu_count']}"
+        " cores shared with the server",
+    ])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Provision N devices over CoAP at a given concurrency and report throughput and latency.")
+    p.add_argument("--host", default="127.0.0.1", help="CoAP gateway host (default %(default)s)")
+    p.add_argument("--port", type=int, default=5683, help="CoAP gateway UDP port, COAP_PORT (default %(default)s)")
+    p.add_argument("--admin-url", default="http://127.0.0.1:8081",
+                   help="admin API base URL, used to create the device profile (default %(default)s)")
+    p.add_argument("--admin-token", default=None,
+                   help="admin bearer token (default: $ADMIN_API_TOKEN, else ADMIN_API_TOKEN= in .local/stack.env)")
+    p.add_argument("-n", "--requests", type=int, default=5000, help="measured provision requests (default %(default)s)")
+    p.add_argument("-c", "--concurrency", type=int, default=64,
+                   help="workers, one UDP socket and one request in flight each (default %(default)s)")
+    p.add_argument("--non", action="store_true", help="non-confirmable requests (default: confirmable)")
+    p.add_argument("--innoway", action="store_true",
+                   help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
+    p.add_argument("--key", help="provision key of an existing profile (with --secret; skips creating one)")
+    p.add_argument("--secret", help="provision secret of an existing profile")
+    p.add_argument("--warmup", type=int, default=200, help="uncounted requests sent first (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="hard cap on the whole run, warm-up included (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line on stdout (the human-readable block then goes to stderr)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
+    args = p.parse_args(argv)
+    if (args.key is None) != (args.secret is None):
+        p.error("--key and --secret go together")
+    if args.requests < 0 or args.warmup < 0:
+        p.error("-n and --warmup must not be negative")
+    if args.concurrency < 1:
+        p.error("-c must be at least 1")
+    if not 0 < args.port < 65536:
+        p.error("--port must be 1..65535")
+    if args.max_seconds <= 0 or args.timeout <= 0:
+        p.error("--max-seconds and --timeout must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_id = secrets.token_hex(4)
+    try:
+        if args.key is not None:
+            key, secret = args.key, args.secret
+            profile_note = "profile given by --key/--secret"
+        else:
+            token = find_admin_token(args.admin_token)
+            if not token:
+                raise SetupError(NO_TOKEN_MESSAGE)
+            profile_id, key, secret = create_profile(args.admin_url, token, f"bench-{run_id}")
+            profile_note = f"created device profile bench-{run_id} ({profile_id})"
+        result = pick_runner(args.no_uvloop)(bench(args, key, secret, run_id))
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    human = render_human(result, profile_note)
+    if args.json:
+        print(human, file=sys.stderr, flush=True)
+        print(json.dumps(result, separators=(",", ":")), flush=True)
+    else:
+        print(human, flush=True)
+    return 0 if result["success"] > 0 or args.requests == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

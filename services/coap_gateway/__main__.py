@@ -1,0 +1,36 @@
+"""``python -m coap_gateway``: serve CoAP on UDP COAP_PORT until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from provisioning_common import runtime
+from provisioning_common.bus import Bus
+from provisioning_common.settings import Settings
+from provisioning_common.transport_api import TransportApi
+
+from .server import CoapGateway
+
+log = logging.getLogger("coap_gateway")
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    if not settings.coap_port:
+        # COAP_PORT=0 disables the listener, as MQTT_PORT=0 does; never "a random port".
+        log.info("coap_gateway ready; listener disabled (COAP_PORT=0)")
+        await stop.wait()
+        return
+    # aiocoap logs every duplicate datagram and stray ACK at INFO: noise at thousands of requests per second.
+    logging.getLogger("coap-server").setLevel(max(logging.WARNING, logging.getLogger().level))
+    bus = await Bus.connect(settings)
+    gateway = CoapGateway(TransportApi(bus, settings), settings)
+    await gateway.start()
+    log.info("coap_gateway ready on udp %s", settings.coap_port)
+    await stop.wait()
+    await gateway.stop(drain_timeout=settings.provision_timeout_s)
+    await bus.close()
+
+
+if __name__ == "__main__":
+    runtime.run("coap_gateway", main)
