@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import os
 import resource
 import urllib.error
@@ -116,3 +117,25 @@ def pick_runner(no_uvloop: bool):  # type: ignore[no-untyped-def]
         except ImportError:
             pass
     return asyncio.run
+
+
+def resolve_profile(key: str | None, secret: str | None, admin_url: str, admin_token: str | None,
+                    run_id: str) -> tuple[str, str, str]:
+    """(key, secret, note): the profile given by --key/--secret, or a fresh one made through the admin API."""
+    if key is not None and secret is not None:
+        return key, secret, "profile given by --key/--secret"
+    token = find_admin_token(admin_token)
+    if not token:
+        raise SetupError(NO_TOKEN_MESSAGE)
+    profile_id, key, secret = create_profile(admin_url, token, f"bench-{run_id}")
+    return key, secret, f"created device profile bench-{run_id} ({profile_id})"
+
+
+def report(result: dict, human: str, as_json: bool, requests: int) -> int:
+    """Print the run (JSON on stdout with --json, the human block on stderr) and choose the exit code."""
+    if as_json:
+        print(human, file=sys.stderr, flush=True)
+        print(json.dumps(result, separators=(",", ":")), flush=True)
+    else:
+        print(human, flush=True)
+    return 0 if result["success"] > 0 or requests == 0 else 1

@@ -33,13 +33,12 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
-    NO_TOKEN_MESSAGE,
     SUCCESS,
     SetupError,
-    create_profile,
-    find_admin_token,
     latency_summary,
     pick_runner,
+    report,
+    resolve_profile,
 )
 
 _SUCCESS_MARK = b'"status":"SUCCESS"'
@@ -467,16 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = secrets.token_hex(4)
     try:
         Target.parse(args.url, "/")
-        if args.key is not None:
-            key, secret = args.key, args.secret
-            profile_note = "profile given by --key/--secret"
-        else:
-            token = find_admin_token(args.admin_token)
-            if not token:
-                raise SetupError(NO_TOKEN_MESSAGE)
-            profile_id, key, secret = create_profile(args.admin_url, token, f"bench-{run_id}")
-            profile_note = f"created device profile bench-{run_id} ({profile_id})"
-
+        key, secret, profile_note = resolve_profile(args.key, args.secret, args.admin_url, args.admin_token, run_id)
         result = pick_runner(args.no_uvloop)(bench(args, key, secret, run_id))
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -485,13 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-    human = render_human(result, profile_note)
-    if args.json:
-        print(human, file=sys.stderr, flush=True)
-        print(json.dumps(result, separators=(",", ":")), flush=True)
-    else:
-        print(human, flush=True)
-    return 0 if result["success"] > 0 or args.requests == 0 else 1
+    return report(result, render_human(result, profile_note), args.json, args.requests)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
-    NO_TOKEN_MESSAGE,
     SUCCESS,
     SetupError,
     cpu_times,
-    create_profile,
-    find_admin_token,
     fmt_ms,
     latency_summary,
     pick_runner,
+    report,
+    resolve_profile,
 )
 
 try:
@@ -381,15 +380,8 @@ async def bench(args: argparse.Namespace, run_id: str) -> tuple[dict, str]:
     deadline = loop.time() + args.max_seconds
     await probe(args.host, args.port, min(args.timeout, 10.0))
 
-    if args.key is not None:
-        key, secret = args.key, args.secret
-        profile_note = "profile given by --key/--secret"
-    else:
-        token = find_admin_token(args.admin_token)
-        if not token:
-            raise SetupError(NO_TOKEN_MESSAGE)
-        profile_id, key, secret = create_profile(args.admin_url, token, f"bench-{run_id}")
-        profile_note = f"created device profile bench-{run_id} ({profile_id})"
+    # Blocking urllib call, made before any load: fine here.
+    key, secret, profile_note = resolve_profile(args.key, args.secret, args.admin_url, args.admin_token, run_id)
     factory = RequestFactory(key, secret)
 
     held = Held(requested=args.hold)
@@ -578,13 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-    human = render_human(result, profile_note)
-    if args.json:
-        print(human, file=sys.stderr, flush=True)
-        print(json.dumps(result, separators=(",", ":")), flush=True)
-    else:
-        print(human, flush=True)
-    return 0 if result["success"] > 0 or args.requests == 0 else 1
+    return report(result, render_human(result, profile_note), args.json, args.requests)
 
 
 if __name__ == "__main__":
