@@ -45,6 +45,19 @@ class Settings(BaseSettings):
     #: A provisioning connection is closed this long after its response (ThingsBoard: 60 s).
     mqtt_provision_close_s: float = Field(default=60.0, ge=0)
 
+    #: MQTT bridge (bridge mode): the operator's own broker, ``mqtt://user:pass@host:1883`` or ``mqtts://...``
+    #: (TLS, verified against MQTT_BROKER_CA_FILE or the system CAs). Unset: the bridge stays idle.
+    mqtt_broker_url: SecretStr | None = None
+    mqtt_broker_ca_file: str | None = None
+    #: Shared-subscription group (``$share/<group>/...``): bridge instances in one group split the requests.
+    #: Empty: a plain subscription, for brokers without shared subscriptions (RabbitMQ), one instance only.
+    mqtt_bridge_share_group: str = Field(default="provisioning", pattern=r"^[^/+#$]*$")
+    #: Bridge instance's MQTT client id prefix; ``-<hostname>`` is appended. It must stay the same across
+    #: restarts of an instance (the broker keeps its session, with the requests queued for it, by client id).
+    mqtt_bridge_client_id: str = Field(default="provisioning-bridge", min_length=1)
+    #: broker_auth: HTTP port of the authentication endpoint EMQX and RabbitMQ call (0 = off).
+    bridge_auth_port: int = Field(default=8090, ge=0, le=65535)
+
     #: CoAP gateway: UDP port of its listener (ThingsBoard's 5683; 0 disables it, never "a random port").
     coap_port: int = Field(default=5683, ge=0, le=65535)
 

@@ -56,11 +56,19 @@ class TransportApi:
         return self._settings.provision_timeout_s
 
     async def provision(
-        self, payload: bytes, *, transport: Transport, source_address: str = "", protobuf_fallback: bool = False
+        self,
+        payload: bytes,
+        *,
+        transport: Transport,
+        source_address: str = "",
+        protobuf_fallback: bool = False,
+        request_id: str | None = None,
     ) -> ProvisionOutcome:
         """Parse a provision payload, ask the core, and render the answer in the caller's dialect.
 
         ``protobuf_fallback``: a payload that is not a JSON object is ThingsBoard's protobuf (MQTT, CoAP).
+        ``request_id``: the caller's own id for this request, when a redelivery of the same request can
+        reach us again (the MQTT bridge); the core then replays the first answer. Default: a fresh one.
         """
         try:
             request = parse_provision_request(
@@ -69,6 +77,8 @@ class TransportApi:
         except DialectError as exc:
             dialect = exc.dialect or Dialect.THINGSBOARD
             return ProvisionOutcome(OutcomeKind.BAD_REQUEST, dialect, render_error(dialect, exc.message))
+        if request_id:
+            request = request.model_copy(update={"request_id": request_id})
         try:
             result = await self._bus.call(
                 CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id

@@ -100,7 +100,10 @@ def up() -> int:
         print(f"error: cannot prepare the database ({type(exc).__name__}: {exc}); check DATABASE_URL",
               file=sys.stderr)
         return 1
-    stack = Stack({k: str(v) for k, v in env.items()}, SERVICES, echo=True)
+    # Bridge mode (README): with MQTT_BROKER_URL set, the bridge and the brokers' auth endpoint run too.
+    bridge_mode = bool(settings.mqtt_broker_url and settings.mqtt_broker_url.get_secret_value())
+    services = SERVICES + (("mqtt_bridge", "broker_auth") if bridge_mode else ())
+    stack = Stack({k: str(v) for k, v in env.items()}, services, echo=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -117,7 +120,9 @@ def up() -> int:
         f"  MQTT           mqtt://{host}:{settings.mqtt_port}  (provision with username 'provision')\n"
         f"  MQTT over TLS  mqtts://{host}:{settings.mqtts_port}  ({tls_note})\n"
         f"  CoAP           coap://{host}:{settings.coap_port}/api/v1/provision  (UDP; Innoway: /api/provision)\n"
-        f"  Admin token    {env['ADMIN_API_TOKEN']} {token_note}\n"
+        + (f"  MQTT bridge    on MQTT_BROKER_URL; broker auth http://{host}:{settings.bridge_auth_port}"
+           " (/emqx/auth, /auth/user)\n" if bridge_mode else "")
+        + f"  Admin token    {env['ADMIN_API_TOKEN']} {token_note}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )

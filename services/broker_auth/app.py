@@ -1,0 +1,184 @@
+"""HTTP routes in the shapes EMQX and RabbitMQ send; every credentials question goes over the bus.
+
+* EMQX 5 HTTP authenticator: ``POST /emqx/auth`` with the JSON body template
+  ``{"clientid": "${clientid}", "username": "${username}", "password": "${password}"}``
+  (a form-encoded body with the same fields works too) -> ``200 {"result": "allow"|"deny"|"ignore",
+  "is_superuser": false}``; provisioning clients also get an ``acl`` (EMQX 5.8+) holding them to
+  their own topics.
+* RabbitMQ ``rabbitmq_auth_backend_http``: ``/auth/user``, ``/auth/vhost``, ``/auth/resource``,
+  ``/auth/topic``, GET (query string) or POST (form body) -> ``200`` with ``allow`` or ``deny``.
+
+When the credentials service does not answer: 503 (EMQX treats it as ``ignore`` and goes on with its
+chain; RabbitMQ refuses the login). The access log stays off: GET requests carry passwords.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request, Response
+
+from provisioning_common.bus import Bus, RpcError
+from provisioning_common.settings import Settings
+from provisioning_common.transport_api import TransportApi
+
+from . import decisions
+from .decisions import Verdict
+
+log = logging.getLogger(__name__)
+
+#: Brokers send a few short fields; anything bigger is not a broker talking.
+MAX_BODY_BYTES = 16 * 1024
+JSON = "application/json"
+TEXT = "text/plain"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _params(request: Request) -> dict[str, str]:
+    """Query string, then a form or JSON body on top (brokers send one or the other)."""
+    params = dict(request.query_params)
+    if request.method == "POST":
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise _TooLarge
+        if request.headers.get("content-type", "").startswith(JSON):
+            try:
+                obj = json.loads(body or b"{}")
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict):
+                raise ValueError("body is not a JSON object")
+            params.update({str(k): "" if v is None else str(v) for k, v in obj.items()})
+        else:
+            params.update(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    return params
+
+
+def _emqx(result: Verdict, **extra: object) -> Response:
+    return Response(json.dumps({"result": result.value, "is_superuser": False, **extra}), media_type=JSON)
+
+
+def _rabbit(verdict: Verdict) -> Response:
+    return Response("allow" if verdict is Verdict.ALLOW else "deny", media_type=TEXT)
+
+
+def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
+    """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given."""
+    state: dict[str, object] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        own_bus = bus or await Bus.connect(settings)
+        state["bus"] = own_bus
+        state["api"] = TransportApi(own_bus, settings)
+        log.info("broker_auth ready on %s:%d", settings.bind_host, settings.bridge_auth_port)
+        yield
+        if bus is None:
+            await own_bus.close()
+
+    app = FastAPI(title="Broker authentication", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    async def device_known(client_id: str, username: str, password: str) -> bool:
+        """Whether the credentials service knows these credentials (raises RpcError when unreachable)."""
+        api: TransportApi = state["api"]  # type: ignore[assignment]
+        for attempt in decisions.credential_attempts(client_id, username, password):
+            result = await api.authenticate(attempt)
+            if result.authenticated:
+                return True
+        return False
+
+    async def read(request: Request) -> Mapping[str, str] | Response:
+        try:
+            return await _params(request)
+        except _TooLarge:
+            return Response(status_code=413)
+        except ValueError:
+            return Response(status_code=400)
+
+    # --- EMQX ------------------------------------------------------------------------------
+
+    @app.post("/emqx/auth")
+    async def emqx_auth(request: Request) -> Response:
+        params = await read(request)
+        if isinstance(params, Response):
+            return params
+        client_id, username, password = params.get("clientid", ""), params.get("username", ""), params.get("password", "")
+        if decisions.is_provisioning(username):
+            if not decisions.provisioning_client_ok(client_id):
+                return _emqx(Verdict.DENY)
+            return _emqx(Verdict.ALLOW, acl=decisions.provisioning_acl(client_id))
+        if not username and not password:
+            return _emqx(Verdict.IGNORE)  # anonymous: the operator's other authenticators decide
+        try:
+            known = await device_known(client_id, username, password)
+        except RpcError as exc:
+            log.warning("credentials service unavailable: %s", exc)
+            return Response(status_code=503, headers={"Retry-After": "1"})
+        return _emqx(Verdict.ALLOW if known else Verdict.DENY)
+
+    # --- RabbitMQ --------------------------------------------------------------------------
+
+    @app.api_route("/auth/user", methods=["GET", "POST"])
+    async def rabbit_user(request: Request) -> Response:
+        params = await read(request)
+        if isinstance(params, Response):
+            return params
+        username, password = params.get("username", ""), params.get("password", "")
+        client_id = params.get("client_id", "")
+        if decisions.is_provisioning(username):
+            # RabbitMQ sends the MQTT client id (3.13+); without one, topic checks refuse everything.
+            ok = not client_id or decisions.provisioning_client_ok(client_id)
+            return _rabbit(Verdict.ALLOW if ok else Verdict.DENY)
+        if not username and not password:
+            return _rabbit(Verdict.DENY)
+        try:
+            known = await device_known(client_id, username, password)
+        except RpcError as exc:
+            log.warning("credentials service unavailable: %s", exc)
+            return Response(status_code=503, headers={"Retry-After": "1"})
+        return _rabbit(Verdict.ALLOW if known else Verdict.DENY)
+
+    @app.api_route("/auth/vhost", methods=["GET", "POST"])
+    async def rabbit_vhost(request: Request) -> Response:
+        # Asked only for users this backend has just authenticated; vhosts themselves are the operator's.
+        params = await read(request)
+        return params if isinstance(params, Response) else _rabbit(Verdict.ALLOW)
+
+    @app.api_route("/auth/resource", methods=["GET", "POST"])
+    async def rabbit_resource(request: Request) -> Response:
+        params = await read(request)
+        if isinstance(params, Response):
+            return params
+        return _rabbit(decisions.rabbitmq_resource(
+            params.get("resource", ""), params.get("name", ""), params.get("permission", ""),
+            params.get("client_id") or params.get("variable_map.client_id"),
+        ))
+
+    @app.api_route("/auth/topic", methods=["GET", "POST"])
+    async def rabbit_topic(request: Request) -> Response:
+        params = await read(request)
+        if isinstance(params, Response):
+            return params
+        return _rabbit(decisions.rabbitmq_topic(
+            params.get("username", ""), params.get("permission", ""), params.get("routing_key", ""),
+            params.get("variable_map.client_id") or params.get("client_id"),
+        ))
+
+    @app.get("/health")
+    async def health() -> Response:
+        bus_ = state.get("bus")
+        ok = isinstance(bus_, Bus) and bus_.is_connected
+        return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
+                        media_type=JSON)
+
+    return app
