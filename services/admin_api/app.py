@@ -356,6 +356,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(api)
 
+    @app.get("/live")
+    async def live() -> Response:
+        """Liveness: the event loop answers (readiness, /health, also needs Postgres)."""
+        return JSONResponse({"status": "UP"})
+
     @app.get("/health")
     async def health() -> Response:
         try:

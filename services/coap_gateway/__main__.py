@@ -7,6 +7,7 @@ import logging
 
 from provisioning_common import runtime
 from provisioning_common.bus import Bus
+from provisioning_common.health import bus_check, start_if_configured
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi
 
@@ -27,7 +28,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     gateway = CoapGateway(TransportApi(bus, settings), settings)
     await gateway.start()
     log.info("coap_gateway ready on udp %s", settings.coap_port)
+    health = await start_if_configured(settings, bus_check(bus))
     await stop.wait()
+    if health is not None:
+        health.close()
     await gateway.stop(drain_timeout=settings.provision_timeout_s)
     await bus.close()
 

@@ -8,6 +8,7 @@ import logging
 from provisioning_common import runtime
 from provisioning_common.bus import Bus
 from provisioning_common.db.migrate import create_pool
+from provisioning_common.health import bus_check, pool_check, start_if_configured
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
@@ -24,7 +25,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     box = SecretBox(settings.data_encryption_key.get_secret_value()) if settings.data_encryption_key else None
     await bus.serve(SERVICE, CredentialsService(pool, box).handlers())
     log.info("credentials ready on queue %s", settings.queue(SERVICE))
+    health = await start_if_configured(settings, bus_check(bus), pool_check(pool))
     await stop.wait()
+    if health is not None:
+        health.close()
     await bus.stop_consuming()
     await bus.close()
     await pool.close()

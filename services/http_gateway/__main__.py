@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import uvicorn
 
 from provisioning_common.runtime import setup_logging
@@ -13,6 +16,9 @@ from .app import create_app
 def main() -> None:
     settings = get_settings()
     setup_logging(settings, "http_gateway")
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
+    # 143; a finished shutdown exits 0 (compose and Kubernetes read it as a clean stop).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.bind_host,
@@ -22,7 +28,8 @@ def main() -> None:
         # The access log would print telemetry URLs, which carry device tokens.
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=10,
+        # On SIGTERM, requests in flight wait for the core at most PROVISION_TIMEOUT_S: let them finish.
+        timeout_graceful_shutdown=int(settings.provision_timeout_s) + 5,
     )
 
 

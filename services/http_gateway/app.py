@@ -145,4 +145,9 @@ def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
         return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
                         media_type=JSON)
 
+    @app.get("/live")
+    async def live() -> Response:
+        """Liveness: the event loop answers (readiness, /health, also needs the broker)."""
+        return Response(b'{"status":"UP"}', media_type=JSON)
+
     return ProvisionFastPath(app, api, settings.max_body_bytes, too_large)

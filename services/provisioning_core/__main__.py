@@ -9,6 +9,7 @@ import logging
 from provisioning_common import runtime
 from provisioning_common.bus import Bus
 from provisioning_common.db.migrate import create_pool
+from provisioning_common.health import bus_check, pool_check, start_if_configured
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
@@ -33,6 +34,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
                             profile_ttl_s=settings.profile_cache_ttl_s)
     await bus.serve(SERVICE, core.handlers())
     log.info("provisioning_core ready on queue %s", settings.queue(SERVICE))
+    health = await start_if_configured(settings, bus_check(bus), pool_check(pool))
 
     async def purge_forever() -> None:
         while True:
@@ -42,6 +44,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
     purger = asyncio.create_task(purge_forever())
     await stop.wait()
+    if health is not None:
+        health.close()
     purger.cancel()
     await bus.stop_consuming()
     await bus.close()

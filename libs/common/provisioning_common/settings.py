@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     bind_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     admin_port: int = Field(default=8081, ge=0, le=65535)
+    #: ``GET /health`` listener of the services without an HTTP port (core, credentials, MQTT/CoAP
+    #: gateways) for Kubernetes probes and compose health checks; 0 = off.
+    health_port: int = Field(default=0, ge=0, le=65535)
     admin_api_token: SecretStr | None = None
 
     #: MQTT gateway: plain and TLS listeners (0 disables one), server certificate and limits.
