@@ -1,0 +1,381 @@
+"""deploy/k8s, rendered (base and every overlay) and validated offline: built-in kinds against the
+Kubernetes JSON schemas bundled by kubernetes-validate (strict), the operators' resources against
+the CRD subsets in deploy/k8s/crds, and the properties the deployment promises."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from provisioning_common.settings import Settings
+
+from .kustomize import load_documents, render
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy/k8s"
+TREES = ["base", "overlays/dev", "overlays/production"]
+#: The oldest Kubernetes release the manifests promise to work on, and the newest bundled schema.
+VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+GATEWAYS = {"http-gateway", "mqtt-gateway", "coap-gateway"}
+AUTOSCALED = GATEWAYS | {"provisioning-core", "credentials"}
+SERVICES = AUTOSCALED | {"admin-api"}
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|KEY$|_KEY|DATABASE_URL", re.I)
+#: Environment variables of the pods that are not settings (parts of RABBITMQ_URL).
+HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture(scope="module", params=TREES)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    return request.param, render(K8S / request.param)
+
+
+def by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_spec(deployment: Doc) -> Doc:
+    return deployment["spec"]["template"]["spec"]
+
+
+def containers(deployment: Doc, init: bool = True) -> list[Doc]:
+    spec = pod_spec(deployment)
+    return spec["containers"] + (spec.get("initContainers", []) if init else [])
+
+
+def config(docs: list[Doc]) -> dict[str, str]:
+    return by_kind(docs, "ConfigMap")["provisioning-config"]["data"]
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("tree", TREES)
+def test_rendering_matches_kubectl_kustomize(tree: str) -> None:
+    result = subprocess.run(["kubectl", "kustomize", str(K8S / tree)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    def key(d: Doc) -> tuple[str, str, str]:
+        return d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]
+
+    theirs = {key(d): d for d in yaml.safe_load_all(result.stdout) if d}
+    mine = {key(d): d for d in render(K8S / tree)}
+    assert mine.keys() == theirs.keys()
+    for name, doc in mine.items():
+        assert doc == theirs[name], name
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with every object that lists ``properties`` closed to other fields (strict field
+    validation), except where Kubernetes keeps unknown fields."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: (_closed(v) if k not in ("enum", "default", "required") else v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        closed["additionalProperties"] = False
+    return closed
+
+
+def crd_schemas() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) -> closed openAPIV3Schema of the CRD subsets kept in deploy/k8s/crds."""
+    found = {}
+    for path in sorted((K8S / "crds").glob("*.yaml")):
+        (crd,) = load_documents(path)
+        for version in crd["spec"]["versions"]:
+            api_version = f"{crd['spec']['group']}/{version['name']}"
+            found[(api_version, crd["spec"]["names"]["kind"])] = _closed(version["schema"]["openAPIV3Schema"])
+    return found
+
+
+def test_crd_subsets_are_valid_crds_for_every_version() -> None:
+    paths = sorted((K8S / "crds").glob("*.yaml"))
+    assert len(paths) == 2
+    for path in paths:
+        (crd,) = load_documents(path)
+        for version in VERSIONS:
+            kubernetes_validate.validate(crd, version, strict=True)
+
+
+def test_built_in_resources_match_the_kubernetes_schemas(rendered: tuple[str, list[Doc]]) -> None:
+    tree, docs = rendered
+    validated = 0
+    for doc in docs:
+        for version in VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except SchemaNotFoundError:
+                assert (doc["apiVersion"], doc["kind"]) in crd_schemas(), f"{tree}: no schema for {doc['kind']}"
+                continue
+            validated += 1
+    assert validated >= 20 * len(VERSIONS)
+
+
+def test_operator_resources_match_their_crds(rendered: tuple[str, list[Doc]]) -> None:
+    tree, docs = rendered
+    schemas = crd_schemas()
+    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in schemas]
+    assert {d["kind"] for d in custom} == {"RabbitmqCluster", "Cluster"}
+    for doc in custom:
+        jsonschema.Draft7Validator(schemas[(doc["apiVersion"], doc["kind"])]).validate(doc)
+
+
+@pytest.mark.parametrize("mutation", [
+    ("RabbitmqCluster", ["spec", "replica"], 3),               # typo of replicas
+    ("RabbitmqCluster", ["spec", "replicas"], "three"),         # wrong type
+    ("RabbitmqCluster", ["spec", "persistence", "storage"], "10 gigs"),
+    ("Cluster", ["spec", "instances"], 0),                      # below the minimum
+    ("Cluster", ["spec", "primaryUpdateStrategy"], "manual"),   # not in the enum
+    ("Cluster", ["spec", "bootstrap", "initdb", "databse"], "x"),
+])
+def test_the_crd_check_rejects_what_the_api_server_would(mutation: tuple[str, list[str], Any]) -> None:
+    kind, path, value = mutation
+    schemas = crd_schemas()
+    doc = next(d for d in render(K8S / "base") if d["kind"] == kind)
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schemas[(doc["apiVersion"], kind)]).validate(doc)
+
+
+def test_the_crd_check_requires_what_upstream_requires() -> None:
+    doc = next(d for d in render(K8S / "base") if d["kind"] == "Cluster")
+    del doc["spec"]["instances"]
+    with pytest.raises(jsonschema.ValidationError, match="instances"):
+        jsonschema.Draft7Validator(crd_schemas()[(doc["apiVersion"], "Cluster")]).validate(doc)
+
+
+def test_the_kubernetes_schema_check_rejects_an_unknown_field() -> None:
+    doc = by_kind(render(K8S / "base"), "Deployment")["http-gateway"]
+    pod_spec(doc)["containers"][0]["readinesProbe"] = pod_spec(doc)["containers"][0].pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.utils.ValidationError):
+        kubernetes_validate.validate(doc, VERSIONS[0], strict=True)
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+def test_every_service_has_a_deployment_with_probes_on_its_health_endpoints(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == SERVICES
+    settings = config(docs)
+    listen = {"http-gateway": settings["HTTP_PORT"], "admin-api": settings["ADMIN_PORT"]}
+    for name, deployment in deployments.items():
+        (container,) = containers(deployment, init=False)
+        ports = {p["name"]: p for p in container["ports"]}
+        for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/live")):
+            get = container[probe]["httpGet"]
+            assert get["path"] == path, f"{name} {probe}"
+            port = ports[get["port"]]
+            assert port["protocol"] == "TCP"
+            # The port the service really serves /health and /live on (tests/e2e/test_health.py).
+            assert str(port["containerPort"]) == listen.get(name, settings["HEALTH_PORT"]), name
+
+
+def test_every_container_has_requests_and_limits(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    for name, deployment in by_kind(docs, "Deployment").items():
+        for container in containers(deployment):
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}/{container['name']}"
+
+
+def test_pods_run_as_the_image_user_without_privileges(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    for name, deployment in by_kind(docs, "Deployment").items():
+        spec = pod_spec(deployment)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["enableServiceLinks"] is False
+        for container in containers(deployment):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], name
+
+
+def test_graceful_shutdown_fits_in_the_termination_grace_period(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    timeout = float(config(docs)["PROVISION_TIMEOUT_S"])
+    for name, deployment in by_kind(docs, "Deployment").items():
+        (container,) = containers(deployment, init=False)
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+        assert pre_stop[0] == "sleep"
+        # gateways: PROVISION_TIMEOUT_S + 5 s of drain (uvicorn); bus consumers: 10 s of drain.
+        drain = timeout + 5 if name in GATEWAYS | {"admin-api"} else 10
+        assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain + 5, name
+        if name in GATEWAYS | {"admin-api"}:
+            assert float(pre_stop[1]) > 0, f"{name}: endpoints must drop the pod before it stops accepting"
+
+
+def test_migrations_run_in_the_cores_init_container(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    core = by_kind(docs, "Deployment")["provisioning-core"]
+    (init,) = pod_spec(core)["initContainers"]
+    assert init["args"] == ["provisioning_common.db", "migrate"]
+    assert init["image"] == pod_spec(core)["containers"][0]["image"]
+    assert any(e["name"] == "DATABASE_URL" for e in init["env"])
+
+
+def test_pod_disruption_budgets_and_autoscalers(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    deployments = by_kind(docs, "Deployment")
+    budgets = by_kind(docs, "PodDisruptionBudget")
+    assert set(budgets) == SERVICES
+    for name, budget in budgets.items():
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert budget["spec"].get("maxUnavailable") == 1  # never blocks a drain, even at one replica
+    autoscalers = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(autoscalers) == AUTOSCALED
+    for name, hpa in autoscalers.items():
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        assert "replicas" not in deployments[name]["spec"], f"{name}: the autoscaler owns replicas"
+        assert all(c["resources"]["requests"].get("cpu") for c in containers(deployments[name], init=False))
+
+
+# --- network -----------------------------------------------------------------------------------
+
+
+def test_services_select_pods_and_name_their_ports(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    deployments = by_kind(docs, "Deployment")
+    for name, service in by_kind(docs, "Service").items():
+        targets = [d for d in deployments.values()
+                   if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(targets) == 1, name
+        ports = {p["name"]: p for c in containers(targets[0], init=False) for p in c["ports"]}
+        for port in service["spec"]["ports"]:
+            assert ports[port["targetPort"]]["protocol"] == port["protocol"], f"{name}:{port['name']}"
+
+
+def test_device_endpoints_are_exposed_as_documented(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    services = by_kind(docs, "Service")
+
+    def ports(name: str) -> set[tuple[int, str]]:
+        return {(p["port"], p["protocol"]) for p in services[name]["spec"]["ports"]}
+
+    assert services["mqtt-gateway"]["spec"]["type"] == "LoadBalancer"
+    assert ports("mqtt-gateway") == {(1883, "TCP"), (8883, "TCP")}
+    assert services["coap-gateway"]["spec"]["type"] == "LoadBalancer"
+    assert ports("coap-gateway") == {(5683, "UDP")}
+    assert services["http-gateway"]["spec"]["type"] == services["admin-api"]["spec"]["type"] == "ClusterIP"
+    (ingress,) = by_kind(docs, "Ingress").values()
+    backends = {(p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
+                for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert backends == {("http-gateway", "http"), ("admin-api", "http")}
+    assert ports("http-gateway") == {(8080, "TCP")} and ports("admin-api") == {(8081, "TCP")}
+
+
+# --- configuration and secrets -----------------------------------------------------------------
+
+
+def _env(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
+    for name, deployment in by_kind(docs, "Deployment").items():
+        for container in containers(deployment):
+            for variable in container.get("env", []):
+                yield name, variable
+
+
+def test_settings_come_from_the_configmap_and_are_valid(
+    rendered: tuple[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, docs = rendered
+    data = config(docs)
+    assert data["BUS_QUEUE_TYPE"] == "quorum"
+    fields = {f.upper() for f in Settings.model_fields}
+    assert set(data) <= fields, set(data) - fields
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    Settings()  # every value valid
+    for name, deployment in by_kind(docs, "Deployment").items():
+        (container,) = containers(deployment, init=False)
+        assert container["envFrom"] == [{"configMapRef": {"name": "provisioning-config"}}], name
+    for name, variable in _env(docs):
+        assert variable["name"] in fields | HELPER_VARIABLES, f"{name}: {variable['name']}"
+
+
+def test_secrets_only_by_reference(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    assert not by_kind(docs, "Secret"), "Secrets are made outside the manifests (operators, kubectl, a vault)"
+    assert not any(SECRET_NAME.search(k) for k in config(docs) if not k.endswith("_FILE")), "a secret in the ConfigMap"
+    referenced = set()
+    for name, variable in _env(docs):
+        if SECRET_NAME.search(variable["name"]):
+            assert "secretKeyRef" in variable.get("valueFrom", {}), f"{name}: {variable['name']} is not from a Secret"
+        if "valueFrom" in variable:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            referenced.add((ref["name"], ref["key"]))
+        else:
+            # Credentials in a URL only as $(VAR) references to Secret-backed variables (RABBITMQ_URL).
+            userinfo = re.search(r"://([^/]*)@", variable["value"])
+            assert not userinfo or re.fullmatch(r"\$\([A-Z_]+\):\$\([A-Z_]+\)", userinfo[1]), f"{name}: {variable}"
+    assert referenced == {
+        ("rabbitmq-default-user", "username"), ("rabbitmq-default-user", "password"),
+        ("provisioning-db-app", "uri"), ("provisioning-secrets", "data-encryption-key"),
+        ("provisioning-secrets", "admin-api-token"),
+    }
+    for name, variable in _env(docs):
+        if variable["name"] == "RABBITMQ_URL":
+            assert variable["value"] == "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@rabbitmq:5672/"
+
+
+def test_mqtt_tls_certificate_is_a_mounted_secret(rendered: tuple[str, list[Doc]]) -> None:
+    _, docs = rendered
+    gateway = by_kind(docs, "Deployment")["mqtt-gateway"]
+    volume = next(v for v in pod_spec(gateway)["volumes"] if v["name"] == "mqtt-tls")
+    mount = next(m for m in containers(gateway)[0]["volumeMounts"] if m["name"] == "mqtt-tls")
+    assert volume["secret"]["secretName"] == "mqtt-tls" and mount["readOnly"] is True
+    data = config(docs)
+    assert Path(data["MQTT_TLS_CERT_FILE"]).parent == Path(data["MQTT_TLS_KEY_FILE"]).parent == Path(mount["mountPath"])
+
+
+# --- operators ---------------------------------------------------------------------------------
+
+
+def test_rabbitmq_and_postgres_run_on_their_operators(rendered: tuple[str, list[Doc]]) -> None:
+    tree, docs = rendered
+    assert not by_kind(docs, "StatefulSet"), "no home-made StatefulSets"
+    (rabbit,) = by_kind(docs, "RabbitmqCluster").values()
+    (postgres,) = by_kind(docs, "Cluster").values()
+    expected = 1 if tree == "overlays/dev" else 3
+    assert rabbit["spec"]["replicas"] == expected and postgres["spec"]["instances"] == expected
+    # The Secrets the pods reference are the ones these operators make.
+    assert rabbit["metadata"]["name"] == "rabbitmq"  # -> Service rabbitmq, Secret rabbitmq-default-user
+    assert postgres["metadata"]["name"] == "provisioning-db"  # -> Secret provisioning-db-app
+    assert postgres["spec"]["bootstrap"]["initdb"] == {"database": "provisioning", "owner": "provisioning"}
+
+
+def test_overlays_pin_the_image_and_set_a_namespace() -> None:
+    for tree in TREES[1:]:
+        docs = render(K8S / tree)
+        (namespace,) = by_kind(docs, "Namespace")
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == namespace, f"{tree}: {doc['kind']}/{doc['metadata']['name']}"
+        for deployment in by_kind(docs, "Deployment").values():
+            for container in containers(deployment):
+                image = container["image"]
+                assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{tree}: {image}"
