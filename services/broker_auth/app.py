@@ -174,6 +174,11 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             params.get("variable_map.client_id") or params.get("client_id"),
         ))
 
+    @app.get("/live")
+    async def live() -> Response:
+        """Liveness: the event loop answers (readiness, /health, also needs the broker)."""
+        return Response(b'{"status":"UP"}', media_type=JSON)
+
     @app.get("/health")
     async def health() -> Response:
         bus_ = state.get("bus")

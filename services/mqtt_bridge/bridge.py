@@ -179,6 +179,11 @@ class MqttBridge:
         await self._ready.wait()
 
     @property
+    def connected(self) -> bool:
+        """Connected to the broker, and subscribed at least once (readiness of ``HEALTH_PORT``'s ``/health``)."""
+        return self._connected and self._ready.is_set()
+
+    @property
     def in_flight(self) -> int:
         return len(self._tasks)
 

@@ -27,7 +27,10 @@ PUBLISHED = {
     ("mqtt-gateway", 1883, "tcp"): 1883,
     ("mqtt-gateway", 8883, "tcp"): 8883,
     ("coap-gateway", 5683, "udp"): 5683,
+    ("broker-auth", 8090, "tcp"): 8090,
 }
+#: Bridge mode needs the user's own broker: these run only with `docker compose --profile bridge`.
+BRIDGE_PROFILE = {"mqtt-bridge", "broker-auth"}
 SECRET_NAME = re.compile(r"PASSWORD|PASS$|TOKEN|SECRET|KEY", re.I)
 #: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -171,7 +174,7 @@ def test_mqtt_gateway_gets_a_certificate_before_it_starts(compose: dict[str, Any
 
 def test_health_probes_ask_the_port_each_service_listens_on(compose: dict[str, Any],
                                                            example_env: dict[str, str]) -> None:
-    port_variable = {"http-gateway": "HTTP_PORT", "admin-api": "ADMIN_PORT"}
+    port_variable = {"http-gateway": "HTTP_PORT", "admin-api": "ADMIN_PORT", "broker-auth": "BRIDGE_AUTH_PORT"}
     for name, service in app_services(compose).items():
         if name in one_shots(compose):
             continue
@@ -187,6 +190,29 @@ def test_stop_grace_period_covers_the_gateways_drain(compose: dict[str, Any], ex
     for name, service in app_services(compose).items():
         grace = service.get("stop_grace_period", "10s")
         assert grace.endswith("s") and float(grace[:-1]) >= timeout + 5 + 5, f"{name}: {grace}"
+
+
+def test_bridge_mode_is_an_opt_in_profile(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+    services = compose["services"]
+    profiled = {name for name, s in services.items() if "profiles" in s}
+    assert profiled == BRIDGE_PROFILE and all(services[n]["profiles"] == ["bridge"] for n in profiled)
+    for name, service in services.items():  # `docker compose up` without the profile must not need them
+        if name not in BRIDGE_PROFILE:
+            assert not set(service.get("depends_on") or {}) & BRIDGE_PROFILE, name
+    bridge = services["mqtt-bridge"]
+    # The client id (MQTT_BRIDGE_CLIENT_ID-<hostname>) names the broker session: it must survive re-creation.
+    assert bridge["hostname"] == "mqtt-bridge"
+    env = resolved_environment(bridge, filled(example_env))
+    # The broker URL (with the bridge's password) comes only from .env; unset, the bridge idles.
+    assert bridge["environment"]["MQTT_BROKER_URL"] == "${MQTT_BROKER_URL:-}" and env["MQTT_BROKER_URL"] == ""
+    assert resolved_environment(bridge, {**filled(example_env), "MQTT_BRIDGE_SHARE_GROUP": ""}
+                                )["MQTT_BRIDGE_SHARE_GROUP"] == "", "an empty group (RabbitMQ) must stay empty"
+    assert env["MQTT_BRIDGE_SHARE_GROUP"] == "provisioning"
+    # deploy/brokers/ call broker_auth at http://broker-auth:8090.
+    auth = resolved_environment(services["broker-auth"], filled(example_env))
+    for conf in ("emqx/emqx.conf", "rabbitmq/rabbitmq.conf"):
+        urls = [urlsplit(u) for u in re.findall(r"http://[^/\s\"]+", (ROOT / "deploy/brokers" / conf).read_text())]
+        assert urls and all((u.hostname, str(u.port)) == ("broker-auth", auth["BRIDGE_AUTH_PORT"]) for u in urls), conf
 
 
 def test_every_command_is_a_module_of_the_image(compose: dict[str, Any]) -> None:
@@ -214,7 +240,8 @@ def test_published_ports_are_the_documented_ones(compose: dict[str, Any], exampl
 
 
 def test_containers_listen_where_the_ports_point(compose: dict[str, Any], example_env: dict[str, str]) -> None:
-    variable = {8080: "HTTP_PORT", 8081: "ADMIN_PORT", 1883: "MQTT_PORT", 8883: "MQTTS_PORT", 5683: "COAP_PORT"}
+    variable = {8080: "HTTP_PORT", 8081: "ADMIN_PORT", 1883: "MQTT_PORT", 8883: "MQTTS_PORT", 5683: "COAP_PORT",
+                8090: "BRIDGE_AUTH_PORT"}
     for (name, port, _), _host in PUBLISHED.items():
         env = resolved_environment(compose["services"][name], filled(example_env))
         assert env.get(variable[port]) == str(port), f"{name} does not listen on {port}"

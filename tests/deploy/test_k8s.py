@@ -27,8 +27,12 @@ TREES = ["base", "overlays/dev", "overlays/production"]
 #: The oldest Kubernetes release the manifests promise to work on, and the newest bundled schema.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 GATEWAYS = {"http-gateway", "mqtt-gateway", "coap-gateway"}
-AUTOSCALED = GATEWAYS | {"provisioning-core", "credentials"}
-SERVICES = AUTOSCALED | {"admin-api"}
+#: Served by uvicorn, which drains for PROVISION_TIMEOUT_S + 5 s, behind a Service (preStop pause).
+HTTP_SERVICES = {"http-gateway", "admin-api", "broker-auth"}
+AUTOSCALED = GATEWAYS | {"provisioning-core", "credentials", "broker-auth"}
+#: mqtt-bridge is a StatefulSet (its client id, hence its broker session, follows the pod name).
+STATEFUL = {"mqtt-bridge"}
+SERVICES = AUTOSCALED | {"admin-api"} | STATEFUL
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|KEY$|_KEY|DATABASE_URL", re.I)
 #: Environment variables of the pods that are not settings (parts of RABBITMQ_URL).
 HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
@@ -52,6 +56,11 @@ def pod_spec(deployment: Doc) -> Doc:
 def containers(deployment: Doc, init: bool = True) -> list[Doc]:
     spec = pod_spec(deployment)
     return spec["containers"] + (spec.get("initContainers", []) if init else [])
+
+
+def workloads(docs: list[Doc]) -> dict[str, Doc]:
+    """Deployments and StatefulSets, by name."""
+    return by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")
 
 
 def config(docs: list[Doc]) -> dict[str, str]:
@@ -176,10 +185,12 @@ def test_the_kubernetes_schema_check_rejects_an_unknown_field() -> None:
 
 def test_every_service_has_a_deployment_with_probes_on_its_health_endpoints(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     assert set(deployments) == SERVICES
+    assert set(by_kind(docs, "StatefulSet")) == STATEFUL
     settings = config(docs)
-    listen = {"http-gateway": settings["HTTP_PORT"], "admin-api": settings["ADMIN_PORT"]}
+    listen = {"http-gateway": settings["HTTP_PORT"], "admin-api": settings["ADMIN_PORT"],
+              "broker-auth": settings["BRIDGE_AUTH_PORT"]}
     for name, deployment in deployments.items():
         (container,) = containers(deployment, init=False)
         ports = {p["name"]: p for p in container["ports"]}
@@ -194,7 +205,7 @@ def test_every_service_has_a_deployment_with_probes_on_its_health_endpoints(rend
 
 def test_every_container_has_requests_and_limits(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         for container in containers(deployment):
             for bound in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{name}/{container['name']}"
@@ -202,7 +213,7 @@ def test_every_container_has_requests_and_limits(rendered: tuple[str, list[Doc]]
 
 def test_pods_run_as_the_image_user_without_privileges(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         spec = pod_spec(deployment)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["automountServiceAccountToken"] is False
@@ -217,14 +228,15 @@ def test_pods_run_as_the_image_user_without_privileges(rendered: tuple[str, list
 def test_graceful_shutdown_fits_in_the_termination_grace_period(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
     timeout = float(config(docs)["PROVISION_TIMEOUT_S"])
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         (container,) = containers(deployment, init=False)
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
         assert pre_stop[0] == "sleep"
-        # gateways: PROVISION_TIMEOUT_S + 5 s of drain (uvicorn); bus consumers: 10 s of drain.
-        drain = timeout + 5 if name in GATEWAYS | {"admin-api"} else 10
+        # gateways: PROVISION_TIMEOUT_S + 5 s of drain (uvicorn); the bridge: leaving its share group
+        # (<= 5 s), then PROVISION_TIMEOUT_S; bus consumers: 10 s of drain.
+        drain = timeout + 5 if name in GATEWAYS | HTTP_SERVICES | STATEFUL else 10
         assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain + 5, name
-        if name in GATEWAYS | {"admin-api"}:
+        if name in GATEWAYS | HTTP_SERVICES:
             assert float(pre_stop[1]) > 0, f"{name}: endpoints must drop the pod before it stops accepting"
 
 
@@ -239,7 +251,7 @@ def test_migrations_run_in_the_cores_init_container(rendered: tuple[str, list[Do
 
 def test_pod_disruption_budgets_and_autoscalers(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     budgets = by_kind(docs, "PodDisruptionBudget")
     assert set(budgets) == SERVICES
     for name, budget in budgets.items():
@@ -260,13 +272,13 @@ def test_pod_disruption_budgets_and_autoscalers(rendered: tuple[str, list[Doc]])
 
 def test_services_select_pods_and_name_their_ports(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    deployments = by_kind(docs, "Deployment")
+    deployments = workloads(docs)
     for name, service in by_kind(docs, "Service").items():
         targets = [d for d in deployments.values()
                    if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
         assert len(targets) == 1, name
         ports = {p["name"]: p for c in containers(targets[0], init=False) for p in c["ports"]}
-        for port in service["spec"]["ports"]:
+        for port in service["spec"].get("ports", []):  # a StatefulSet's headless Service may have none
             assert ports[port["targetPort"]]["protocol"] == port["protocol"], f"{name}:{port['name']}"
 
 
@@ -293,7 +305,7 @@ def test_device_endpoints_are_exposed_as_documented(rendered: tuple[str, list[Do
 
 
 def _env(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         for container in containers(deployment):
             for variable in container.get("env", []):
                 yield name, variable
@@ -310,7 +322,7 @@ def test_settings_come_from_the_configmap_and_are_valid(
     for key, value in data.items():
         monkeypatch.setenv(key, value)
     Settings()  # every value valid
-    for name, deployment in by_kind(docs, "Deployment").items():
+    for name, deployment in workloads(docs).items():
         (container,) = containers(deployment, init=False)
         assert container["envFrom"] == [{"configMapRef": {"name": "provisioning-config"}}], name
     for name, variable in _env(docs):
@@ -335,11 +347,33 @@ def test_secrets_only_by_reference(rendered: tuple[str, list[Doc]]) -> None:
     assert referenced == {
         ("rabbitmq-default-user", "username"), ("rabbitmq-default-user", "password"),
         ("provisioning-db-app", "uri"), ("provisioning-secrets", "data-encryption-key"),
-        ("provisioning-secrets", "admin-api-token"),
+        ("provisioning-secrets", "admin-api-token"), ("provisioning-secrets", "mqtt-broker-url"),
     }
     for name, variable in _env(docs):
         if variable["name"] == "RABBITMQ_URL":
             assert variable["value"] == "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@rabbitmq:5672/"
+
+
+def test_bridge_mode(rendered: tuple[str, list[Doc]]) -> None:
+    tree, docs = rendered
+    data = config(docs)
+    bridge = by_kind(docs, "StatefulSet")["mqtt-bridge"]
+    # Stable pod names -> stable client ids (MQTT_BRIDGE_CLIENT_ID-<hostname>) -> the broker sessions survive.
+    headless = by_kind(docs, "Service")[bridge["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    replicas = bridge["spec"]["replicas"]
+    assert replicas == (1 if tree == "overlays/dev" else 2)
+    assert data["MQTT_BRIDGE_SHARE_GROUP"], "several bridges need the shared subscription"
+    # Bridge mode is optional: without the broker URL in the Secret the pods start and idle.
+    (url,) = [v for v in containers(bridge)[0]["env"] if v["name"] == "MQTT_BROKER_URL"]
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "provisioning-secrets", "key": "mqtt-broker-url", "optional": True}
+    # broker-auth is where deploy/brokers/ call it: http://broker-auth:8090 (a ClusterIP Service).
+    service = by_kind(docs, "Service")["broker-auth"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert {(p["port"], p["protocol"]) for p in service["spec"]["ports"]} == {(int(data["BRIDGE_AUTH_PORT"]), "TCP")}
+    for conf in ("emqx/emqx.conf", "rabbitmq/rabbitmq.conf"):
+        urls = re.findall(r"http://([^/\s\"]+)", (ROOT / "deploy/brokers" / conf).read_text())
+        assert urls and set(urls) == {f"broker-auth:{data['BRIDGE_AUTH_PORT']}"}, conf
 
 
 def test_mqtt_tls_certificate_is_a_mounted_secret(rendered: tuple[str, list[Doc]]) -> None:
@@ -357,7 +391,7 @@ def test_mqtt_tls_certificate_is_a_mounted_secret(rendered: tuple[str, list[Doc]
 
 def test_rabbitmq_and_postgres_run_on_their_operators(rendered: tuple[str, list[Doc]]) -> None:
     tree, docs = rendered
-    assert not by_kind(docs, "StatefulSet"), "no home-made StatefulSets"
+    assert set(by_kind(docs, "StatefulSet")) == STATEFUL, "no home-made StatefulSets for RabbitMQ or Postgres"
     (rabbit,) = by_kind(docs, "RabbitmqCluster").values()
     (postgres,) = by_kind(docs, "Cluster").values()
     expected = 1 if tree == "overlays/dev" else 3
@@ -375,7 +409,7 @@ def test_overlays_pin_the_image_and_set_a_namespace() -> None:
         for doc in docs:
             if doc["kind"] != "Namespace":
                 assert doc["metadata"]["namespace"] == namespace, f"{tree}: {doc['kind']}/{doc['metadata']['name']}"
-        for deployment in by_kind(docs, "Deployment").values():
+        for deployment in workloads(docs).values():
             for container in containers(deployment):
                 image = container["image"]
                 assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{tree}: {image}"

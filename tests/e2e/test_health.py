@@ -18,8 +18,9 @@ from devstack import ServiceProcess, free_port
 
 from .conftest import Env
 
-#: Services without an HTTP port of their own answer on HEALTH_PORT.
-HEALTH_PORT_SERVICES = ("credentials", "provisioning_core", "mqtt_gateway", "coap_gateway")
+#: Services without an HTTP port of their own answer on HEALTH_PORT (mqtt_bridge here without
+#: MQTT_BROKER_URL, idle; with a broker: tests/e2e/test_mqtt_bridge.py).
+HEALTH_PORT_SERVICES = ("credentials", "provisioning_core", "mqtt_gateway", "coap_gateway", "mqtt_bridge")
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -44,6 +45,11 @@ def services(env: Env) -> Iterator[dict[str, tuple[ServiceProcess, int]]]:
             process = ServiceProcess(name, {**os.environ, **env.variables()})
             process.start()
             started[name] = (process, port)
+        # broker_auth answers on its own port, BRIDGE_AUTH_PORT, and never opens HEALTH_PORT.
+        auth_port = free_port()
+        process = ServiceProcess("broker_auth", {**os.environ, **env.variables(BRIDGE_AUTH_PORT=str(auth_port))})
+        process.start()
+        started["broker_auth"] = (process, auth_port)
         for process, _ in started.values():
             process.wait_ready(60)
         yield started

@@ -9,6 +9,7 @@ import json
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -52,9 +53,10 @@ class Bridges:
     """Two bridge instances (distinct client ids, one share group) as real processes."""
 
     def __init__(self, env: Env, broker: Mosquitto) -> None:
+        self.health_ports = [free_port() for _ in BRIDGE_IDS]
         self.variables = [
-            env.variables(MQTT_BROKER_URL=broker.bridge_url, MQTT_BRIDGE_CLIENT_ID=client_id)
-            for client_id in BRIDGE_IDS
+            env.variables(MQTT_BROKER_URL=broker.bridge_url, MQTT_BRIDGE_CLIENT_ID=client_id, HEALTH_PORT=str(port))
+            for client_id, port in zip(BRIDGE_IDS, self.health_ports, strict=True)
         ]
         self.stacks: list[Stack] = []
 
@@ -190,6 +192,14 @@ def test_mqtt5_device_gets_its_answer_on_its_response_topic_with_its_correlation
     assert message.topic == device.response_topic
     assert correlation_of(message) == b"\x00corr-1"
     assert message.properties.ContentType == "application/json"
+
+
+def test_a_subscribed_bridge_is_ready_on_its_health_port(bridges: Bridges) -> None:
+    # What the compose health check and the Kubernetes probes ask (HEALTH_PORT): bus, broker, subscription.
+    for port in bridges.health_ports:
+        for path in ("/health", "/live"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                assert (response.status, json.loads(response.read())) == (200, {"status": "UP"}), path
 
 
 def test_mqtt311_device_asks_on_its_client_id_topic_in_either_dialect(

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     admin_port: int = Field(default=8081, ge=0, le=65535)
     #: ``GET /health`` listener of the services without an HTTP port (core, credentials, MQTT/CoAP
-    #: gateways) for Kubernetes probes and compose health checks; 0 = off.
+    #: gateways, MQTT bridge) for Kubernetes probes and compose health checks; 0 = off. broker_auth
+    #: answers ``/health`` on BRIDGE_AUTH_PORT instead and never opens this one.
     health_port: int = Field(default=0, ge=0, le=65535)
     admin_api_token: SecretStr | None = None
 
