@@ -17,7 +17,7 @@ log = logging.getLogger("broker_auth")
 
 async def _idle(_settings: Settings, stop: asyncio.Event) -> None:
     log.info("broker_auth disabled: BRIDGE_AUTH_PORT=0")
-    log.info("broker_auth ready (disabled)")
+    runtime.announce_ready("broker_auth", "(disabled)")
     await stop.wait()
 
 

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request, Response
 
 from provisioning_common.bus import Bus, RpcError
+from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi
 
@@ -80,7 +81,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
         own_bus = bus or await Bus.connect(settings)
         state["bus"] = own_bus
         state["api"] = TransportApi(own_bus, settings)
-        log.info("broker_auth ready on %s:%d", settings.bind_host, settings.bridge_auth_port)
+        announce_ready("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}")
         yield
         if bus is None:
             await own_bus.close()

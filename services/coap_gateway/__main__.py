@@ -19,7 +19,7 @@ log = logging.getLogger("coap_gateway")
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     if not settings.coap_port:
         # COAP_PORT=0 disables the listener, as MQTT_PORT=0 does; never "a random port".
-        log.info("coap_gateway ready; listener disabled (COAP_PORT=0)")
+        runtime.announce_ready("coap_gateway", "; listener disabled (COAP_PORT=0)")
         await stop.wait()
         return
     # aiocoap logs every duplicate datagram and stray ACK at INFO: noise at thousands of requests per second.
@@ -27,7 +27,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings)
     gateway = CoapGateway(TransportApi(bus, settings), settings)
     await gateway.start()
-    log.info("coap_gateway ready on udp %s", settings.coap_port)
+    runtime.announce_ready("coap_gateway", f"on udp {settings.coap_port}")
     health = await start_if_configured(settings, bus_check(bus))
     await stop.wait()
     if health is not None:

@@ -24,7 +24,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     bus = await Bus.connect(settings)
     box = SecretBox(settings.data_encryption_key.get_secret_value()) if settings.data_encryption_key else None
     await bus.serve(SERVICE, CredentialsService(pool, box).handlers())
-    log.info("credentials ready on queue %s", settings.queue(SERVICE))
+    runtime.announce_ready("credentials", f"on queue {settings.queue(SERVICE)}")
     health = await start_if_configured(settings, bus_check(bus), pool_check(pool))
     await stop.wait()
     if health is not None:

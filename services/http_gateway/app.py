@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.dialects import render_error
 from provisioning_common.models import AuthenticateRequest, Dialect, Transport
+from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
 
@@ -107,7 +108,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
         own_bus = bus or await Bus.connect(settings)
         state["bus"] = own_bus
         state["api"] = TransportApi(own_bus, settings)
-        log.info("http_gateway ready")
+        announce_ready("http_gateway")
         yield
         if bus is None:
             await own_bus.close()

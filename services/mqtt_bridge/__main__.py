@@ -28,7 +28,7 @@ SUMMARY_INTERVAL_S = 60.0
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     if settings.mqtt_broker_url is None or not settings.mqtt_broker_url.get_secret_value():
         log.info("mqtt_bridge disabled: MQTT_BROKER_URL unset")
-        log.info("mqtt_bridge ready (disabled)")
+        runtime.announce_ready("mqtt_bridge", "(disabled)")
         health = await start_if_configured(settings)
         await stop.wait()
         if health is not None:

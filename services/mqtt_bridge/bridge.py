@@ -34,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from provisioning_common.models import Dialect, Transport
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import OutcomeKind, TransportApi
+from provisioning_common.runtime import announce_ready
 
 from . import topics
 
@@ -293,7 +294,7 @@ class MqttBridge:
 
     def _subscribed(self) -> None:
         if not self._ready.is_set():
-            log.info("mqtt_bridge ready: subscribed to %s on %r", self._filter, self._broker)
+            announce_ready("mqtt_bridge", f": subscribed to {self._filter} on {self._broker!r}")
             self._ready.set()
         else:
             log.info("subscribed again to %s", self._filter)

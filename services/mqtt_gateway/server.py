@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi
 
@@ -50,7 +51,7 @@ class MqttGateway:
                 server = await start_tls_server(self._on_connection, host, self._settings.mqtts_port, context)
                 self._servers.append(server)
                 self.ports["mqtts"] = server.sockets[0].getsockname()[1]
-        log.info("mqtt_gateway ready: %s", ", ".join(f"{k}={v}" for k, v in self.ports.items()))
+        announce_ready("mqtt_gateway", ": " + ", ".join(f"{k}={v}" for k, v in self.ports.items()))
 
     @property
     def connections(self) -> int:

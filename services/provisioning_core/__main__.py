@@ -33,7 +33,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     core = ProvisioningCore(pool, bus, box, FailureLimiter(settings.provision_failures_per_minute),
                             profile_ttl_s=settings.profile_cache_ttl_s)
     await bus.serve(SERVICE, core.handlers())
-    log.info("provisioning_core ready on queue %s", settings.queue(SERVICE))
+    runtime.announce_ready("provisioning_core", f"on queue {settings.queue(SERVICE)}")
     health = await start_if_configured(settings, bus_check(bus), pool_check(pool))
 
     async def purge_forever() -> None:

@@ -116,3 +116,18 @@ def test_udp_port_in_use_for_coap_is_a_one_line_error(tmp_path: Path, up_env: di
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert f"error: port {port} is already in use; set COAP_PORT to a free port" in output
+
+
+def test_services_report_ready_with_a_quiet_log_level(env: Env) -> None:
+    """LOG_LEVEL=WARNING hides INFO lines, but not the ready line devstack (and `make up`) waits for."""
+    from devstack import Stack
+
+    quiet = Stack(env.variables(LOG_LEVEL="WARNING", MQTTS_PORT="0"),
+                  ["credentials", "provisioning_core", "mqtt_gateway", "coap_gateway"])
+    quiet.start(timeout=30)
+    try:
+        assert all(any(f"{name} ready" in line for line in p.lines) for name, p in quiet.processes.items())
+        assert " INFO " not in "\n".join(line for p in quiet.processes.values() for line in p.lines
+                                         if " ready" not in line)
+    finally:
+        quiet.stop()

@@ -11,14 +11,29 @@ from collections.abc import Awaitable, Callable
 from .settings import Settings, get_settings
 
 
+#: Start-up and shutdown lines are logged whatever LOG_LEVEL says: orchestration (devstack, an
+#: operator reading the log) waits for "<service> ready".
+LIFECYCLE_LOGGER = "provisioning.lifecycle"
+
+
 def setup_logging(settings: Settings, service: str) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-    )
+    log_format = f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=log_format)
+    lifecycle = logging.getLogger(LIFECYCLE_LOGGER)
+    lifecycle.setLevel(logging.INFO)
+    lifecycle.propagate = False
+    if not lifecycle.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(log_format))
+        lifecycle.addHandler(handler)
     # aiormq logs connection URLs at debug level; keep credentials out of logs.
     logging.getLogger("aiormq").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def announce_ready(service: str, detail: str = "") -> None:
+    """Log "<service> ready ..." even when LOG_LEVEL hides INFO (devstack waits for this line)."""
+    separator = "" if not detail or detail[0] in ":;," else " "
+    logging.getLogger(LIFECYCLE_LOGGER).info("%s ready%s%s", service, separator, detail)
 
 
 def run(service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:
