@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import signal
-import sys
-
-import uvicorn
-
-from provisioning_common.runtime import setup_logging
+from provisioning_common.runtime import serve_http, setup_logging
 from provisioning_common.settings import get_settings
 
 from .app import create_app
@@ -16,11 +11,8 @@ from .app import create_app
 def main() -> None:
     settings = get_settings()
     setup_logging(settings, "admin_api")
-    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
-    # 143; a finished shutdown exits 0 (compose and Kubernetes read it as a clean stop).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.admin_port, loop="uvloop",
-                http="httptools", log_config=None, timeout_graceful_shutdown=10)
+    # Admin URLs carry ids, never secrets: the access log stays on.
+    serve_http(create_app(settings), settings.admin_port, settings, access_log=True)
 
 
 if __name__ == "__main__":

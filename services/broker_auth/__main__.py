@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import uvicorn
-
 from provisioning_common import runtime
 from provisioning_common.settings import Settings, get_settings
 
@@ -27,18 +25,8 @@ def main() -> None:
         runtime.run("broker_auth", _idle)
         return
     runtime.setup_logging(settings, "broker_auth")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.bridge_auth_port,
-        loop="uvloop",
-        http="httptools",
-        # RabbitMQ's GET requests carry the password in the query string: no access log.
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=int(settings.provision_timeout_s) + 5,
-    )
-
+    # No access log: RabbitMQ's GET requests carry the password in the query string.
+    runtime.serve_http(create_app(settings), settings.bridge_auth_port, settings)
 
 if __name__ == "__main__":
     main()

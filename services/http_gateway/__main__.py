@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import signal
-import sys
-
-import uvicorn
-
-from provisioning_common.runtime import setup_logging
+from provisioning_common.runtime import serve_http, setup_logging
 from provisioning_common.settings import get_settings
 
 from .app import create_app
@@ -16,21 +11,8 @@ from .app import create_app
 def main() -> None:
     settings = get_settings()
     setup_logging(settings, "http_gateway")
-    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
-    # 143; a finished shutdown exits 0 (compose and Kubernetes read it as a clean stop).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        create_app(settings),
-        host=settings.bind_host,
-        port=settings.http_port,
-        loop="uvloop",
-        http="httptools",
-        # The access log would print telemetry URLs, which carry device tokens.
-        access_log=False,
-        log_config=None,
-        # On SIGTERM, requests in flight wait for the core at most PROVISION_TIMEOUT_S: let them finish.
-        timeout_graceful_shutdown=int(settings.provision_timeout_s) + 5,
-    )
+    # No access log: telemetry URLs carry device tokens.
+    serve_http(create_app(settings), settings.http_port, settings)
 
 
 if __name__ == "__main__":

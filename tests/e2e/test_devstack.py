@@ -131,3 +131,13 @@ def test_services_report_ready_with_a_quiet_log_level(env: Env) -> None:
                                          if " ready" not in line)
     finally:
         quiet.stop()
+
+
+def test_http_services_exit_0_on_sigterm(env: Env) -> None:
+    """uvicorn re-raises SIGTERM after its graceful stop; runtime.serve_http turns that into exit 0."""
+    from devstack import Stack
+
+    services = Stack(env.variables(BRIDGE_AUTH_PORT=str(free_port())), ["admin_api", "http_gateway", "broker_auth"])
+    services.start(timeout=30)
+    codes = {name: process.stop() for name, process in services.processes.items()}
+    assert codes == {"admin_api": 0, "http_gateway": 0, "broker_auth": 0}

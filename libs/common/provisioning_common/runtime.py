@@ -54,3 +54,25 @@ def run(service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]
         uvloop.run(runner())
     except ImportError:  # pragma: no cover - uvloop is a dependency of uvicorn[standard]
         asyncio.run(runner())
+
+
+def serve_http(app: object, port: int, settings: Settings, *, access_log: bool = False) -> None:
+    """Run an ASGI app with uvicorn (uvloop + httptools) the way every HTTP service of ours runs.
+
+    On SIGTERM uvicorn stops accepting and lets requests in flight finish (they wait for the bus
+    at most PROVISION_TIMEOUT_S); it then re-raises SIGTERM, which would end the process with 143,
+    so a finished shutdown exits 0 instead (compose and Kubernetes read it as a clean stop).
+    """
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=settings.bind_host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=access_log,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.provision_timeout_s) + 5,
+    )
