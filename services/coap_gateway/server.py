@@ -86,6 +86,10 @@ def source_ip(remote: Any) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
+#: How long a stopping gateway keeps its socket open for the ACKs of its last separate responses.
+SEPARATE_RESPONSE_ACK_GRACE_S = 1.0
+
+
 class CoapGateway:
     """Renders CoAP requests through :class:`TransportApi`; holds no provisioning rule and no device state."""
 
@@ -128,10 +132,16 @@ class CoapGateway:
     async def stop(self, drain_timeout: float) -> None:
         """Answer new requests 5.03, let those in progress finish (up to ``drain_timeout``), close the socket."""
         self._closing = True
+        had_work = self._in_flight > 0
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
             log.warning("coap_gateway stopping with %d request(s) still in progress", self._in_flight)
+        if had_work:
+            # Answers that outlived the piggyback delay went out as separate confirmable messages; the
+            # client ACKs them. Closed at once, the socket would bounce those ACKs (ICMP unreachable),
+            # and the client's library fails its other exchanges with us: wait for the ACKs first.
+            await asyncio.sleep(SEPARATE_RESPONSE_ACK_GRACE_S)
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
