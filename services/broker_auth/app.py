@@ -14,18 +14,16 @@ chain; RabbitMQ refuses the login). The access log stays off: GET requests carry
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
 
 from provisioning_common.bus import Bus, RpcError
-from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
-from provisioning_common.transport_api import TransportApi
+from provisioning_common.transport_api import BusSession
 
 from . import decisions
 from .decisions import Verdict
@@ -74,24 +72,15 @@ def _rabbit(verdict: Verdict) -> Response:
 
 def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
     """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given."""
-    state: dict[str, object] = {}
+    session = BusSession(settings, bus)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        own_bus = bus or await Bus.connect(settings)
-        state["bus"] = own_bus
-        state["api"] = TransportApi(own_bus, settings)
-        announce_ready("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}")
-        yield
-        if bus is None:
-            await own_bus.close()
-
-    app = FastAPI(title="Broker authentication", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="Broker authentication",
+                  lifespan=session.lifespan("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}"), docs_url=None, redoc_url=None,
                   openapi_url=None)
 
     async def device_known(client_id: str, username: str, password: str) -> bool:
         """Whether the credentials service knows these credentials (raises RpcError when unreachable)."""
-        api: TransportApi = state["api"]  # type: ignore[assignment]
+        api = session.api
         for attempt in decisions.credential_attempts(client_id, username, password):
             result = await api.authenticate(attempt)
             if result.authenticated:
@@ -182,8 +171,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        bus_ = state.get("bus")
-        ok = isinstance(bus_, Bus) and bus_.is_connected
+        ok = session.connected
         return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
                         media_type=JSON)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -12,9 +11,8 @@ from fastapi import FastAPI, Request, Response
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.dialects import render_error
 from provisioning_common.models import AuthenticateRequest, Dialect, Transport
-from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
-from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
+from provisioning_common.transport_api import BusSession, OutcomeKind, TransportApi, is_json_document
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +99,12 @@ async def _respond(send: Callable[..., Any], status: int, body: bytes,
 
 def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
     """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given."""
-    state: dict[str, object] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        own_bus = bus or await Bus.connect(settings)
-        state["bus"] = own_bus
-        state["api"] = TransportApi(own_bus, settings)
-        announce_ready("http_gateway")
-        yield
-        if bus is None:
-            await own_bus.close()
-
-    app = FastAPI(title="Provisioning HTTP gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    session = BusSession(settings, bus)
+    app = FastAPI(title="Provisioning HTTP gateway", lifespan=session.lifespan("http_gateway"), docs_url=None,
+                  redoc_url=None)
 
     def api() -> TransportApi:
-        return state["api"]  # type: ignore[return-value]
+        return session.api
 
     too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
 
@@ -141,8 +129,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
 
     @app.get("/health")
     async def health() -> Response:
-        bus_ = state.get("bus")
-        ok = isinstance(bus_, Bus) and bus_.is_connected
+        ok = session.connected
         return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
                         media_type=JSON)
 

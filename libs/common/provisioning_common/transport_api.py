@@ -6,9 +6,13 @@ Like ThingsBoard's ``TransportService``: a gateway hands raw payloads here and m
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 from dataclasses import dataclass
 
 from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout
@@ -116,3 +120,41 @@ def is_json_document(payload: bytes) -> bool:
         return isinstance(json.loads(payload), (dict, list))
     except (ValueError, UnicodeDecodeError):
         return False
+
+
+class BusSession:
+    """The one Bus and TransportApi of an HTTP service, opened and closed by its ASGI lifespan.
+
+    ``bus`` may be given already connected (then it is not closed here).
+    """
+
+    def __init__(self, settings: Settings, bus: Bus | None = None) -> None:
+        self._settings = settings
+        self._given = bus
+        self.bus: Bus | None = bus
+        self._api: TransportApi | None = TransportApi(bus, settings) if bus is not None else None
+
+    @property
+    def api(self) -> TransportApi:
+        assert self._api is not None, "used before the application started"
+        return self._api
+
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.is_connected
+
+    def lifespan(self, service: str, detail: str = "") -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """A FastAPI ``lifespan`` that connects, announces ``service`` ready, and closes on shutdown."""
+        from .runtime import announce_ready
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: Any) -> AsyncIterator[None]:
+            if self.bus is None:
+                self.bus = await Bus.connect(self._settings)
+                self._api = TransportApi(self.bus, self._settings)
+            announce_ready(service, detail)
+            yield
+            if self._given is None and self.bus is not None:
+                await self.bus.close()
+
+        return lifespan
