@@ -373,3 +373,15 @@ def test_qos2_publish_is_refused_without_a_puback(env: Env, stack: Stack) -> Non
     connack, rest = data[:5], data[5:]
     assert connack == b"\x20\x03\x00\x00\x00"
     assert rest == codec.encode_disconnect(0x9B, protocol_level=5)  # no PUBACK (0x40) before it
+
+
+def test_zz_no_secret_in_service_logs(stack: Stack, admin: Admin) -> None:
+    """Runs last in this module: no provision secret of any profile, and no password or device-chosen
+    token used above, reached a log line of any service."""
+    profiles = admin.http.get("/api/device-profiles", params={"pageSize": 1000}).json()["data"]
+    secrets = {p["provisionDeviceSecret"] for p in profiles if p["provisionDeviceSecret"]}
+    assert len(secrets) >= 5  # the module really made profiles
+    logs = stack.output()
+    assert "mqtt_gateway ready" in logs
+    leaked = sorted(s for s in secrets | {"secret-pw", "pw-1", "mqtt-token-"} if s in logs)
+    assert not leaked
