@@ -139,3 +139,30 @@ def report(result: dict, human: str, as_json: bool, requests: int) -> int:
     else:
         print(human, flush=True)
     return 0 if result["success"] > 0 or requests == 0 else 1
+
+
+def run_summary(*, run_id: str, loop: object, requested: int, concurrency: int, warmup_requested: int,
+                warm: object, measured: object) -> dict:
+    """The fields every bench reports: run, counts, rate, latency percentiles, outcomes."""
+    outcomes = measured.outcomes  # type: ignore[attr-defined]
+    completed = sum(outcomes.values())
+    successes = outcomes.get(SUCCESS, 0)
+    elapsed = measured.elapsed_s  # type: ignore[attr-defined]
+    return {
+        "run": run_id,
+        "event_loop": type(loop).__module__.split(".")[0],
+        "requested": requested,
+        "concurrency": concurrency,
+        "warmup": {"requested": warmup_requested, "attempted": warm.attempted,  # type: ignore[attr-defined]
+                   "success": warm.outcomes.get(SUCCESS, 0),  # type: ignore[attr-defined]
+                   "elapsed_s": round(warm.elapsed_s, 3)},  # type: ignore[attr-defined]
+        "attempted": measured.attempted,  # type: ignore[attr-defined]
+        "completed": completed,
+        "elapsed_s": round(elapsed, 3),
+        "provisions_per_s": round(successes / elapsed, 1) if elapsed > 0 else 0.0,
+        "responses_per_s": round(completed / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": latency_summary(measured.success_latencies_ms),  # type: ignore[attr-defined]
+        "latency_all_responses_ms": latency_summary(measured.latencies_ms),  # type: ignore[attr-defined]
+        "outcomes": dict(outcomes.most_common()),
+        "success": successes,
+    }

@@ -38,9 +38,9 @@ from _common import (  # bench/_common.py: python puts the script's directory fi
     SetupError,
     cpu_times,
     fmt_ms,
-    latency_summary,
     pick_runner,
     report,
+    run_summary,
     resolve_profile,
 )
 
@@ -153,8 +153,6 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
     finally:
         await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)
 
-    completed = sum(measured.outcomes.values())
-    successes = measured.outcomes.get(SUCCESS, 0)
     elapsed = measured.elapsed_s
     cpu = measured.cpu_user_s + measured.cpu_sys_s
     timeouts = measured.errors.get("timeout", 0)
@@ -162,21 +160,8 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
         "url": uri,
         "dialect": "innoway" if args.innoway else "thingsboard",
         "message_type": "NON" if args.non else "CON",
-        "run": run_id,
-        "event_loop": type(loop).__module__.split(".")[0],
-        "requested": args.requests,
-        "concurrency": workers,
-        "warmup": {"requested": args.warmup, "attempted": warm.attempted, "success": warm.outcomes.get(SUCCESS, 0),
-                   "elapsed_s": round(warm.elapsed_s, 3)},
-        "attempted": measured.attempted,
-        "completed": completed,
-        "elapsed_s": round(elapsed, 3),
-        "provisions_per_s": round(successes / elapsed, 1) if elapsed > 0 else 0.0,
-        "responses_per_s": round(completed / elapsed, 1) if elapsed > 0 else 0.0,
-        "latency_ms": latency_summary(measured.success_latencies_ms),
-        "latency_all_responses_ms": latency_summary(measured.latencies_ms),
-        "outcomes": dict(measured.outcomes.most_common()),
-        "success": successes,
+        **run_summary(run_id=run_id, loop=loop, requested=args.requests, concurrency=workers,
+                      warmup_requested=args.warmup, warm=warm, measured=measured),
         "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("CoAP ")),
         "coap_errors": sum(v for k, v in measured.outcomes.items() if k.startswith("CoAP ")),
         "no_answer": sum(measured.errors.values()),

@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
-    latency_summary,
     pick_runner,
     report,
+    run_summary,
     resolve_profile,
 )
 
@@ -353,28 +353,13 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
         conn.close()
     await asyncio.sleep(0)  # let the transports close
 
-    completed = sum(measured.outcomes.values())
-    successes = measured.outcomes.get(SUCCESS, 0)
     elapsed = measured.elapsed_s
     cpu = measured.cpu_user_s + measured.cpu_sys_s
     return {
         "url": f"{args.url.rstrip('/')}{endpoint}",
         "dialect": "innoway" if args.innoway else "thingsboard",
-        "run": run_id,
-        "event_loop": type(loop).__module__.split(".")[0],
-        "requested": args.requests,
-        "concurrency": n_conns,
-        "warmup": {"requested": args.warmup, "attempted": warm.attempted, "success": warm.outcomes.get(SUCCESS, 0),
-                   "elapsed_s": round(warm.elapsed_s, 3)},
-        "attempted": measured.attempted,
-        "completed": completed,
-        "elapsed_s": round(elapsed, 3),
-        "provisions_per_s": round(successes / elapsed, 1) if elapsed > 0 else 0.0,
-        "responses_per_s": round(completed / elapsed, 1) if elapsed > 0 else 0.0,
-        "latency_ms": latency_summary(measured.success_latencies_ms),
-        "latency_all_responses_ms": latency_summary(measured.latencies_ms),
-        "outcomes": dict(measured.outcomes.most_common()),
-        "success": successes,
+        **run_summary(run_id=run_id, loop=loop, requested=args.requests, concurrency=n_conns,
+                      warmup_requested=args.warmup, warm=warm, measured=measured),
         "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("HTTP ")),
         "http_errors": sum(v for k, v in measured.outcomes.items() if k.startswith("HTTP ")),
         "connection_errors": sum(measured.errors.values()),
