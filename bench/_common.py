@@ -11,6 +11,7 @@ first on ``sys.path``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -166,3 +167,37 @@ def run_summary(*, run_id: str, loop: object, requested: int, concurrency: int, 
         "outcomes": dict(outcomes.most_common()),
         "success": successes,
     }
+
+
+def add_run_arguments(p: "argparse.ArgumentParser", *, concurrency_help: str, unit: str = "requests",
+                      max_seconds_help: str = "hard cap on the whole run, warm-up included",
+                      timeout_help: str = "per-request timeout in seconds") -> None:
+    """The options every generator takes: admin API, counts, profile, bounds, output, event loop."""
+    p.add_argument("--admin-url", default="http://127.0.0.1:8081",
+                   help="admin API base URL, used to create the device profile (default %(default)s)")
+    p.add_argument("--admin-token", default=None,
+                   help="admin bearer token (default: $ADMIN_API_TOKEN, else ADMIN_API_TOKEN= in .local/stack.env)")
+    p.add_argument("-n", "--requests", type=int, default=5000, help=f"measured provision {unit} (default %(default)s)")
+    p.add_argument("-c", "--concurrency", type=int, default=64, help=f"{concurrency_help} (default %(default)s)")
+    p.add_argument("--key", help="provision key of an existing profile (with --secret; skips creating one)")
+    p.add_argument("--secret", help="provision secret of an existing profile")
+    p.add_argument("--warmup", type=int, default=200, help=f"uncounted {unit} sent first (default %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=120.0, help=f"{max_seconds_help} (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help=f"{timeout_help} (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON line on stdout (the human-readable block then goes to stderr)")
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
+
+
+def check_run_arguments(p: "argparse.ArgumentParser", args: "argparse.Namespace") -> None:
+    """Refuse inconsistent values of the options added by :func:`add_run_arguments` (and --port)."""
+    if (args.key is None) != (args.secret is None):
+        p.error("--key and --secret go together")
+    if args.requests < 0 or args.warmup < 0:
+        p.error("-n and --warmup must not be negative")
+    if args.concurrency < 1:
+        p.error("-c must be at least 1")
+    if hasattr(args, "port") and not 0 < args.port < 65536:
+        p.error("--port must be 1..65535")
+    if args.max_seconds <= 0 or args.timeout <= 0:
+        p.error("--max-seconds and --timeout must be positive")

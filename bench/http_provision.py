@@ -36,6 +36,8 @@ from _common import (  # bench/_common.py: python puts the script's directory fi
     SUCCESS,
     SetupError,
     pick_runner,
+    add_run_arguments,
+    check_run_arguments,
     report,
     run_summary,
     resolve_profile,
@@ -416,33 +418,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Provision N devices over HTTP at a given concurrency and report throughput and latency.")
     p.add_argument("--url", default="http://127.0.0.1:8080", help="HTTP gateway base URL (default %(default)s)")
-    p.add_argument("--admin-url", default="http://127.0.0.1:8081",
-                   help="admin API base URL, used to create the device profile (default %(default)s)")
-    p.add_argument("--admin-token", default=None,
-                   help="admin bearer token (default: $ADMIN_API_TOKEN, else ADMIN_API_TOKEN= in .local/stack.env)")
-    p.add_argument("-n", "--requests", type=int, default=5000, help="measured provision requests (default %(default)s)")
-    p.add_argument("-c", "--concurrency", type=int, default=64,
-                   help="keep-alive connections, one request in flight on each (default %(default)s)")
     p.add_argument("--innoway", action="store_true",
                    help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
-    p.add_argument("--key", help="provision key of an existing profile (with --secret; skips creating one)")
-    p.add_argument("--secret", help="provision secret of an existing profile")
-    p.add_argument("--warmup", type=int, default=200, help="uncounted requests sent first (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=120.0,
-                   help="hard cap on the whole run, warm-up included (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON line on stdout (the human-readable block then goes to stderr)")
-    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
+    add_run_arguments(p, concurrency_help='keep-alive connections, one request in flight on each')
     args = p.parse_args(argv)
-    if (args.key is None) != (args.secret is None):
-        p.error("--key and --secret go together")
-    if args.requests < 0 or args.warmup < 0:
-        p.error("-n and --warmup must not be negative")
-    if args.concurrency < 1:
-        p.error("-c must be at least 1")
-    if args.max_seconds <= 0 or args.timeout <= 0:
-        p.error("--max-seconds and --timeout must be positive")
+    check_run_arguments(p, args)
     return args
 
 

@@ -42,6 +42,8 @@ from _common import (  # bench/_common.py: python puts the script's directory fi
     fmt_ms,
     latency_summary,
     pick_runner,
+    add_run_arguments,
+    check_run_arguments,
     report,
     run_summary,
     resolve_profile,
@@ -508,36 +510,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Provision N devices over MQTT at a given concurrency and report throughput and latency.")
     p.add_argument("--host", default="127.0.0.1", help="MQTT gateway host (default %(default)s)")
     p.add_argument("--port", type=int, default=1883, help="MQTT gateway plain-TCP port (default %(default)s)")
-    p.add_argument("--admin-url", default="http://127.0.0.1:8081",
-                   help="admin API base URL, used to create the device profile (default %(default)s)")
-    p.add_argument("--admin-token", default=None,
-                   help="admin bearer token (default: $ADMIN_API_TOKEN, else ADMIN_API_TOKEN= in .local/stack.env)")
-    p.add_argument("-n", "--requests", type=int, default=5000, help="measured provisions (default %(default)s)")
-    p.add_argument("-c", "--concurrency", type=int, default=64,
-                   help="concurrent provisioning sessions, a new connection per provision (default %(default)s)")
     p.add_argument("--hold", type=int, default=0,
                    help="idle MQTT connections opened before the run and kept open during it (default %(default)s)")
-    p.add_argument("--key", help="provision key of an existing profile (with --secret; skips creating one)")
-    p.add_argument("--secret", help="provision secret of an existing profile")
-    p.add_argument("--warmup", type=int, default=200, help="uncounted provisions first (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=120.0,
-                   help="hard cap on the run, opening held connections and warm-up included (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="per-provision timeout in seconds, TCP connect to response (default %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON line on stdout (the human-readable block then goes to stderr)")
-    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
+    add_run_arguments(p, concurrency_help="concurrent provisioning sessions, a new connection per provision",
+                      unit="provisions",
+                      max_seconds_help="hard cap on the run, opening held connections and warm-up included",
+                      timeout_help="per-provision timeout in seconds, TCP connect to response")
     args = p.parse_args(argv)
-    if (args.key is None) != (args.secret is None):
-        p.error("--key and --secret go together")
-    if args.requests < 0 or args.warmup < 0 or args.hold < 0:
-        p.error("-n, --warmup and --hold must not be negative")
-    if args.concurrency < 1:
-        p.error("-c must be at least 1")
-    if not 0 < args.port < 65536:
-        p.error("--port must be 1..65535")
-    if args.max_seconds <= 0 or args.timeout <= 0:
-        p.error("--max-seconds and --timeout must be positive")
+    if args.hold < 0:
+        p.error("--hold must not be negative")
+    check_run_arguments(p, args)
     return args
 
 
