@@ -78,14 +78,16 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
                   lifespan=session.lifespan("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}"), docs_url=None, redoc_url=None,
                   openapi_url=None)
 
-    async def device_known(client_id: str, username: str, password: str) -> bool:
-        """Whether the credentials service knows these credentials (raises RpcError when unreachable)."""
-        api = session.api
-        for attempt in decisions.credential_attempts(client_id, username, password):
-            result = await api.authenticate(attempt)
-            if result.authenticated:
-                return True
-        return False
+    async def device_verdict(client_id: str, username: str, password: str) -> Verdict | Response:
+        """ALLOW when the credentials service knows these credentials, else DENY; 503 when it is unreachable."""
+        try:
+            for attempt in decisions.credential_attempts(client_id, username, password):
+                if (await session.api.authenticate(attempt)).authenticated:
+                    return Verdict.ALLOW
+        except RpcError as exc:
+            log.warning("credentials service unavailable: %s", exc)
+            return Response(status_code=503, headers={"Retry-After": "1"})
+        return Verdict.DENY
 
     async def read(request: Request) -> Mapping[str, str] | Response:
         try:
@@ -109,12 +111,8 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             return _emqx(Verdict.ALLOW, acl=decisions.provisioning_acl(client_id))
         if not username and not password:
             return _emqx(Verdict.IGNORE)  # anonymous: the operator's other authenticators decide
-        try:
-            known = await device_known(client_id, username, password)
-        except RpcError as exc:
-            log.warning("credentials service unavailable: %s", exc)
-            return Response(status_code=503, headers={"Retry-After": "1"})
-        return _emqx(Verdict.ALLOW if known else Verdict.DENY)
+        verdict = await device_verdict(client_id, username, password)
+        return verdict if isinstance(verdict, Response) else _emqx(verdict)
 
     # --- RabbitMQ --------------------------------------------------------------------------
 
@@ -131,12 +129,8 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             return _rabbit(Verdict.ALLOW if ok else Verdict.DENY)
         if not username and not password:
             return _rabbit(Verdict.DENY)
-        try:
-            known = await device_known(client_id, username, password)
-        except RpcError as exc:
-            log.warning("credentials service unavailable: %s", exc)
-            return Response(status_code=503, headers={"Retry-After": "1"})
-        return _rabbit(Verdict.ALLOW if known else Verdict.DENY)
+        verdict = await device_verdict(client_id, username, password)
+        return verdict if isinstance(verdict, Response) else _rabbit(verdict)
 
     @app.api_route("/auth/vhost", methods=["GET", "POST"])
     async def rabbit_vhost(request: Request) -> Response:

@@ -16,3 +16,39 @@ async def test_live_needs_nothing_but_health_needs_the_bus() -> None:
         assert (live.status_code, live.json()) == (200, {"status": "UP"})
         health = await client.get("/health")
         assert (health.status_code, health.json()) == (503, {"status": "DOWN"})
+
+
+class _Bus:
+    """Stands in for the bus: the credentials service answers ``known`` or is unreachable."""
+
+    is_connected = True
+
+    def __init__(self, known: bool | None) -> None:
+        self.known = known
+
+    async def call(self, service, method, payload, response_model, **_):  # type: ignore[no-untyped-def]
+        from provisioning_common.bus import RpcTimeout
+
+        if self.known is None:
+            raise RpcTimeout("credentials.authenticate did not answer")
+        return response_model(authenticated=self.known, device_id="d" if self.known else None)
+
+
+async def _ask(known: bool | None) -> tuple[httpx.Response, httpx.Response]:
+    transport = httpx.ASGITransport(app=create_app(Settings(), bus=_Bus(known)))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker-auth") as client:
+        emqx = await client.post("/emqx/auth", json={"clientid": "c", "username": "tok", "password": ""})
+        rabbit = await client.get("/auth/user", params={"username": "tok", "password": ""})
+    return emqx, rabbit
+
+
+async def test_device_logins_follow_the_credentials_service() -> None:
+    emqx, rabbit = await _ask(True)
+    assert emqx.json()["result"] == "allow" and rabbit.text == "allow"
+    emqx, rabbit = await _ask(False)
+    assert emqx.json()["result"] == "deny" and rabbit.text == "deny"
+
+
+async def test_unreachable_credentials_service_is_503_not_a_denial() -> None:
+    for response in await _ask(None):
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
