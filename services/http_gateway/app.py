@@ -20,25 +20,6 @@ JSON = "application/json"
 _STATUS = {OutcomeKind.ANSWERED: 200, OutcomeKind.BAD_REQUEST: 400, OutcomeKind.UNAVAILABLE: 503}
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading them all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 #: ThingsBoard's path and Innoway's; both serve both dialects (chosen by the body).
 PROVISION_PATHS = frozenset({"/api/v1/provision", "/api/provision"})
 
@@ -63,7 +44,7 @@ class ProvisionFastPath:
         if scope["method"] != "POST":
             await _respond(send, 405, b'{"errorMsg":"Method Not Allowed","status":"FAILURE"}', [(b"allow", b"POST")])
             return
-        body = await _read_body(scope, receive, self._limit)
+        body = await read_body(scope, receive, self._limit)
         if body is None:
             await _respond(send, 413, self._too_large)
             return
@@ -73,7 +54,7 @@ class ProvisionFastPath:
         await _respond(send, _STATUS[outcome.kind], outcome.body, extra)
 
 
-async def _read_body(scope: dict[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
+async def read_body(scope: dict[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
     """The whole body, or None as soon as it is known to exceed ``limit`` bytes."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
@@ -111,9 +92,8 @@ def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
     @app.post("/api/v1/{token}/telemetry")
     async def telemetry(token: str, request: Request) -> Response:
         """Device telemetry (ThingsBoard's HTTP device API); accepts JSON without a Content-Type."""
-        try:
-            body = await read_body(request, settings.max_body_bytes)
-        except BodyTooLarge:
+        body = await read_body(request.scope, request.receive, settings.max_body_bytes)
+        if body is None:
             return Response(too_large, status_code=413, media_type=JSON)
         if not is_json_document(body):
             return Response(render_error(Dialect.THINGSBOARD, "Telemetry must be a JSON object or array"),

@@ -359,6 +359,12 @@ def test_pre_provisioned_refusals(http: httpx.Client, admin: Admin) -> None:
     assert admin.http.get(f"/api/devices/{foreign['id']}").json()["provisionState"] is None
 
 
+def test_oversize_telemetry_is_refused(http: httpx.Client, profile: dict) -> None:
+    token = provision(http, tb_request(profile, deviceName=f"big-{uuid.uuid4().hex[:6]}")).json()["credentialsValue"]
+    response = http.post(f"/api/v1/{token}/telemetry", content=b'{"v":"' + b"a" * 70_000 + b'"}')
+    assert response.status_code == 413 and response.json()["status"] == "FAILURE"
+
+
 # --- runs last in this module: nothing secret reached a log line -------------------------------
 
 
@@ -367,3 +373,4 @@ def test_zz_no_secret_in_service_logs(stack: Any) -> None:
     assert "provisioned device" in logs  # the logs are really being read
     leaked = sorted(s for s in SEEN_SECRETS if len(s) >= 6 and s in logs)
     assert not leaked, f"secrets found in logs: {leaked}"
+
