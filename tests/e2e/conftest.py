@@ -49,6 +49,11 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+async def drop_core_queue(rabbitmq_url: str, namespace: str) -> None:
+    """Remove the core queue a lone gateway declared in its own namespace (no core ever consumed it)."""
+    await _drop_namespace(rabbitmq_url, [f"{namespace}provisioning_core"])
+
+
 @dataclass
 class Env:
     """One isolated deployment: its database, bus namespace, ports and secrets."""

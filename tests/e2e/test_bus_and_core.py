@@ -16,7 +16,7 @@ from provisioning_common.db.migrate import apply_migrations, migrations
 from provisioning_common.models import ProvisionRequest, ProvisionResult, Transport
 from provisioning_common.settings import Settings
 
-from .conftest import Admin, Env, _create_database, _drop_database
+from .conftest import Admin, Env, _create_database, _drop_database, drop_core_queue
 
 
 @pytest.fixture
@@ -89,16 +89,7 @@ def test_gateway_without_core_answers_503_within_the_timeout(env: Env, stack: St
         assert inno.content == b'{"status":"FAILURE","error_msg":"Provisioning timed out"}'
     finally:
         gateway.stop()
-        asyncio.run(_delete_queues(env, lonely.namespace))
-
-
-async def _delete_queues(env: Env, namespace: str) -> None:
-    import aio_pika
-
-    conn = await aio_pika.connect(env.infra.rabbitmq_url)
-    async with conn:
-        channel = await conn.channel()
-        await channel.queue_delete(f"{namespace}{CORE_SERVICE}")
+        asyncio.run(drop_core_queue(env.infra.rabbitmq_url, lonely.namespace))
 
 
 def test_expired_request_is_not_processed_after_the_caller_gave_up(

@@ -24,10 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from devstack import Stack
-from provisioning_common.bus import CORE_SERVICE
 from provisioning_common.proto import transport_pb2 as pb
 
-from .conftest import Admin, Env, tb_request
+from .conftest import Admin, Env, drop_core_queue, tb_request
 from .test_http_provisioning import TelemetryListener, device_by_name
 
 NOT_FOUND = b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}'
@@ -156,16 +155,6 @@ def rsa_certificate_pem(common_name: str) -> str:
 def pem_body(pem: str) -> str:
     """What ThingsBoard answers for a PEM certificate: the base64 body without markers or newlines."""
     return "".join(line for line in pem.splitlines() if "CERTIFICATE" not in line)
-
-
-async def _delete_core_queue(env: Env, namespace: str) -> None:
-    """The queue a lone gateway declared in its own namespace (no core ever consumed it)."""
-    import aio_pika
-
-    conn = await aio_pika.connect(env.infra.rabbitmq_url)
-    async with conn:
-        channel = await conn.channel()
-        await channel.queue_delete(f"{namespace}{CORE_SERVICE}")
 
 
 async def device_count(db: asyncpg.Connection) -> int:
@@ -465,7 +454,7 @@ async def test_gateway_without_core_answers_5_03_within_the_timeout(
         assert inno.payload == b'{"status":"FAILURE","error_msg":"Provisioning timed out"}'
     finally:
         await asyncio.to_thread(gateway.stop)
-        await _delete_core_queue(env, lonely.namespace)
+        await drop_core_queue(env.infra.rabbitmq_url, lonely.namespace)
     assert gateway["coap_gateway"].proc.returncode == 0  # stopped cleanly on SIGTERM
 
 

@@ -19,7 +19,7 @@ from provisioning_common.proto import transport_pb2 as pb
 
 from . import mqtt_clients as mc
 from tests.pki import issue, pem_body, write_client_files
-from .conftest import Admin, Env, _drop_namespace, tb_request
+from .conftest import Admin, Env, drop_core_queue, tb_request
 from .test_http_provisioning import TelemetryListener, device_by_name
 
 
@@ -328,7 +328,7 @@ def test_core_missing_gives_a_failure_answer_not_silence(env: Env, stack: Stack)
     finally:
         gateway.stop()
         # The gateway declared the core's queue so that requests wait for a core: remove it.
-        asyncio.run(_drop_namespace(env.infra.rabbitmq_url, [f"{lonely.namespace}provisioning_core"]))
+        asyncio.run(drop_core_queue(env.infra.rabbitmq_url, lonely.namespace))
 
 
 # --- MQTT_BASIC variants (spec §9) -----------------------------------------------------------
