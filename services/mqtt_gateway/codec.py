@@ -707,18 +707,47 @@ def _decode_disconnect(body: bytes, v5: bool) -> Disconnect:
     return Disconnect(reason_code)
 
 
-async def read_packet(reader: asyncio.StreamReader, *, max_packet_size: int, protocol_level: int | None) -> Packet:
+async def read_packet(
+    reader: asyncio.StreamReader,
+    *,
+    max_packet_size: int,
+    protocol_level: int | None,
+    idle_timeout: float | None = None,
+    packet_timeout: float | None = None,
+) -> Packet:
     """Read and decode exactly one packet.
 
     ``max_packet_size`` bounds the whole packet (fixed header included); a larger declared size
     raises :class:`PacketTooLarge` *before* the body is read, so the body bytes stay unread and
     we never wait for them. Truncation surfaces as the stream reports it
     (:class:`asyncio.IncompleteReadError`, an ``EOFError``), which is left to propagate.
+
+    Deadlines (``None``: none), each raising :class:`TimeoutError`: ``idle_timeout`` bounds the wait
+    for the packet's first byte (keep-alive, idle connections); ``packet_timeout`` bounds the time from
+    that first byte to the packet's last, so that half a packet followed by silence cannot hold a
+    connection (and its descriptor) open for as long as the idle deadline allows.
     """
-    # Every packet has at least two bytes (type + one length byte): one await instead of two.
-    head = await reader.readexactly(2)
-    first = head[0]
-    byte = head[1]
+    if idle_timeout is None and packet_timeout is None:
+        # Every packet has at least two bytes (type + one length byte): one await instead of two.
+        head = await reader.readexactly(2)
+        return await _read_after_head(reader, head[0], head[1], max_packet_size, protocol_level)
+    try:
+        async with asyncio.timeout(idle_timeout):
+            first = await reader.readexactly(1)
+    except TimeoutError:
+        raise TimeoutError(f"no packet within {idle_timeout:g} s") from None
+    try:
+        async with asyncio.timeout(packet_timeout):
+            second = await reader.readexactly(1)
+            return await _read_after_head(reader, first[0], second[0], max_packet_size, protocol_level)
+    except TimeoutError:
+        raise TimeoutError(f"packet incomplete {packet_timeout:g} s after its first byte") from None
+
+
+async def _read_after_head(
+    reader: asyncio.StreamReader, first: int, byte: int, max_packet_size: int, protocol_level: int | None
+) -> Packet:
+    """The rest of a packet whose first two bytes (type, first length byte) were read."""
     length = byte & 0x7F
     size = 1
     while byte & 0x80:

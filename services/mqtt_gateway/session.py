@@ -56,9 +56,16 @@ RC_QOS_NOT_SUPPORTED = 0x9B
 
 @dataclass(frozen=True)
 class SessionLimits:
+    """Per-connection limits (settings ``MQTT_*``); every one bounds how long a socket can be held."""
+
     max_packet_bytes: int
+    #: From TCP accept to a complete CONNECT.
     connect_timeout_s: float
     provision_close_s: float
+    #: A connection with keep-alive 0 is closed after this long without a packet (keep-alive > 0: 1.5 x it).
+    idle_timeout_s: float = 300.0
+    #: From the first byte of a packet, the rest must arrive within this.
+    packet_timeout_s: float = 30.0
 
 
 class _Close(Exception):
@@ -91,7 +98,8 @@ class MqttSession:
     async def run(self) -> None:
         try:
             try:
-                connect = await asyncio.wait_for(self._read(None), self._limits.connect_timeout_s)
+                async with asyncio.timeout(self._limits.connect_timeout_s):
+                    connect = await self._read(None)
             except UnsupportedProtocol:
                 # The client's level is unknown to us: answer in 3.1.1's format (0x01), as brokers do.
                 self._send(codec.encode_connack(_REFUSED_PROTOCOL[4], protocol_level=4))
@@ -128,9 +136,13 @@ class MqttSession:
 
     # --- io -------------------------------------------------------------------------------
 
-    async def _read(self, level: int | None) -> codec.Packet:
+    async def _read(self, level: int | None, idle_timeout: float | None = None) -> codec.Packet:
         return await codec.read_packet(
-            self._conn.reader, max_packet_size=self._limits.max_packet_bytes, protocol_level=level
+            self._conn.reader,
+            max_packet_size=self._limits.max_packet_bytes,
+            protocol_level=level,
+            idle_timeout=idle_timeout,
+            packet_timeout=self._limits.packet_timeout_s,
         )
 
     def _send(self, data: bytes) -> None:
@@ -196,12 +208,14 @@ class MqttSession:
     # --- packets ----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        idle_limit = self._keep_alive * 1.5 if self._keep_alive else None
+        # MQTT's rule for keep-alive > 0; keep-alive 0 ("never") would let an idle socket stay for ever,
+        # so such sessions get the inactivity limit ThingsBoard applies (transport.sessions.inactivity_timeout).
+        idle_limit = self._keep_alive * 1.5 if self._keep_alive else self._limits.idle_timeout_s
         while True:
             try:
-                packet = await asyncio.wait_for(self._read(self._level), idle_limit)
-            except TimeoutError:
-                log.debug("keep-alive expired for %s", self._conn.peer_address)
+                packet = await self._read(self._level, idle_limit)
+            except TimeoutError as exc:
+                log.debug("closing %s: %s", self._conn.peer_address, exc)
                 raise _Close from None
             if isinstance(packet, PingReq):
                 self._send(codec.encode_pingresp())

@@ -30,6 +30,7 @@ from OpenSSL import SSL
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Admission",
     "Connection",
     "PlainConnection",
     "TlsConnection",
@@ -78,6 +79,16 @@ class Connection(Protocol):
 
 
 ClientConnected = Callable[[Connection], Awaitable[None]]
+
+
+class Admission(Protocol):
+    """Counts connections from their TCP accept on (both listeners share one), for a connection cap."""
+
+    def try_enter(self) -> bool:
+        """Count a just-accepted connection in; False: refuse it (it was not counted)."""
+
+    def leave(self) -> None:
+        """A connection that was counted in is gone."""
 
 
 def _format_peer(peername: object) -> str:
@@ -136,17 +147,35 @@ class PlainConnection:
 
 
 async def start_plain_server(
-    client_connected: ClientConnected, host: str, port: int, *, backlog: int = 1024
+    client_connected: ClientConnected,
+    host: str,
+    port: int,
+    *,
+    backlog: int = 1024,
+    admission: Admission | None = None,
+    refuse: ClientConnected | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port`` (plain TCP) and run ``client_connected(connection)`` per client, as a task."""
+    """Listen on ``host:port`` (plain TCP) and run ``client_connected(connection)`` per client, as a task.
+
+    With ``admission``, a client it does not let in is handed to ``refuse`` instead (which may answer
+    it before closing), or closed at once when there is no ``refuse``.
+    """
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = PlainConnection(reader, writer)
+        admitted = admission is None or admission.try_enter()
+        handler = client_connected if admitted else refuse
         try:
-            await client_connected(connection)
+            if handler is None:
+                connection.close()
+            else:
+                await handler(connection)
         except Exception:
             log.exception("connection handler failed for %s", connection.peer_address)
             connection.close()
+        finally:
+            if admitted and admission is not None:
+                admission.leave()
 
     return await asyncio.start_server(on_client, host, port, backlog=backlog)
 
@@ -199,6 +228,7 @@ class TlsConnection(asyncio.Protocol):
         client_connected: ClientConnected,
         handshake_timeout: float,
         tasks: set[asyncio.Task[None]],
+        admission: Admission | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._ssl = SSL.Connection(context, None)
@@ -218,6 +248,8 @@ class TlsConnection(asyncio.Protocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed_future: asyncio.Future[None] = self._loop.create_future()
+        self._admission = admission
+        self._admitted = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------
 
@@ -225,6 +257,14 @@ class TlsConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; rely on the interface only.
         self._transport = transport  # type: ignore[assignment]
         self._peer = _format_peer(transport.get_extra_info("peername"))
+        if self._admission is not None:
+            if not self._admission.try_enter():
+                # Over the connection cap: closed at accept, before any handshake work is spent on it.
+                self._closing = True
+                self._lost = True
+                transport.close()
+                return
+            self._admitted = True
         # Read-side flow control: the StreamReader pauses the socket when its buffer is full.
         self.reader.set_transport(transport)
         self._handshake_timer = self._loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
@@ -243,6 +283,8 @@ class TlsConnection(asyncio.Protocol):
         self._flush()  # reading may produce output (alerts, key updates)
 
     def eof_received(self) -> bool:
+        if self._lost:
+            return False
         if not self._handshake_done:
             log.debug("TLS client %s closed before the handshake finished", self._peer)
             self._cancel_handshake_timer()
@@ -254,6 +296,9 @@ class TlsConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._closing = True
+        if self._admitted and self._admission is not None:
+            self._admitted = False
+            self._admission.leave()
         self._cancel_handshake_timer()
         self._feed_eof()
         for waiter in self._drain_waiters:
@@ -453,13 +498,17 @@ async def start_tls_server(
     *,
     handshake_timeout: float = 10.0,
     backlog: int = 1024,
+    admission: Admission | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (TLS with ``context``) and run ``client_connected(connection)`` per client,
-    as a task, once its handshake has succeeded. A failed or timed-out handshake closes that socket only."""
+    as a task, once its handshake has succeeded. A failed or timed-out handshake closes that socket only.
+
+    With ``admission``, a connection it does not let in is closed at accept: answering it would first
+    cost a TLS handshake, the most expensive work a client can ask of us, at the moment we are full."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     return await loop.create_server(
-        lambda: TlsConnection(context, client_connected, handshake_timeout, tasks),
+        lambda: TlsConnection(context, client_connected, handshake_timeout, tasks, admission),
         host,
         port,
         backlog=backlog,

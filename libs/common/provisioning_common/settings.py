@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)
     #: A provisioning connection is closed this long after its response (ThingsBoard: 60 s).
     mqtt_provision_close_s: float = Field(default=60.0, ge=0)
+    #: A connection with keep-alive 0 is closed after this long without a packet (ThingsBoard's
+    #: transport.sessions.inactivity_timeout, 300 s); keep-alive > 0 is enforced at 1.5 x its value.
+    mqtt_idle_timeout_s: float = Field(default=300.0, gt=0)
+    #: From the first byte of a packet, the rest must arrive within this (half a packet, then silence: closed).
+    mqtt_packet_timeout_s: float = Field(default=30.0, gt=0)
+    #: Open connections per gateway process, plain and TLS together; beyond it new ones are refused
+    #: (CONNACK "server unavailable" / closed at TLS accept). Lowered at start to fit RLIMIT_NOFILE.
+    mqtt_max_connections: int = Field(default=10_000, ge=1)
 
     #: MQTT bridge (bridge mode): the operator's own broker, ``mqtt://user:pass@host:1883`` or ``mqtts://...``
     #: (TLS, verified against MQTT_BROKER_CA_FILE or the system CAs). Unset: the bridge stays idle.
