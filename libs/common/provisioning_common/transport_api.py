@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout
 from .dialects import DialectError, parse_provision_request, render_error, render_result
+from .dialects.limits import MalformedRequestLimiter
 from .models import (
     MSG_TIMEOUT,
     AuthenticateRequest,
@@ -26,6 +27,7 @@ from .models import (
     Transport,
     X509ChainProvisionRequest,
 )
+from .outage import OutageLog
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class TransportApi:
     def __init__(self, bus: Bus, settings: Settings) -> None:
         self._bus = bus
         self._settings = settings
+        self._core_outage = OutageLog(log, "provisioning")
+        # Malformed requests never reach the core's wrong-secret limiter: count them here, per source.
+        self._malformed = MalformedRequestLimiter(settings.provision_failures_per_minute)
 
     @property
     def timeout(self) -> float:
@@ -80,19 +85,25 @@ class TransportApi:
             )
         except DialectError as exc:
             dialect = exc.dialect or Dialect.THINGSBOARD
+            if self._malformed.blocked(source_address):
+                refused = MalformedRequestLimiter.too_many()
+                return ProvisionOutcome(OutcomeKind.ANSWERED, dialect, render_result(dialect, refused), refused)
+            self._malformed.record(source_address)
             return ProvisionOutcome(OutcomeKind.BAD_REQUEST, dialect, render_error(dialect, exc.message))
         if request_id:
             request = request.model_copy(update={"request_id": request_id})
         try:
+            # The core must commit by now + PROVISION_TIMEOUT_S; we wait BUS_REPLY_GRACE_S longer for
+            # its answer, so "timed out" is only ever said when nothing was (or will be) written.
             result = await self._bus.call(
                 CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id
             )
-        except RpcTimeout:
-            log.warning("provision request %s timed out", request.request_id)
-            return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
         except RpcError as exc:
-            log.warning("provision request %s failed on the bus: %s", request.request_id, exc)
+            # Timed out, a dependency down, or the bus gone: one WARNING per outage, "retry later" to each.
+            self._core_outage.failed(type(exc).__name__ if isinstance(exc, RpcTimeout) else str(exc))
             return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
+        if self._core_outage.down:
+            self._core_outage.recovered()
         return ProvisionOutcome(OutcomeKind.ANSWERED, request.dialect, render_result(request.dialect, result), result)
 
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:

@@ -502,16 +502,21 @@ def test_property_arbitrary_bytes_parse_or_dialect_error(raw: bytes) -> None:
     assert isinstance(result, ProvisionRequest)
 
 
+#: Text every field accepts: no C0 control character or DEL, within the smallest limit (255).
+clean_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters=[chr(c) for c in range(0x20)]
+                                   + ["\x7f"]), max_size=255)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    key=st.text(),
-    secret=st.text(),
-    name=st.text(),
-    token=st.text(),
-    client_id=st.text(),
-    username=st.text(),
-    password=st.text(),
-    cert=st.text(),
+    key=clean_text,
+    secret=clean_text,
+    name=clean_text,
+    token=clean_text,
+    client_id=clean_text,
+    username=clean_text,
+    password=clean_text,
+    cert=clean_text,
     ctype=st.sampled_from(list(CredentialsType)),
 )
 def test_property_string_fields_survive_parsing(

@@ -12,6 +12,7 @@ from types import ModuleType
 from ..models import Dialect, ProvisionRequest, ProvisionResult, Transport
 from . import innoway, protobuf, thingsboard
 from ._json import DialectError, loads_object
+from .limits import check_request
 
 __all__ = ["DialectError", "parse_provision_request", "render_result", "render_error", "detect_dialect"]
 
@@ -34,22 +35,30 @@ def parse_provision_request(
     """Parse a provision payload in whichever dialect it is written.
 
     With ``protobuf_fallback`` (MQTT, CoAP), a payload that is not a JSON object is decoded as
-    ThingsBoard's ``ProvisionDeviceRequestMsg``, as ThingsBoard does. Raises
-    :class:`DialectError` whose ``dialect`` says how to render the error.
+    ThingsBoard's ``ProvisionDeviceRequestMsg``, as ThingsBoard does. Every string field is then
+    checked against ``limits.FIELD_LIMITS`` (length, control characters), here and nowhere else.
+    Raises :class:`DialectError` whose ``dialect`` says how to render the error.
     """
     try:
         obj = loads_object(body)
     except DialectError as exc:
-        if protobuf_fallback:
-            return protobuf.parse(body, transport=transport, source_address=source_address)
-        exc.dialect = Dialect.THINGSBOARD
-        raise
-    dialect = detect_dialect(obj)
+        if not protobuf_fallback:
+            exc.dialect = Dialect.THINGSBOARD
+            raise
+        dialect, request = Dialect.PROTOBUF, protobuf.parse(body, transport=transport, source_address=source_address)
+    else:
+        dialect = detect_dialect(obj)
+        try:
+            request = _MODULES[dialect].parse(obj, transport=transport, source_address=source_address)
+        except DialectError as exc:
+            exc.dialect = dialect
+            raise
     try:
-        return _MODULES[dialect].parse(obj, transport=transport, source_address=source_address)
+        check_request(request, _MODULES[dialect].WIRE_NAMES)
     except DialectError as exc:
         exc.dialect = dialect
         raise
+    return request
 
 
 def render_result(dialect: Dialect, result: ProvisionResult) -> bytes:

@@ -8,6 +8,11 @@ from ..models import CredentialsType, Dialect, ProvisionRequest, ProvisionResult
 from ._json import dumps, get_string
 
 KEY_FIELD = "provision_key"
+#: Request fields by their ProvisionRequest name, for error messages (limits.py).
+WIRE_NAMES = {
+    "provision_key": "provision_key", "provision_secret": "provision_secret", "device_name": "device_name",
+    "device_key": "device_key",
+}
 #: Innoway hands out 32-character tokens.
 TOKEN_LENGTH = 32
 

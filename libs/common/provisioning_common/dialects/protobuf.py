@@ -23,6 +23,11 @@ _TYPES = {
     pb.LWM2M_CREDENTIALS: CredentialsType.LWM2M_CREDENTIALS,
 }
 _TYPE_NUMBERS = {v: k for k, v in _TYPES.items()}
+#: Request fields by their ProvisionRequest / SuppliedCredentials name, for error messages (limits.py).
+WIRE_NAMES = {
+    "provision_key": "provisionDeviceKey", "provision_secret": "provisionDeviceSecret", "device_name": "deviceName",
+    "token": "token", "client_id": "clientId", "username": "userName", "password": "password", "certificate": "hash",
+}
 _STATUS = {ProvisionStatus.SUCCESS: pb.SUCCESS, ProvisionStatus.NOT_FOUND: pb.NOT_FOUND,
            ProvisionStatus.FAILURE: pb.FAILURE}
 

@@ -16,6 +16,12 @@ from ..models import (
 from ._json import DialectError, dumps, get_bool, get_string
 
 KEY_FIELD = "provisionDeviceKey"
+#: Request fields by their ProvisionRequest / SuppliedCredentials name, for error messages (limits.py).
+WIRE_NAMES = {
+    "provision_key": "provisionDeviceKey", "provision_secret": "provisionDeviceSecret", "device_name": "deviceName",
+    "token": "token", "client_id": "clientId", "username": "username", "password": "password",
+    "certificate": "hash", "csr": "csr",
+}
 
 
 def parse(obj: dict[str, Any], *, transport: Transport, source_address: str = "") -> ProvisionRequest:
