@@ -37,4 +37,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    runtime.run("coap_gateway", main)
+    # asyncio's selector loop, not uvloop: aiocoap's udp6 transport watches its socket with add_reader and
+    # asks for ICMP errors (IP_RECVERR), which the kernel signals with POLLERR until they are read from the
+    # error queue. The selector loop calls the reader, aiocoap reads the error and drops the client's
+    # exchanges. libuv (uvloop's add_reader is a uv_poll_t) stops a poll handle on POLLERR instead and
+    # uvloop closes it: one client that vanished before its answer (ICMP port unreachable) and the listener
+    # read nothing more, silently. udp6 is the transport to keep (pktinfo: answers from the address asked;
+    # ICMP errors end retransmissions to vanished clients, as RFC 7252 wants); the loop is what changes.
+    runtime.run("coap_gateway", main, stdlib_loop=True)

@@ -36,8 +36,15 @@ def announce_ready(service: str, detail: str = "") -> None:
     logging.getLogger(LIFECYCLE_LOGGER).info("%s ready%s%s", service, separator, detail)
 
 
-def run(service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(settings, stop)`` on uvloop; ``stop`` is set on SIGTERM or SIGINT."""
+def run(
+    service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]], *, stdlib_loop: bool = False
+) -> None:
+    """Run ``main(settings, stop)`` on uvloop; ``stop`` is set on SIGTERM or SIGINT.
+
+    ``stdlib_loop`` runs it on asyncio's own selector loop instead, for a service whose library
+    relies on that loop's semantics: the CoAP gateway (aiocoap's ``udp6`` transport reads ICMP errors
+    after a POLLERR, which libuv's poll handles treat as fatal; see ``coap_gateway.__main__``).
+    """
     settings = get_settings()
     setup_logging(settings, service)
 
@@ -48,6 +55,9 @@ def run(service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]
             loop.add_signal_handler(sig, stop.set)
         await main(settings, stop)
 
+    if stdlib_loop:
+        asyncio.run(runner())
+        return
     try:
         import uvloop
 
