@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
@@ -14,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
 from provisioning_common.certificates import name_hash, to_pem
+from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.models import (
     AuthenticateRequest,
     IssueCertificateRequest,
@@ -32,6 +36,9 @@ from provisioning_common.models import (
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
 from . import hashing, x509_ca
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 SERVICE = CREDENTIALS_SERVICE
 
@@ -107,15 +114,24 @@ class CredentialsService:
     def __init__(self, pool: asyncpg.Pool, box: SecretBox | None = None) -> None:
         self._pool = pool
         self._box = box
+        self._guard = DatabaseGuard(logging.getLogger(__name__))
 
     def handlers(self) -> dict[str, Handler]:
         return {
             "prepare": Handler(PrepareCredentialsRequest, self.prepare),
             "mint_tokens": Handler(MintTokensRequest, self.mint_tokens),
-            "verify_chain": Handler(VerifyChainRequest, self.verify_chain),
+            "verify_chain": Handler(VerifyChainRequest, self._guarded(self.verify_chain)),
             "issue_certificate": Handler(IssueCertificateRequest, self.issue_certificate),
-            "authenticate": Handler(AuthenticateRequest, self.authenticate),
+            "authenticate": Handler(AuthenticateRequest, self._guarded(self.authenticate)),
         }
+
+    def _guarded(self, func: Callable[[Req], Awaitable[Resp]]) -> Callable[[Req], Awaitable[Resp]]:
+        """A handler that reads Postgres: an outage answers "unavailable" instead of a traceback."""
+
+        async def guarded(req: Req) -> Resp:
+            return await self._guard.run(func(req))
+
+        return guarded
 
     async def prepare(self, req: PrepareCredentialsRequest) -> PrepareCredentialsResult:
         try:

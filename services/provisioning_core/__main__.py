@@ -31,8 +31,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     )
     bus = await Bus.connect(settings)
     core = ProvisioningCore(pool, bus, box, FailureLimiter(settings.provision_failures_per_minute),
-                            profile_ttl_s=settings.profile_cache_ttl_s)
-    await bus.serve(SERVICE, core.handlers())
+                            profile_ttl_s=settings.profile_cache_ttl_s,
+                            replay_window_s=settings.provision_replay_window_s,
+                            reply_grace_s=settings.bus_reply_grace_s)
+    await bus.serve(SERVICE, core.handlers(), on_undelivered=core.on_undelivered)
     runtime.announce_ready("provisioning_core", f"on queue {settings.queue(SERVICE)}")
     health = await start_if_configured(settings, bus_check(bus), pool_check(pool))
 

@@ -1,24 +1,47 @@
 """The provisioning rules (ThingsBoard's ``DeviceProvisionServiceImpl``, spec §4-§6), in one place.
 
 Every transport's request ends up in :meth:`ProvisioningCore.provision`. Idempotency: the
-request id is claimed in ``provision_requests`` inside the same transaction that writes the
-device, so a redelivered request either waits for the first attempt and replays its answer, or
-(if the first attempt rolled back) does the work once.
+request's *replay key* is claimed in ``provision_requests`` inside the same transaction that
+writes the device, so a redelivered request either waits for the first attempt and replays its
+answer, or (if the first attempt rolled back) does the work once. For a named device the key is
+derived from the request's content (key, secret, name, credentials), so a device that repeats a
+request after a time-out or a lost answer gets that answer too, within
+``PROVISION_REPLAY_WINDOW_S``, instead of "name taken".
+
+Deadlines: nothing is written past the request's deadline (:func:`bus.current_deadline`; the
+write checks it in the same statement), and work whose answer provably reached nobody (it came
+back from the broker, or was ready only after the caller gave up) is undone, unless a retry was
+handed it meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import logging
 import re
 import secrets
 import string
+import time
 import uuid
 
 import asyncpg
+from pydantic import BaseModel
 
-from provisioning_common.bus import CORE_SERVICE, CREDENTIALS_SERVICE, Bus, Handler, RpcError
+from provisioning_common.bus import (
+    CORE_SERVICE,
+    CREDENTIALS_SERVICE,
+    Bus,
+    DeadlineExceeded,
+    Handler,
+    RpcError,
+    RpcTimeout,
+    Unavailable,
+    current_deadline,
+)
 from provisioning_common.db import repository
+from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.dialects import innoway
 from provisioning_common.models import (
     MSG_FAILURE,
@@ -49,7 +72,6 @@ _NAME_ALPHABET = string.ascii_letters + string.digits
 
 log = logging.getLogger(__name__)
 
-
 def java_trim(value: str) -> str:
     """Java's ``String.trim()``: strips characters <= U+0020 at both ends (spec §4.1)."""
     return value.strip("".join(chr(c) for c in range(0x21)))
@@ -61,7 +83,15 @@ def _random_name() -> str:
 
 class ProvisioningCore:
     def __init__(
-        self, pool: asyncpg.Pool, bus: Bus, box: SecretBox, limiter: FailureLimiter, profile_ttl_s: float = 1.0
+        self,
+        pool: asyncpg.Pool,
+        bus: Bus,
+        box: SecretBox,
+        limiter: FailureLimiter,
+        profile_ttl_s: float = 1.0,
+        *,
+        replay_window_s: float = 600.0,
+        reply_grace_s: float = 2.0,
     ) -> None:
         self._pool = pool
         self._profiles = ProfileCache(pool, profile_ttl_s)
@@ -69,6 +99,10 @@ class ProvisioningCore:
         self._tokens = TokenPool(bus)
         self._box = box
         self._limiter = limiter
+        self._replay_window_s = replay_window_s
+        self._reply_grace_s = reply_grace_s
+        self._replay_secret = box.derive_key(b"provision-replay-key")
+        self._db = DatabaseGuard(log).run
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -76,8 +110,55 @@ class ProvisioningCore:
             "provision_x509_chain": Handler(X509ChainProvisionRequest, self.provision_x509_chain),
         }
 
+    def replay_key(self, req: ProvisionRequest) -> str:
+        """The id under which this request's answer is kept and replayed.
+
+        A named request is keyed by its content (an HMAC under a server secret, so the stored key
+        reveals nothing), so the same device repeating the same request is the same request. An
+        unnamed one (the server picks a random name) is keyed by its request id: each such request
+        is a new device, and only a redelivery of that very message replays it.
+        """
+        name = java_trim(req.device_name) if req.device_name else ""
+        if not name or self._replay_window_s <= 0:
+            return req.request_id
+        material = json.dumps(
+            [req.dialect.value, req.provision_key, req.provision_secret, name, req.device_key,
+             req.credentials_type.value, req.credentials.model_dump(), req.gateway],
+            separators=(",", ":"),
+        )
+        return "k:" + hmac.new(self._replay_secret, material.encode(), hashlib.sha256).hexdigest()
+
+    def _caller_gave_up(self) -> bool:
+        """Whether an answer sent now may arrive after the caller stopped waiting (deadline + grace)."""
+        deadline = current_deadline()
+        return deadline is not None and time.time() > deadline + self._reply_grace_s / 2
+
+    async def _deliverable(self, key: str, result: ProvisionResult) -> ProvisionResult:
+        """``result`` of work just committed, or undo it when its caller can no longer receive it."""
+        if result.status is ProvisionStatus.SUCCESS and self._caller_gave_up():
+            await self.undo(key, result)
+            raise DeadlineExceeded("answer ready after the caller gave up; undone")
+        return result
+
+    async def undo(self, key: str, result: ProvisionResult) -> None:
+        """Undo the work of ``key`` whose answer reached nobody (no-op once a retry was handed it)."""
+        restore = None
+        if result.credentials_value is not None:
+            restore = self._box.encrypt_json(result.credentials_value)
+        if await self._db(repository.undo_unanswered(self._pool, key, restore)):
+            log.info("undid device %s: its answer reached nobody (the device may retry)", result.device_id)
+
+    async def on_undelivered(self, request: BaseModel, reply: BaseModel) -> None:
+        """Bus hook: the broker returned our answer (the caller is gone), so nobody was told."""
+        if isinstance(request, ProvisionRequest) and isinstance(reply, ProvisionResult):
+            if reply.status is ProvisionStatus.SUCCESS:
+                await self.undo(self.replay_key(request), reply)
+
     async def provision(self, req: ProvisionRequest) -> ProvisionResult:
-        # A duplicate delivery is detected where the device is written (the request id is
+        return await self._db(self._provision(req))
+
+    async def _provision(self, req: ProvisionRequest) -> ProvisionResult:
+        # A duplicate delivery is detected where the device is written (the replay key is
         # claimed in the same statement), so the common case costs no extra query.
         name = req.device_name
         if name:
@@ -105,10 +186,8 @@ class ProvisioningCore:
             return ProvisionResult.failure()
         return await self._claim_pre_provisioned(req, profile, name)
 
-    async def _replay(self, request_id: str) -> ProvisionResult | None:
-        answer = await self._pool.fetchval(
-            "SELECT answer_enc FROM provision_requests WHERE request_id = $1", request_id
-        )
+    async def _replay(self, key: str) -> ProvisionResult | None:
+        answer = await repository.replay_answer(self._pool, key)
         if answer is None:
             return None
         try:
@@ -117,18 +196,24 @@ class ProvisioningCore:
             log.error("cannot decrypt the stored answer of a redelivered request; is DATA_ENCRYPTION_KEY shared?")
             return ProvisionResult.failure()
 
-    async def _claim_request(self, conn: asyncpg.Connection, request_id: str) -> bool:
-        """Claim the request id in this transaction; False when another attempt already holds it."""
+    async def _claim_request(self, conn: asyncpg.Connection, key: str) -> bool:
+        """Claim the replay key in this transaction; False when another attempt already holds it."""
+        if key.startswith("k:"):
+            await conn.execute(
+                "DELETE FROM provision_requests WHERE request_id = $1"
+                " AND created_at < clock_timestamp() - make_interval(secs => $2)",
+                key, self._replay_window_s,
+            )
         claimed = await conn.fetchval(
-            "INSERT INTO provision_requests (request_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1",
-            request_id,
+            "INSERT INTO provision_requests (request_id, kind) VALUES ($1, 'claimed') ON CONFLICT DO NOTHING RETURNING 1",
+            key,
         )
         return claimed is not None
 
-    async def _record_answer(self, conn: asyncpg.Connection, request_id: str, result: ProvisionResult) -> None:
+    async def _record_answer(self, conn: asyncpg.Connection, key: str, result: ProvisionResult) -> None:
         await conn.execute(
             "UPDATE provision_requests SET device_id = $2, answer_enc = $3 WHERE request_id = $1",
-            request_id,
+            key,
             uuid.UUID(result.device_id) if result.device_id else None,
             self._box.encrypt_json(result.model_dump(mode="json")),
         )
@@ -136,6 +221,7 @@ class ProvisioningCore:
     async def _create_device(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
     ) -> ProvisionResult:
+        key = self.replay_key(req)
         token_length = innoway.TOKEN_LENGTH if req.dialect is Dialect.INNOWAY else 20
         ca_certificates: list[str] | None = None
         try:
@@ -159,8 +245,13 @@ class ProvisioningCore:
                     return ProvisionResult.failure(_failure_message(reply.error_message))
                 prepared = reply.prepared
         except RpcError as exc:
-            log.warning("credentials service unavailable: %s", exc)
-            return ProvisionResult.failure()
+            # A repeated request whose first attempt committed needs no new credentials.
+            replayed = await self._replay(key) if key != req.request_id else None
+            if replayed is not None:
+                return replayed
+            if isinstance(exc, RpcTimeout):
+                raise DeadlineExceeded("credentials service did not answer in time") from None
+            raise Unavailable("credentials service unavailable") from None
         device_id = uuid.uuid4()
         result = ProvisionResult(
             status=ProvisionStatus.SUCCESS,
@@ -171,28 +262,37 @@ class ProvisioningCore:
             credentials_id=prepared.credentials_id,
             ca_certificates=ca_certificates,
         )
-        try:
-            created = await repository.insert_device(
-                self._pool,
-                device_id=device_id,
-                name=name,
-                profile_id=profile.id,
-                device_key=req.device_key or str(device_id),
-                gateway=req.gateway,
-                provision_state=PROVISIONED,
-                prepared=prepared,
-                value_enc=None,
-                request_id=req.request_id,
-                answer_enc=self._box.encrypt_json(result.model_dump(mode="json")),
-            )
-        except repository.DeviceConflict as exc:
-            log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
-            return ProvisionResult.failure()
-        if not created:
-            return await self._replay(req.request_id) or ProvisionResult.failure()
-        log.info("provisioned device %s (%s) in profile %s via %s", device_id, prepared.credentials_type.value,
-                 profile.name, req.transport.value)
-        return result
+        answer_enc = self._box.encrypt_json(result.model_dump(mode="json"))
+        for _ in range(2):  # a claim undone between our insert and our replay: write again
+            try:
+                created = await repository.insert_device(
+                    self._pool,
+                    device_id=device_id,
+                    name=name,
+                    profile_id=profile.id,
+                    device_key=req.device_key or str(device_id),
+                    gateway=req.gateway,
+                    provision_state=PROVISIONED,
+                    prepared=prepared,
+                    value_enc=None,
+                    request_id=key,
+                    answer_enc=answer_enc,
+                    deadline=current_deadline(),
+                    replay_window_s=self._replay_window_s if key != req.request_id else None,
+                )
+            except repository.DeviceConflict as exc:
+                log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
+                return ProvisionResult.failure()
+            except repository.Expired:
+                raise DeadlineExceeded("deadline passed before the device was written") from None
+            if created:
+                log.info("provisioned device %s (%s) in profile %s via %s", device_id,
+                         prepared.credentials_type.value, profile.name, req.transport.value)
+                return await self._deliverable(key, result)
+            replayed = await self._replay(key)
+            if replayed is not None:
+                return replayed
+        return ProvisionResult.failure()
 
     async def _issue_certificate(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
@@ -217,6 +317,9 @@ class ProvisioningCore:
 
     async def provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         """ThingsBoard's X.509 chain strategy (spec §8): create, rotate, or refuse on a TLS connect."""
+        return await self._db(self._provision_x509_chain(req))
+
+    async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         try:
             verified = await self._bus.call(
                 CREDENTIALS_SERVICE, "verify_chain", VerifyChainRequest(chain=req.chain), VerifyChainResult
@@ -264,7 +367,10 @@ class ProvisioningCore:
                 await repository.insert_device(
                     self._pool, device_id=device_id, name=name, profile_id=profile.id, device_key=str(device_id),
                     gateway=False, provision_state=PROVISIONED, prepared=prepared, value_enc=None,
+                    deadline=current_deadline(),
                 )
+            except repository.Expired:
+                raise DeadlineExceeded("deadline passed before the device was written") from None
             except repository.DeviceConflict as exc:
                 if exc.what == "name":
                     continue
@@ -284,10 +390,14 @@ class ProvisioningCore:
     async def _claim_pre_provisioned(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
     ) -> ProvisionResult:
+        key = self.replay_key(req)
+        deadline = current_deadline()
+        if deadline is not None and time.time() > deadline:
+            raise DeadlineExceeded("deadline passed before the device was claimed")
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    if not await self._claim_request(conn, req.request_id):
+                    if not await self._claim_request(conn, key):
                         raise _AlreadyHandled
                     row = await conn.fetchrow(
                         "SELECT d.id, d.profile_id, d.provision_state, c.credentials_type, c.credentials_id,"
@@ -312,16 +422,20 @@ class ProvisioningCore:
                     )
                     # Handed out: from now on only the hash remains.
                     await conn.execute("UPDATE device_credentials SET value_enc = NULL WHERE device_id = $1", row["id"])
-                    await self._record_answer(conn, req.request_id, result)
+                    await self._record_answer(conn, key, result)
+                    if await repository.deadline_passed(conn, deadline):
+                        raise _Expired
             except _AlreadyHandled:
-                return await self._replay(req.request_id) or ProvisionResult.failure()
+                return await self._replay(key) or ProvisionResult.failure()
             except _Refused:
                 return ProvisionResult.failure()
+            except _Expired:
+                raise DeadlineExceeded("deadline passed before the claim could commit") from None
             except InvalidToken:
                 log.error("cannot decrypt pre-provisioned credentials; is DATA_ENCRYPTION_KEY the admin API's?")
                 return ProvisionResult.failure()
         log.info("pre-provisioned device %s claimed in profile %s", result.device_id, profile.name)
-        return result
+        return await self._deliverable(key, result)
 
     async def purge_answers(self, older_than_s: float) -> int:
         """Forget replayable answers once no redelivery can still arrive (they expire with their TTL)."""
@@ -337,6 +451,10 @@ class _AlreadyHandled(Exception):
 
 class _Refused(Exception):
     """Roll back and answer FAILURE."""
+
+
+class _Expired(Exception):
+    """Roll back: the deadline passed before the commit."""
 
 
 def _name_from_common_name(pattern: str, common_name: str | None) -> str | None:

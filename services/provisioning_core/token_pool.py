@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 
 from provisioning_common.bus import CREDENTIALS_SERVICE, Bus
 from provisioning_common.models import MintTokensRequest, MintTokensResult, PreparedCredentials
@@ -30,7 +31,8 @@ class TokenPool:
             await self._refill(length)
         token = tokens.popleft()
         if len(tokens) < self._batch // 4 and not self._locks[length].locked():
-            task = asyncio.create_task(self._refill_quietly(length))
+            # A fresh context: the refill must not inherit (and die with) this request's deadline.
+            task = asyncio.create_task(self._refill_quietly(length), context=contextvars.Context())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return token

@@ -198,9 +198,20 @@ def test_blank_name_fails_before_key_check(http: httpx.Client) -> None:
 
 
 def test_same_name_twice_fails_the_second_time(http: httpx.Client, profile: dict) -> None:
+    """ThingsBoard: a second, different request for a name that exists fails (here: other credentials)."""
     name = f"twice-{uuid.uuid4().hex[:6]}"
     assert provision(http, tb_request(profile, deviceName=name)).json()["status"] == "SUCCESS"
-    assert provision(http, tb_request(profile, deviceName=f"  {name}  ")).content == FAILURE
+    other = tb_request(profile, deviceName=f"  {name}  ", credentialsType="ACCESS_TOKEN", token=uuid.uuid4().hex)
+    assert provision(http, other).content == FAILURE
+
+
+def test_the_same_request_repeated_gets_the_first_answer(http: httpx.Client, profile: dict) -> None:
+    """A device that repeats its request (its answer was lost, it timed out) is never stuck on
+    "name taken": within PROVISION_REPLAY_WINDOW_S it gets the same credentials again."""
+    name = f"again-{uuid.uuid4().hex[:6]}"
+    first = provision(http, tb_request(profile, deviceName=name))
+    assert first.json()["status"] == "SUCCESS"
+    assert provision(http, tb_request(profile, deviceName=f" {name}\t")).content == first.content
 
 
 def test_disabled_profile_is_not_found(http: httpx.Client, admin: Admin) -> None:
@@ -219,12 +230,26 @@ def test_token_used_by_another_device_is_refused(http: httpx.Client, profile: di
 async def test_concurrent_requests_for_one_name_yield_one_success(
     env: Env, profile: dict, db: asyncpg.Connection
 ) -> None:
+    """20 different requests (each its own token) race for one name: exactly one wins."""
     name = f"race-{uuid.uuid4().hex[:6]}"
+    bodies = [json.dumps(tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=f"t{i}-{name}"))
+              for i in range(20)]
+    async with httpx.AsyncClient(base_url=env.http_url, timeout=15) as client:
+        responses = await asyncio.gather(*(client.post("/api/v1/provision", content=body) for body in bodies))
+    statuses = sorted(r.json()["status"] for r in responses)
+    assert statuses.count("SUCCESS") == 1 and statuses.count("FAILURE") == 19
+    assert await db.fetchval("SELECT count(*) FROM devices WHERE name = $1", name) == 1
+
+
+async def test_concurrent_copies_of_one_request_create_one_device_and_share_its_answer(
+    env: Env, profile: dict, db: asyncpg.Connection
+) -> None:
+    name = f"copies-{uuid.uuid4().hex[:6]}"
     body = json.dumps(tb_request(profile, deviceName=name))
     async with httpx.AsyncClient(base_url=env.http_url, timeout=15) as client:
         responses = await asyncio.gather(*(client.post("/api/v1/provision", content=body) for _ in range(20)))
-    statuses = sorted(r.json()["status"] for r in responses)
-    assert statuses.count("SUCCESS") == 1 and statuses.count("FAILURE") == 19
+    assert {r.json()["status"] for r in responses} == {"SUCCESS"}
+    assert len({r.json()["credentialsValue"] for r in responses}) == 1
     assert await db.fetchval("SELECT count(*) FROM devices WHERE name = $1", name) == 1
 
 

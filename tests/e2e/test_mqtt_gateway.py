@@ -319,7 +319,7 @@ def test_mosquitto_rr_provisions(env: Env, stack: Stack, profile: dict) -> None:
 
 def test_core_missing_gives_a_failure_answer_not_silence(env: Env, stack: Stack) -> None:
     lonely = Env(env.infra, database=env.database, namespace=f"e2e-mqtt-nocore-{uuid.uuid4().hex[:6]}.")
-    gateway = Stack(lonely.variables(PROVISION_TIMEOUT_S="1", MQTTS_PORT="0"), ["mqtt_gateway"]).start()
+    gateway = Stack(lonely.variables(PROVISION_TIMEOUT_S="1", BUS_REPLY_GRACE_S="0.5", MQTTS_PORT="0"), ["mqtt_gateway"]).start()
     try:
         started = time.monotonic()
         message = mc.provision(lonely.mqtt_port, {"provisionDeviceKey": "k", "provisionDeviceSecret": "s"})

@@ -2,23 +2,36 @@
 
 A caller (:meth:`Bus.call`) publishes a pydantic model to a service's durable queue with
 ``reply_to`` = this process's own reply queue and a fresh ``correlation_id``, then awaits the
-matching reply. The message carries a TTL equal to the caller's timeout, so nothing is
-processed after the caller gave up. A service (:meth:`Bus.serve`) consumes its queue with a
-prefetch window, validates each body into the handler's model, and replies before it acks, so a
-crash between the two redelivers the request (at-least-once; handlers are idempotent by
-``message_id``).
+matching reply. A service (:meth:`Bus.serve`) consumes its queue with a prefetch window,
+validates each body into the handler's model, and replies before it acks, so a crash between
+the two redelivers the request (at-least-once; handlers are idempotent by ``message_id``).
+
+Deadlines (like nameko's call context, in headers): every request carries an absolute
+``x-deadline`` (Unix time). The serving side refuses a request already past it, runs the
+handler with that deadline as :func:`current_deadline` (so nested calls get the *remaining*
+time, never a fresh one, and the handler can refuse to commit past it), and answers
+``deadline_exceeded`` when it runs out. The original caller waits ``BUS_REPLY_GRACE_S`` longer
+than the deadline it set, so the service's own answer - success or "too late" - reaches it
+before it gives up; a device is never told "timed out" while its work may still commit.
+
+When the connection drops, callers fail at once (no waiting out the time-out), and a reply the
+broker cannot deliver (its caller vanished) is reported to the service through
+``on_undelivered`` so that it can undo work nobody was told about.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -30,6 +43,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from .models import RpcFailure
+from .outage import OutageLog
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +53,24 @@ Resp = TypeVar("Resp", bound=BaseModel)
 
 #: Header set on a reply whose body is an :class:`RpcFailure` instead of the handler's model.
 ERROR_HEADER = "x-rpc-error"
+#: Header of every request: the absolute deadline (Unix time, seconds) of the whole call chain.
+DEADLINE_HEADER = "x-deadline"
+#: ``RpcFailure.code`` values a caller acts on.
+CODE_DEADLINE = "deadline_exceeded"
+CODE_UNAVAILABLE = "unavailable"
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_deadline", default=None)
+
+
+def current_deadline() -> float | None:
+    """The deadline (Unix time) of the request being handled in this task, if any."""
+    return _deadline.get()
+
+
+def remaining(default: float) -> float:
+    """Seconds left before :func:`current_deadline` (``default`` outside a request)."""
+    deadline = _deadline.get()
+    return default if deadline is None else deadline - time.time()
 
 # Queue and exchange names (prefixed with BUS_NAMESPACE): the bus-level contract between services.
 CORE_SERVICE = "provisioning_core"
@@ -52,6 +84,18 @@ class RpcError(RuntimeError):
 
 class RpcTimeout(RpcError):
     """No reply within the timeout: the service is slow, down, or the request expired in its queue."""
+
+
+class DeadlineExceeded(RpcTimeout):
+    """The request's deadline passed; a handler raises it to answer "too late" (nothing committed)."""
+
+
+class Unavailable(RpcError):
+    """A dependency (database, another service) is down; the caller gets a clear "retry later"."""
+
+
+#: Called with (request, reply) when a reply could not be delivered because its caller is gone.
+UndeliveredHook = Callable[[BaseModel, BaseModel], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -78,15 +122,34 @@ class Bus:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._outage = OutageLog(log, "RabbitMQ")
+        connection.close_callbacks.add(self._on_connection_lost)
+        if hasattr(connection, "reconnect_callbacks"):
+            connection.reconnect_callbacks.add(self._on_reconnected)
 
     @classmethod
     async def connect(cls, settings: Settings) -> "Bus":
         connection = await aio_pika.connect_robust(
-            settings.rabbitmq_url.get_secret_value(), client_properties={"connection_name": "provisioning"}
+            settings.rabbitmq_url.get_secret_value(),
+            client_properties={"connection_name": "provisioning"},
+            reconnect_interval=settings.bus_reconnect_interval_s,
         )
         bus = cls(settings, connection)
         bus._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return bus
+
+    def _on_connection_lost(self, *_: Any) -> None:
+        """Fail every caller at once: their replies would go to a reply queue that is gone."""
+        if self._connection.is_closed:
+            return  # our own close()
+        self._outage.failed("connection lost")
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(RpcError("bus connection lost"))
+
+    def _on_reconnected(self, *_: Any) -> None:
+        self._outage.recovered()
 
     @property
     def is_connected(self) -> bool:
@@ -137,13 +200,29 @@ class Bus:
         *,
         timeout: float | None = None,
         message_id: str | None = None,
+        deadline: float | None = None,
     ) -> Resp:
         """Send ``payload`` to ``service.method`` and return its validated reply.
 
-        Raises :class:`RpcTimeout` after ``timeout`` seconds (default ``PROVISION_TIMEOUT_S``)
-        and :class:`RpcError` when the remote failed or the bus is unreachable.
+        The request's deadline is ``deadline`` (Unix time) if given; inside a handler it is the
+        handled request's own deadline (shortened to ``timeout`` if that is sooner); otherwise now
+        + ``timeout`` (default ``PROVISION_TIMEOUT_S``). A caller that sets a new deadline waits
+        ``BUS_REPLY_GRACE_S`` past it for the service's answer; a nested call waits only until the
+        deadline, since its own caller needs an answer by then.
+
+        Raises :class:`RpcTimeout` (:class:`DeadlineExceeded` when the service answered that the
+        deadline passed), :class:`Unavailable` when the service reports a dependency down, and
+        :class:`RpcError` when the remote failed or the bus is unreachable.
         """
-        timeout = timeout if timeout is not None else self._settings.provision_timeout_s
+        now = time.time()
+        inherited = _deadline.get()
+        if deadline is None:
+            own = now + (timeout if timeout is not None else self._settings.provision_timeout_s)
+            deadline = own if inherited is None else min(inherited, own)
+        grace = self._settings.bus_reply_grace_s if inherited is None else 0.0
+        budget = deadline - now
+        if budget <= 0:
+            raise DeadlineExceeded(f"{service}.{method}: deadline already passed")
         await self._ensure_reply_consumer()
         if service not in self._declared:
             await self._declare_service_queue(service)
@@ -158,19 +237,21 @@ class Bus:
             correlation_id=correlation_id,
             message_id=message_id or correlation_id,
             reply_to=self._reply_queue_name,
-            expiration=timeout,
+            headers={DEADLINE_HEADER: f"{deadline:.6f}"},
+            # Nothing is taken from the queue after the deadline (the handler checks it too).
+            expiration=budget,
             # Transient: a request lives at most ``timeout`` seconds, after which its caller has
             # answered the device anyway; writing it to disk would only cost broker time.
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(budget + grace):
                 await self.channel.default_exchange.publish(
                     message, routing_key=self._settings.queue(service), mandatory=True
                 )
                 reply = await future
         except TimeoutError:
-            raise RpcTimeout(f"{service}.{method} did not answer within {timeout:g}s") from None
+            raise RpcTimeout(f"{service}.{method} did not answer within {budget + grace:.3g}s") from None
         except RpcError:
             raise
         except Exception as exc:  # connection lost, channel closed, unroutable
@@ -178,7 +259,12 @@ class Bus:
         finally:
             self._pending.pop(correlation_id, None)
         if reply.headers.get(ERROR_HEADER):
-            raise RpcError(RpcFailure.model_validate_json(reply.body).error)
+            failure = RpcFailure.model_validate_json(reply.body)
+            if failure.code == CODE_DEADLINE:
+                raise DeadlineExceeded(failure.error)
+            if failure.code == CODE_UNAVAILABLE:
+                raise Unavailable(failure.error)
+            raise RpcError(failure.error)
         return response_model.model_validate_json(reply.body)
 
     async def publish_event(self, exchange_name: str, routing_key: str, body: bytes) -> None:
@@ -203,14 +289,18 @@ class Bus:
 
     # --- service side ------------------------------------------------------------------
 
-    async def serve(self, service: str, handlers: dict[str, Handler[Any]]) -> None:
+    async def serve(
+        self, service: str, handlers: dict[str, Handler[Any]], *, on_undelivered: UndeliveredHook | None = None
+    ) -> None:
         """Consume ``service``'s queue and dispatch each message to ``handlers[message.type]``.
 
         Uses its own channel so that its prefetch window does not throttle this process's calls.
-        Replies are not confirmed: one lost with the connection leaves its request unacked, so
-        the request is redelivered and its answer replayed.
+        Replies are published mandatory with publisher confirms: a reply the broker cannot route
+        (the caller's reply queue is gone: it died or its connection dropped) is handed to
+        ``on_undelivered`` instead of being logged, body and all, by the AMQP library. A reply lost
+        with our own connection leaves its request unacked, so it is redelivered and replayed.
         """
-        channel = await self._connection.channel(publisher_confirms=False)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self._settings.bus_prefetch)
         queue = await self._declare_service_queue(service, channel)
 
@@ -218,7 +308,7 @@ class Bus:
             self._in_flight += 1
             self._idle.clear()
             try:
-                await self._handle(channel, handlers, service, message)
+                await self._handle(channel, handlers, service, message, on_undelivered)
             finally:
                 self._in_flight -= 1
                 if self._in_flight == 0:
@@ -233,18 +323,33 @@ class Bus:
         handlers: dict[str, Handler[Any]],
         service: str,
         message: AbstractIncomingMessage,
+        on_undelivered: UndeliveredHook | None,
     ) -> None:
         handler = handlers.get(message.type or "")
         headers: dict[str, Any] = {}
+        request: BaseModel | None = None
+        deadline = _header_deadline(message)
+        token = _deadline.set(deadline)
         try:
             if handler is None:
                 raise RpcError(f"{service} has no method {message.type!r}")
+            if deadline is not None and time.time() >= deadline:
+                raise DeadlineExceeded(f"{service}.{message.type}: deadline passed before it was handled")
             request = handler.model.model_validate_json(message.body)
-            reply: BaseModel = await handler.func(request)
+            if deadline is None:
+                reply: BaseModel = await handler.func(request)
+            else:
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout_at(loop.time() + deadline - time.time()):
+                    reply = await handler.func(request)
         except ValidationError as exc:
             reply, headers = RpcFailure(error=f"invalid {message.type} request: {exc.error_count()} errors"), {
                 ERROR_HEADER: 1
             }
+        except (DeadlineExceeded, TimeoutError):
+            reply, headers = RpcFailure(error="deadline exceeded", code=CODE_DEADLINE), {ERROR_HEADER: 1}
+        except Unavailable as exc:
+            reply, headers = RpcFailure(error=str(exc), code=CODE_UNAVAILABLE), {ERROR_HEADER: 1}
         except RpcError as exc:
             reply, headers = RpcFailure(error=str(exc)), {ERROR_HEADER: 1}
         except asyncio.CancelledError:
@@ -253,17 +358,32 @@ class Bus:
         except Exception as exc:
             log.exception("%s.%s failed", service, message.type)
             reply, headers = RpcFailure(error=f"{type(exc).__name__}"), {ERROR_HEADER: 1}
+        finally:
+            _deadline.reset(token)
         if message.reply_to:
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    reply.model_dump_json().encode(),
-                    content_type="application/json",
-                    correlation_id=message.correlation_id,
-                    headers=headers,
-                ),
-                routing_key=message.reply_to,
-            )
-        await message.ack()
+            try:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        reply.model_dump_json().encode(),
+                        content_type="application/json",
+                        correlation_id=message.correlation_id,
+                        message_id=message.message_id,
+                        headers=headers,
+                    ),
+                    routing_key=message.reply_to,
+                    mandatory=True,
+                )
+            except aiormq.exceptions.PublishError:
+                # Returned unroutable: the caller's reply queue is gone, nobody will read this answer.
+                if on_undelivered is not None and request is not None and not headers:
+                    await _quietly(on_undelivered(request, reply), service)
+            except Exception as exc:  # our connection dropped: leave the request unacked (redelivered)
+                self._outage.failed(f"reply not sent ({type(exc).__name__})")
+                return
+        try:
+            await message.ack()
+        except Exception as exc:  # the channel is gone; the broker redelivers the request
+            self._outage.failed(f"ack not sent ({type(exc).__name__})")
 
     async def stop_consuming(self, drain_timeout: float = 10.0) -> None:
         """Stop taking new requests and wait (bounded) for the ones in progress to be answered."""
@@ -283,3 +403,20 @@ class Bus:
             if not future.done():
                 future.cancel()
         await self._connection.close()
+
+
+def _header_deadline(message: AbstractIncomingMessage) -> float | None:
+    raw = (message.headers or {}).get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        return float(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError):
+        return None
+
+
+async def _quietly(awaitable: Awaitable[None], service: str) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        log.warning("%s: could not undo the work of an undelivered reply: %s", service, type(exc).__name__)

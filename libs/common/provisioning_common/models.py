@@ -222,3 +222,5 @@ class RpcFailure(_Frozen):
     """Body of a reply when the remote handler raised: the caller turns it into its own error."""
 
     error: str
+    #: Machine-readable reason the caller acts on (``deadline_exceeded``, ``unavailable``); None otherwise.
+    code: str | None = None

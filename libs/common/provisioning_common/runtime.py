@@ -26,8 +26,19 @@ def setup_logging(settings: Settings, service: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(log_format))
         lifecycle.addHandler(handler)
-    # aiormq logs connection URLs at debug level; keep credentials out of logs.
-    logging.getLogger("aiormq").setLevel(max(logging.INFO, logging.getLogger().level))
+    # aiormq logs connection URLs at debug level, and returned or unexpected messages (bodies with
+    # tokens) at error level; aio_pika logs every reconnect attempt. The Bus logs one line per
+    # outage instead (provisioning_common.outage), so only their real errors pass, without bodies.
+    for name in ("aiormq", "aio_pika"):
+        library = logging.getLogger(name)
+        library.setLevel(max(logging.ERROR, logging.getLogger().level))
+        library.addFilter(_no_message_bodies)
+
+
+def _no_message_bodies(record: logging.LogRecord) -> bool:
+    """Drop AMQP library records that would print a message (its body may carry credentials)."""
+    args = record.args if isinstance(record.args, tuple) else (record.args,)
+    return not any(hasattr(arg, "body") or hasattr(arg, "header") for arg in args)
 
 
 def announce_ready(service: str, detail: str = "") -> None:
@@ -84,5 +95,5 @@ def serve_http(app: object, port: int, settings: Settings, *, access_log: bool =
         http="httptools",
         access_log=access_log,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.provision_timeout_s) + 5,
+        timeout_graceful_shutdown=int(settings.provision_timeout_s + settings.bus_reply_grace_s) + 5,
     )

@@ -6,6 +6,8 @@ answers replayed on broker redelivery: a database dump alone reveals neither.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -29,6 +31,12 @@ class SecretBox:
             self._fernet = MultiFernet([Fernet(k.encode()) for k in parts])
         except (ValueError, TypeError) as exc:
             raise ValueError("DATA_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64 bytes)") from exc
+        self._primary = parts[0].encode()
+
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A 32-byte key for ``purpose`` derived from the newest key (HMAC-SHA256), e.g. to key hashes
+        that every instance must compute alike but a database dump must not let anyone recompute."""
+        return hmac.new(self._primary, b"provisioning:" + purpose, hashlib.sha256).digest()
 
     def encrypt_json(self, value: Any) -> bytes:
         return self._fernet.encrypt(json.dumps(value, separators=(",", ":")).encode())

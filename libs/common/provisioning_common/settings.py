@@ -23,6 +23,16 @@ class Settings(BaseSettings):
     #: How long a gateway waits for the core; also the TTL of the request message so that
     #: nothing is processed after the caller gave up.
     provision_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: How much longer than a request's deadline its original caller (a gateway) waits for the answer,
+    #: so that the service's own answer ("done" or "too late, nothing written") always arrives first.
+    #: Covers reply transit and clock differences between hosts (keep clocks NTP-synced).
+    bus_reply_grace_s: float = Field(default=2.0, ge=0.1, le=60)
+    #: Pause between attempts to reconnect to RabbitMQ after the connection dropped.
+    bus_reconnect_interval_s: float = Field(default=1.0, gt=0, le=60)
+    #: A device that repeats the same provision request (same key, secret, name and credentials)
+    #: within this window gets the first answer again instead of "name taken": a retry after a
+    #: time-out or a lost answer is never stuck. 0 turns this off (README, Guarantees: the trade-off).
+    provision_replay_window_s: float = Field(default=600.0, ge=0, le=3600)
     #: Unacknowledged messages a consumer holds at once (per service instance).
     bus_prefetch: int = Field(default=128, ge=1, le=10_000)
     #: ``quorum`` (replicated, what a cluster wants) or ``classic`` request queues.

@@ -6,6 +6,7 @@ Both create devices with credentials; doing it in one function keeps the
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ from typing import Any
 import asyncpg
 
 from ..models import PreparedCredentials
+
+
+class Expired(Exception):
+    """The request's deadline passed before the write could commit; nothing was written."""
 
 
 class DeviceConflict(Exception):
@@ -75,16 +80,20 @@ async def insert_device(
     value_enc: bytes | None,
     request_id: str | None = None,
     answer_enc: bytes | None = None,
+    deadline: float | None = None,
+    replay_window_s: float | None = None,
 ) -> bool:
     """Write a device, its credentials and (with ``request_id``) the replayable answer in one statement.
 
-    Returns False when ``request_id`` was already claimed (a duplicate delivery: replay its
-    answer). Raises :class:`DeviceConflict` when a uniqueness rule refused the device; then
-    nothing at all was written.
+    Returns False when ``request_id`` was already claimed within ``replay_window_s`` (a duplicate
+    delivery or a repeated request: replay its answer). Raises :class:`DeviceConflict` when a
+    uniqueness rule refused the device, and :class:`Expired` when ``deadline`` (Unix time) passed
+    before the statement could commit; in both cases nothing at all was written.
     """
     try:
         outcome = await conn.fetchval(
-            "SELECT create_device_with_credentials($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13)",
+            "SELECT create_device_with_credentials("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
             request_id,
             answer_enc,
             device_id,
@@ -98,13 +107,62 @@ async def insert_device(
             prepared.secret_hash,
             public_value(prepared),
             value_enc,
+            _timestamp(deadline),
+            datetime.timedelta(seconds=replay_window_s) if replay_window_s else None,
         )
     except asyncpg.RaiseError as exc:
         message = str(exc)
         if message.startswith("conflict:"):
             raise DeviceConflict(message.split(":", 1)[1]) from None
+        if message == "expired":
+            raise Expired from None
         raise
+    if outcome == "expired":
+        raise Expired
     return outcome == "created"
+
+
+def _timestamp(unix_time: float | None) -> datetime.datetime | None:
+    return None if unix_time is None else datetime.datetime.fromtimestamp(unix_time, tz=datetime.timezone.utc)
+
+
+async def replay_answer(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> bytes | None:
+    """The stored (encrypted) answer of a request, marked as handed out again so it is never undone."""
+    return await conn.fetchval(
+        "UPDATE provision_requests SET replayed = true WHERE request_id = $1 AND answer_enc IS NOT NULL"
+        " RETURNING answer_enc",
+        request_id,
+    )
+
+
+async def undo_unanswered(pool: asyncpg.Pool, request_id: str, restore_value_enc: bytes | None) -> bool:
+    """Undo what ``request_id`` committed when its answer reached nobody, unless a retry got it since.
+
+    A created device is deleted (its credentials with it); a claimed pre-provisioned device goes back
+    to unclaimed with ``restore_value_enc`` as its encrypted credentials. Returns True when undone.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "DELETE FROM provision_requests WHERE request_id = $1 AND NOT replayed RETURNING device_id, kind",
+            request_id,
+        )
+        if row is None or row["device_id"] is None:
+            return False
+        if row["kind"] == "claimed":
+            await conn.execute("UPDATE devices SET provision_state = NULL WHERE id = $1", row["device_id"])
+            await conn.execute(
+                "UPDATE device_credentials SET value_enc = $2 WHERE device_id = $1", row["device_id"], restore_value_enc
+            )
+        else:
+            await conn.execute("DELETE FROM devices WHERE id = $1", row["device_id"])
+        return True
+
+
+async def deadline_passed(conn: asyncpg.Connection, deadline: float | None) -> bool:
+    """Whether the database's clock is past ``deadline``: the last check inside a transaction."""
+    if deadline is None:
+        return False
+    return bool(await conn.fetchval("SELECT clock_timestamp() > $1", _timestamp(deadline)))
 
 
 DEVICE_SELECT = (
