@@ -83,17 +83,16 @@ def serve_http(app: object, port: int, settings: Settings, *, access_log: bool =
     On SIGTERM uvicorn stops accepting and lets requests in flight finish (they wait for the bus
     at most PROVISION_TIMEOUT_S); it then re-raises SIGTERM, which would end the process with 143,
     so a finished shutdown exits 0 instead (compose and Kubernetes read it as a clean stop).
+    Slow, idle and hostile clients meet the HTTP_* limits of provisioning_common.http_limits.
     """
-    import uvicorn
+    from .http_limits import serve
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
+    serve(
+        app,
         host=settings.bind_host,
         port=port,
-        loop="uvloop",
-        http="httptools",
+        settings=settings,
         access_log=access_log,
-        log_config=None,
         timeout_graceful_shutdown=int(settings.provision_timeout_s + settings.bus_reply_grace_s) + 5,
     )

@@ -90,6 +90,22 @@ class Settings(BaseSettings):
     #: Largest provision/telemetry body a gateway accepts, in bytes.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    #: HTTP listeners (http_gateway, admin_api, broker_auth; provisioning_common.http_limits), per process.
+    #: Largest request head (request line and headers) in bytes; a larger one gets 431 and the
+    #: connection is closed (ThingsBoard's Tomcat allows 8 KB).
+    http_max_header_bytes: int = Field(default=8192, ge=1024, le=1024 * 1024)
+    #: The request head must be complete this long after the connection is accepted (on a kept-alive
+    #: connection: after the next request's first byte); else the connection is closed (slowloris).
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: The body must be complete this long after its head; else the connection is closed.
+    http_body_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: A kept-alive connection with no new request is closed this long after its last response.
+    http_keep_alive_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    #: Open connections per process; one more gets 503 with Retry-After and is closed (one WARNING per
+    #: episode). Lowered at start-up, with a WARNING, when it does not fit below the descriptor limit
+    #: (RLIMIT_NOFILE, whose soft value is raised to the hard one).
+    http_max_connections: int = Field(default=4096, ge=1)
+
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=16, ge=1)
 

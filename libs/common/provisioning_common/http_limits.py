@@ -1,0 +1,426 @@
+"""Limits on slow, idle and hostile HTTP clients for every uvicorn listener of ours.
+
+uvicorn with httptools (what ``runtime.serve_http`` runs: http_gateway, admin_api, broker_auth) has
+no limit on the size of a request head, no deadline for a head or a body to arrive and no cap on
+connections: ``h11_max_incomplete_event_size`` applies to h11 only, and ``limit_concurrency`` answers
+503 only once a whole head has arrived, which slowloris never sends. Measured before this module:
+5,000 slowloris connections held 60 s, an 8 MB header accepted, and 21,000 idle connections used up
+the descriptor limit while new devices were refused with nothing logged.
+
+``LimitedHttpToolsProtocol`` adds these limits around uvicorn's own protocol (one instance per
+connection), ``ConnectionGuard`` holds what one process shares (counters, the cap's log episodes,
+descriptor exhaustion), and ``serve`` runs uvicorn with both. Each limit is a setting
+(``HTTP_MAX_HEADER_BYTES``, ``HTTP_HEADER_TIMEOUT_S``, ``HTTP_BODY_TIMEOUT_S``,
+``HTTP_KEEP_ALIVE_TIMEOUT_S``, ``HTTP_MAX_CONNECTIONS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Descriptors kept below RLIMIT_NOFILE for everything but held connections: the broker and
+#: database connections, log files, libuv's own, and refused connections being closed.
+RESERVED_DESCRIPTORS = 128
+#: How long a refused (503) or rejected (431) connection keeps reading and dropping what the client
+#: still sends before it is closed: closing at once with unread input makes the kernel send a reset,
+#: which can destroy the answer before the client reads it.
+LINGER_S = 2.0
+#: At most one "cap reached" or "out of descriptors" WARNING per this many seconds; the counts of
+#: what the limits did are logged (INFO) at most this often too.
+LOG_INTERVAL_S = 60.0
+#: Seconds between checks for descriptor exhaustion (uvicorn's server ticks every 0.1 s).
+DESCRIPTOR_CHECK_TICKS = 10
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The limits of one HTTP listener; see the ``http_*`` settings for their meaning."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keep_alive_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpLimits:
+        return cls(
+            max_header_bytes=settings.http_max_header_bytes,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keep_alive_timeout_s=settings.http_keep_alive_timeout_s,
+            max_connections=settings.http_max_connections,
+        )
+
+
+def fit_descriptor_limit(limits: HttpLimits) -> HttpLimits:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; lower the connection cap if it does not fit below it.
+
+    The soft limit is often 1024, far below what thousands of device connections need; once it is
+    reached, libuv accepts and at once closes every new connection, so devices are refused while the
+    held connections (possibly idle attackers) stay. A cap below the limit refuses cleanly instead.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return limits
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_descriptor_ceiling(soft)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("Could not raise the descriptor limit RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    room = max(1, soft - min(RESERVED_DESCRIPTORS, soft // 4))
+    if limits.max_connections <= room:
+        return limits
+    log.warning(
+        "HTTP_MAX_CONNECTIONS=%d does not fit below the descriptor limit (RLIMIT_NOFILE %d, of which %d are "
+        "kept for other uses): capping HTTP connections at %d; raise the hard limit (ulimit -Hn, "
+        "docker --ulimit nofile=, systemd LimitNOFILE=) to allow more",
+        limits.max_connections, soft, soft - room, room,
+    )
+    return replace(limits, max_connections=room)
+
+
+def _kernel_descriptor_ceiling(fallback: int) -> int:
+    """Linux refuses a descriptor limit above fs.nr_open, even when the hard limit is "unlimited"."""
+    try:
+        with open("/proc/sys/fs/nr_open") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return fallback
+
+
+def descriptors_exhausted() -> bool:
+    """Whether this process cannot open one more descriptor (what makes ``accept`` fail with EMFILE)."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
+
+
+class ConnectionGuard:
+    """What the connections of one process share: the limits, counters and rate-limited log lines.
+
+    Slowloris means thousands of closed connections a minute, so nothing here logs per connection:
+    reaching the cap and running out of descriptors are logged once per episode (at most once per
+    ``LOG_INTERVAL_S``), and what the limits closed is summed up at most once per ``LOG_INTERVAL_S``.
+    """
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        #: Refused or rejected connections still open (reading what the client sends, see LINGER_S).
+        self.lingering = 0
+        #: Above this many lingering connections a refused one is closed at once: lingering must not
+        #: use the descriptors the cap keeps free.
+        self.max_lingering = max(1, min(RESERVED_DESCRIPTORS, limits.max_connections) // 2)
+        self.counts: Counter[str] = Counter()
+        self._at_cap = False
+        self._cap_logged_at = -LOG_INTERVAL_S
+        self._out_of_descriptors_since: float | None = None
+        self._descriptors_logged_at = -LOG_INTERVAL_S
+        self._summary_at = time.monotonic()
+
+    def refused(self, open_connections: int) -> None:
+        """A connection was refused because ``open_connections`` reached the cap."""
+        self.counts["refused"] += 1
+        if self._at_cap:
+            return
+        self._at_cap = True
+        now = time.monotonic()
+        if now - self._cap_logged_at >= LOG_INTERVAL_S:
+            self._cap_logged_at = now
+            log.warning(
+                "HTTP connection cap reached: %d connections open (HTTP_MAX_CONNECTIONS=%d); new connections "
+                "get 503 with Retry-After and are closed until some of these close",
+                open_connections, self.limits.max_connections,
+            )
+
+    def admitted(self) -> None:
+        """A connection was accepted under the cap: the current episode at the cap, if any, is over."""
+        self._at_cap = False
+
+    def tick(self, open_connections: int) -> None:
+        """Called about once a second: check for descriptor exhaustion, log the periodic summary."""
+        now = time.monotonic()
+        self.check_descriptors(open_connections, now)
+        if now - self._summary_at >= LOG_INTERVAL_S:
+            self._summary_at = now
+            self.log_summary()
+
+    def check_descriptors(self, open_connections: int, now: float | None = None) -> None:
+        """Log the start and the end of an episode without free descriptors.
+
+        uvloop (libuv) hides EMFILE on accept: it accepts and at once closes pending connections and
+        tells nobody. While the descriptor table is full, opening one more descriptor fails too,
+        which is what is checked here.
+        """
+        now = time.monotonic() if now is None else now
+        if descriptors_exhausted():
+            if self._out_of_descriptors_since is None:
+                self._out_of_descriptors_since = now
+                if now - self._descriptors_logged_at >= LOG_INTERVAL_S:
+                    self._descriptors_logged_at = now
+                    log.warning(
+                        "Out of file descriptors (EMFILE, RLIMIT_NOFILE %s, %d HTTP connections open): new "
+                        "connections are accepted and closed at once until descriptors are free; lower "
+                        "HTTP_MAX_CONNECTIONS or raise the hard descriptor limit",
+                        _soft_descriptor_limit(), open_connections,
+                    )
+        elif self._out_of_descriptors_since is not None:
+            log.warning("File descriptors available again after %.0f s without: accepting connections",
+                        now - self._out_of_descriptors_since)
+            self._out_of_descriptors_since = None
+
+    def log_summary(self) -> None:
+        """One INFO line with what the limits did since the previous one (nothing when they did nothing)."""
+        if not self.counts:
+            return
+        counts, self.counts = self.counts, Counter()
+        log.info(
+            "HTTP limits since the last summary: %d connections closed at the header deadline "
+            "(HTTP_HEADER_TIMEOUT_S), %d at the body deadline (HTTP_BODY_TIMEOUT_S), %d heads over "
+            "HTTP_MAX_HEADER_BYTES (431), %d connections refused at the cap (503)",
+            counts["header"], counts["body"], counts["oversized"], counts["refused"],
+        )
+
+
+def _soft_descriptor_limit() -> str:
+    try:
+        import resource
+
+        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (ImportError, OSError):  # pragma: no cover
+        return "unknown"
+
+
+def _plain_response(status: int, text: bytes, extra: bytes = b"") -> bytes:
+    """A whole response written by the protocol itself (no app involved), ending the connection."""
+    return b"".join([
+        STATUS_LINE[status], extra, b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(text), b"connection: close\r\n\r\n", text,
+    ])
+
+
+_TOO_LARGE_TEXT = b"Request header fields too large"
+_HEADER_TOO_LARGE = _plain_response(431, _TOO_LARGE_TEXT)
+_REFUSED = _plain_response(503, b"Too many connections; retry later", b"retry-after: 1\r\n")
+
+
+async def _header_too_large_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers a request whose head was over the limit but arrived whole (pipelined after another)."""
+    await send({"type": "http.response.start", "status": 431, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(_TOO_LARGE_TEXT)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _TOO_LARGE_TEXT})
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head size limit, read deadlines and a connection cap.
+
+    - Cap: a connection beyond ``max_connections`` open ones gets 503 + Retry-After + Connection:
+      close at once (no request is read), then is closed.
+    - Head: the request line and headers must arrive within ``header_timeout_s`` of the accept (or,
+      on a kept-alive connection, of the first byte of the next request: the wait for that byte is
+      uvicorn's keep-alive timeout) and be at most ``max_header_bytes``; bytes are counted as they
+      arrive, so an oversized head is never buffered whole. Over the limit: 431, then closed.
+    - Body: from the end of the head to the end of the body at most ``body_timeout_s``.
+    A deadline that passes closes the connection without an answer (the client is gone or hostile).
+
+    Only uvicorn's protocol hooks are extended (``connection_made``, ``data_received``,
+    ``on_headers_complete``, ``on_message_complete``, ``connection_lost``); each calls uvicorn's own.
+    """
+
+    guard: ClassVar[ConnectionGuard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_reason: str | None = None
+        self._reading_head = True
+        self._head_bytes = 0
+        self._discarding = False
+        self._lingers = False
+
+    # --- connection ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.guard.limits.max_connections:
+            self.transport = transport
+            self.guard.refused(len(self.connections))
+            self._answer_and_close(_REFUSED)
+            return
+        self.guard.admitted()
+        super().connection_made(transport)
+        self._arm(self.guard.limits.header_timeout_s, "header")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        if self._lingers:
+            self._lingers = False
+            self.guard.lingering -= 1
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if not self._reading_head:
+            super().data_received(data)
+            return
+        if self._deadline_reason != "header":  # first byte of a request after a previous one
+            self._arm(self.guard.limits.header_timeout_s, "header")
+        limit = self.guard.limits.max_header_bytes
+        # Feed the parser at most what the head may still take: it buffers an unfinished header
+        # whole, so an oversized head is refused before it is ever held in memory.
+        while self._reading_head:
+            room = limit - self._head_bytes
+            if room <= 0:
+                self._head_too_large()
+                return
+            piece, data = data[:room], data[room:]
+            self._head_bytes += len(piece)
+            super().data_received(piece)
+            if not data or self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return
+        super().data_received(data)
+
+    # --- parser callbacks ---------------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._cancel()
+        if self._parsed_head_bytes() > self.guard.limits.max_header_bytes:
+            # A pipelined head that arrived in the same read as the request before it was not
+            # counted in data_received; answer it through uvicorn, after the responses before it.
+            self.guard.counts["oversized"] += 1
+            self.app, app = _header_too_large_app, self.app
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
+        self._arm(self.guard.limits.body_timeout_s, "body")
+
+    def on_message_complete(self) -> None:
+        self._cancel()
+        self._reading_head = True
+        self._head_bytes = 0
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+            # Answered before the body ended (e.g. 413): uvicorn armed its keep-alive timer at the
+            # response and the body's bytes cancelled it; an idle connection must still be closed.
+            self._arm(self.timeout_keep_alive, None)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _parsed_head_bytes(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _head_too_large(self) -> None:
+        self.guard.counts["oversized"] += 1
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer to an earlier request is still due: nothing may precede it
+            return
+        self._answer_and_close(_HEADER_TOO_LARGE)
+
+    def _answer_and_close(self, response: bytes) -> None:
+        """Write ``response``, stop sending, drop what the client still sends, close after LINGER_S."""
+        self._discarding = True
+        self._cancel()
+        transport = self.transport
+        transport.write(response)
+        if self.guard.lingering >= self.guard.max_lingering or not transport.can_write_eof():
+            transport.close()
+            return
+        self.guard.lingering += 1
+        self._lingers = True
+        transport.write_eof()
+        self._arm(LINGER_S, None)
+
+    def _arm(self, delay: float, reason: str | None) -> None:
+        self._cancel()
+        self._deadline_reason = reason
+        self._deadline = self.loop.call_later(delay, self._expire, reason)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._deadline_reason = None
+
+    def _expire(self, reason: str | None) -> None:
+        self._deadline = None
+        self._deadline_reason = None
+        if self.transport.is_closing() and not self._lingers:
+            return
+        if self.transport.get_protocol() is not self:  # upgraded to another protocol
+            return
+        if reason is not None:
+            self.guard.counts[reason] += 1
+        self.transport.abort()  # nothing useful is left to send; do not wait on a client that does not read
+
+
+def protocol_class(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class bound to one process's guard (uvicorn builds protocols from a class)."""
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"guard": ConnectionGuard(limits)})
+
+
+class LimitedServer(uvicorn.Server):
+    """uvicorn's server that also checks, about once a second, for descriptor exhaustion."""
+
+    def __init__(self, config: uvicorn.Config, guard: ConnectionGuard) -> None:
+        super().__init__(config)
+        self.guard = guard
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % DESCRIPTOR_CHECK_TICKS == 0:
+            self.guard.tick(len(self.server_state.connections))
+        return await super().on_tick(counter)
+
+
+def serve(app: object, *, host: str, port: int, settings: Settings, access_log: bool,
+          timeout_graceful_shutdown: int) -> None:
+    """Run ``app`` with uvicorn (uvloop + httptools) under the HTTP_* limits of ``settings``."""
+    limits = fit_descriptor_limit(HttpLimits.from_settings(settings))
+    protocol = protocol_class(limits)
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        loop="uvloop",
+        http=protocol,
+        access_log=access_log,
+        log_config=None,
+        timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
+        timeout_graceful_shutdown=timeout_graceful_shutdown,
+    )
+    log.info(
+        "HTTP limits: head %d bytes within %g s, body within %g s, keep-alive %g s, %d connections",
+        limits.max_header_bytes, limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_timeout_s,
+        limits.max_connections,
+    )
+    server = LimitedServer(config, protocol.guard)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn.run's exit code when start-up failed (e.g. port in use)
