@@ -284,6 +284,7 @@ class ProvisioningCore:
                 log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
                 return ProvisionResult.failure()
             except repository.Expired:
+                log.info("device %s not written: its request's deadline passed (the device may retry)", name)
                 raise DeadlineExceeded("deadline passed before the device was written") from None
             if created:
                 log.info("provisioned device %s (%s) in profile %s via %s", device_id,
@@ -430,6 +431,7 @@ class ProvisioningCore:
             except _Refused:
                 return ProvisionResult.failure()
             except _Expired:
+                log.info("device %s not claimed: its request's deadline passed (the device may retry)", name)
                 raise DeadlineExceeded("deadline passed before the claim could commit") from None
             except InvalidToken:
                 log.error("cannot decrypt pre-provisioned credentials; is DATA_ENCRYPTION_KEY the admin API's?")
