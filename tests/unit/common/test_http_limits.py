@@ -1,0 +1,115 @@
+"""The per-process side of the HTTP limits: descriptor limit fitting, and log lines once per episode.
+
+What connections see (431, 503, deadlines) is tested against the real services in
+tests/e2e/test_http_limits.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+import pytest
+
+from provisioning_common import http_limits
+from provisioning_common.http_limits import ConnectionGuard, HttpLimits, fit_descriptor_limit
+from provisioning_common.settings import Settings
+
+LIMITS = HttpLimits.from_settings(Settings())
+
+
+def test_defaults_are_what_devices_need() -> None:
+    assert LIMITS == HttpLimits(max_header_bytes=8192, header_timeout_s=10.0, body_timeout_s=10.0,
+                                keep_alive_timeout_s=15.0, max_connections=4096)
+
+
+def _fake_rlimit(monkeypatch: pytest.MonkeyPatch, soft: int, hard: int) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    current = [soft, hard]
+
+    def setrlimit(which: int, limits: tuple[int, int]) -> None:
+        calls.append(limits)
+        current[0] = limits[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: tuple(current))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    return calls
+
+
+def test_soft_descriptor_limit_is_raised_to_the_hard_one(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    calls = _fake_rlimit(monkeypatch, soft=1024, hard=65536)
+    with caplog.at_level(logging.WARNING):
+        assert fit_descriptor_limit(LIMITS) == LIMITS
+    assert calls == [(65536, 65536)]
+    assert not caplog.records
+
+
+def test_cap_that_does_not_fit_is_lowered_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    _fake_rlimit(monkeypatch, soft=1024, hard=2048)
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_descriptor_limit(LIMITS)
+    assert fitted.max_connections == 2048 - http_limits.RESERVED_DESCRIPTORS
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "HTTP_MAX_CONNECTIONS=4096" in caplog.text and "1920" in caplog.text
+
+
+def test_cap_warning_once_per_episode_and_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(http_limits.time, "monotonic", lambda: now[0])
+    guard = ConnectionGuard(LIMITS)
+    with caplog.at_level(logging.WARNING, logger=http_limits.__name__):
+        for _ in range(50):
+            guard.refused(4096)
+        guard.admitted()
+        now[0] += 10
+        guard.refused(4096)  # a new episode, but within the minute
+        assert len(caplog.records) == 1
+        guard.admitted()
+        now[0] += http_limits.LOG_INTERVAL_S
+        guard.refused(4096)
+    assert len(caplog.records) == 2
+    assert all("HTTP_MAX_CONNECTIONS=4096" in r.getMessage() for r in caplog.records)
+    assert guard.counts["refused"] == 52
+
+
+def test_summary_sums_up_and_resets(caplog: pytest.LogCaptureFixture) -> None:
+    guard = ConnectionGuard(LIMITS)
+    with caplog.at_level(logging.INFO, logger=http_limits.__name__):
+        guard.log_summary()  # nothing happened: nothing logged
+        guard.counts.update(header=5000, oversized=3)
+        guard.log_summary()
+        guard.log_summary()
+    assert len(caplog.records) == 1
+    assert "5000 connections closed at the header deadline" in caplog.text and "3 heads over" in caplog.text
+
+
+def test_running_out_of_descriptors_is_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    guard = ConnectionGuard(LIMITS)
+    opened: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+        while True:
+            try:
+                opened.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        with caplog.at_level(logging.WARNING, logger=http_limits.__name__):
+            assert http_limits.descriptors_exhausted()
+            for _ in range(5):
+                guard.check_descriptors(open_connections=7)
+            assert len(caplog.records) == 1
+            assert "EMFILE" in caplog.text and "7 HTTP connections open" in caplog.text
+            os.close(opened.pop())
+            guard.check_descriptors(open_connections=6)
+            guard.check_descriptors(open_connections=6)
+    finally:
+        for fd in opened:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(caplog.records) == 2
+    assert "available again" in caplog.records[1].getMessage()
