@@ -28,7 +28,8 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     gateway = CoapGateway(TransportApi(bus, settings), settings)
     await gateway.start()
     runtime.announce_ready("coap_gateway", f"on udp {settings.coap_port}")
-    health = await start_if_configured(settings, bus_check(bus))
+    # /live also asks the UDP listener itself (a CoAP ping): a listener that stopped reading is dead.
+    health = await start_if_configured(settings, bus_check(bus), live=(gateway.listener_answers,))
     await stop.wait()
     if health is not None:
         health.close()

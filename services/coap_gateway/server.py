@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +40,8 @@ from provisioning_common.dialects import render_error
 from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, ProvisionStatus, Transport
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
+
+from .malformed import MalformedDatagrams
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,17 @@ def source_ip(remote: Any) -> str:
 
 #: How long a stopping gateway keeps its socket open for the ACKs of its last separate responses.
 SEPARATE_RESPONSE_ACK_GRACE_S = 1.0
+#: The liveness check's CoAP pings: how many at most, and how long each waits for its RST. Together
+#: below health.CHECK_TIMEOUT_S (2 s), so a lost datagram does not fail the probe on its own.
+PING_ATTEMPTS = 3
+PING_WAIT_S = 0.5
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def ping_target(bind_host: str, port: int) -> tuple[str, int]:
+    """Where the gateway reaches its own listener: the bound address, or IPv4 loopback for a wildcard
+    (udp6 binds ``::``/``0.0.0.0`` dual-stack, and ``::1`` may not exist where IPv6 is disabled)."""
+    return ("127.0.0.1" if bind_host in _WILDCARDS else bind_host), port
 
 
 class CoapGateway:
@@ -103,6 +118,7 @@ class CoapGateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self.malformed = MalformedDatagrams()
         # Bodies rendered once; a Message is built per answer (aiocoap writes remote, token and mid into it).
         tb = Dialect.THINGSBOARD
         self._body_too_large = render_error(tb, f"Request body exceeds {self._limit} bytes")
@@ -124,6 +140,8 @@ class CoapGateway:
         # coap.piggyback_timeout is 500 ms, well below a client's first retransmission (ACK_TIMEOUT, 2 s).
         # aiocoap builds the tuning of incoming requests itself, so the default is set for this process.
         TransportTuning.EMPTY_ACK_DELAY = PIGGYBACK_TIMEOUT_S
+        # Malformed datagrams are counted and summarized instead of logged one by one (with tracebacks).
+        self.malformed.install(asyncio.get_running_loop())
         # UDP only: aiocoap's default server transports would also open CoAP over TCP, TLS and WebSockets.
         self._context = await aiocoap.Context.create_server_context(
             self._site, bind=(self._settings.bind_host, self._settings.coap_port), transports=["udp6"]
@@ -145,6 +163,37 @@ class CoapGateway:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+        self.malformed.uninstall()
+
+    async def listener_answers(self) -> bool:
+        """Whether the UDP listener still reads: a CoAP ping (empty CON, RFC 7252 §4.3) gets its RST.
+
+        For ``/live``: a listener the event loop stopped reading (as uvloop did after an ICMP error) answers
+        nothing while the process looks healthy; only a restart cures that. A fresh socket and message id
+        per attempt: aiocoap would drop a repeated ping as a duplicate. Costs one datagram each way.
+        """
+        loop = asyncio.get_running_loop()
+        host, port = ping_target(self._settings.bind_host, self._settings.coap_port)
+        family, _, _, _, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(address)  # only the listener's datagrams arrive; its ICMP refusal raises
+            sent: set[bytes] = set()
+            for _ in range(PING_ATTEMPTS):
+                mid = secrets.token_bytes(2)
+                sent.add(mid)
+                try:
+                    await loop.sock_sendall(sock, b"\x40\x00" + mid)
+                    async with asyncio.timeout(PING_WAIT_S):
+                        while True:
+                            answer = await loop.sock_recv(sock, 64)
+                            if answer[:2] == b"\x70\x00" and answer[2:4] in sent:  # RST, empty, one of ours
+                                return True
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return False
+        return False
 
     # --- request handling ------------------------------------------------------------------------
 

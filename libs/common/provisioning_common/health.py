@@ -2,8 +2,9 @@
 
 ``/health`` (readiness) answers ``200 {"status":"UP"}`` when every check passes within
 ``CHECK_TIMEOUT_S``, else ``503 {"status":"DOWN"}``; ``/live`` (liveness) answers 200 while the
-process's event loop does, so that a broker outage marks pods unready instead of restarting them;
-anything else gets 404. Plain asyncio, no dependency: Kubernetes probes and a compose
+process's event loop does (and every ``live`` check passes: a listener that stopped reading is
+dead however well the loop runs), so that a broker outage marks pods unready instead of restarting
+them; anything else gets 404. Plain asyncio, no dependency: Kubernetes probes and a compose
 ``healthcheck`` need nothing more.
 """
 
@@ -28,8 +29,12 @@ async def healthy(checks: tuple[Check, ...]) -> bool:
         return False
 
 
-async def start_health_server(host: str, port: int, *checks: Check) -> asyncio.Server:
-    """Serve ``GET /health`` on ``host:port`` (one request per connection) until the server is closed."""
+async def start_health_server(host: str, port: int, *checks: Check, live: tuple[Check, ...] = ()) -> asyncio.Server:
+    """Serve ``GET /health`` (``checks``) and ``/live`` (``live``) on ``host:port`` until the server is closed.
+
+    ``live`` checks are for what a restart would cure (a listener the event loop no longer reads), never
+    for a dependency (broker, Postgres): those belong to readiness, or an outage would restart every pod.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -43,7 +48,8 @@ async def start_health_server(host: str, port: int, *checks: Check) -> asyncio.S
             if known and target == b"/health":
                 status = 200 if await healthy(checks) else 503
             elif known and target == b"/live":
-                status = 200  # the event loop answers: what a liveness probe needs, whatever the broker does
+                # The event loop answers (and the service's own listeners do), whatever the broker does.
+                status = 200 if await healthy(live) else 503
             body = b"" if request[:1] == [b"HEAD"] else _BODY[status]
             writer.write(f"HTTP/1.1 {status} {_REASON[status]}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(_BODY[status])}\r\nConnection: close\r\n\r\n".encode() + body)
@@ -74,8 +80,8 @@ def pool_check(pool: Any) -> Check:
     return check
 
 
-async def start_if_configured(settings: Any, *checks: Check) -> asyncio.Server | None:
+async def start_if_configured(settings: Any, *checks: Check, live: tuple[Check, ...] = ()) -> asyncio.Server | None:
     """The health listener on ``BIND_HOST:HEALTH_PORT``, or None when ``HEALTH_PORT`` is 0."""
     if not settings.health_port:
         return None
-    return await start_health_server(settings.bind_host, settings.health_port, *checks)
+    return await start_health_server(settings.bind_host, settings.health_port, *checks, live=live)
