@@ -8,6 +8,7 @@ import re
 import secrets
 import string
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from provisioning_common.certificates import (
 )
 from provisioning_common.db import repository
 from provisioning_common.db.migrate import create_pool
+from provisioning_common.dialects.limits import field_problem
 from provisioning_common.models import (
     CredentialsType,
     PrepareCredentialsRequest,
@@ -40,7 +42,16 @@ from provisioning_common.models import (
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
-from .schemas import CredentialsIn, DeviceIn, DeviceProfileIn, Page
+from .schemas import (
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
+    NO_CONTROLS,
+    PATTERN_MESSAGES,
+    CredentialsIn,
+    DeviceIn,
+    DeviceProfileIn,
+    Page,
+)
 
 _KEY_ALPHABET = string.digits + string.ascii_lowercase
 
@@ -104,10 +115,15 @@ def _profile_columns(body: DeviceProfileIn, box: SecretBox, existing: Any | None
         except ValueError as exc:  # CertificateRefused is a ValueError
             raise _error(400, f"certificatePem: {exc}") from None
         try:
-            if re.compile(body.certificate_regex).groups < 1:
-                raise _error(400, "certificateRegExPattern needs a capture group for the device name")
+            with warnings.catch_warnings():  # e.g. "possible nested set": the admin gets errors, not log lines
+                warnings.simplefilter("ignore")
+                groups = re.compile(body.certificate_regex).groups
         except re.error as exc:
             raise _error(400, f"certificateRegExPattern is not a valid regular expression: {exc}") from None
+        except (OverflowError, RecursionError):  # a repeat count over 2**32, thousands of nested groups
+            raise _error(400, "certificateRegExPattern is not a valid regular expression: too large") from None
+        if groups < 1:
+            raise _error(400, "certificateRegExPattern needs a capture group for the device name")
         certificate_pem, regex, ca_hash = to_pem(ca), body.certificate_regex, name_hash(ca.subject)
         # As ThingsBoard: the profile's provision key is the CA's hash (unique), with no secret, so
         # JSON provision requests cannot use this profile.
@@ -135,8 +151,17 @@ def _error(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
+def _checked(field: str, value: str, name: str) -> str:
+    """``value`` if it is within the provisioning limit of ``field`` (dialects/limits.py), else HTTP 400."""
+    problem = field_problem(field, value)
+    if problem:
+        raise _error(400, f"{name} {problem}")
+    return value
+
+
 def _supplied(creds: CredentialsIn | None) -> tuple[CredentialsType, SuppliedCredentials]:
-    """Map the admin body's credentials to the fields a device would send (spec §1)."""
+    """Map the admin body's credentials to the fields a device would send (spec §1), within the same
+    limits as a device's own request."""
     if creds is None or creds.credentials_value is None:
         return CredentialsType.ACCESS_TOKEN, SuppliedCredentials()
     value = creds.credentials_value
@@ -148,14 +173,16 @@ def _supplied(creds: CredentialsIn | None) -> tuple[CredentialsType, SuppliedCre
         if unknown:
             raise _error(400, f"unknown MQTT_BASIC fields: {', '.join(sorted(unknown))}")
         return ctype, SuppliedCredentials(
-            client_id=value.get("clientId", ""), username=value.get("userName", ""), password=value.get("password", "")
+            client_id=_checked("client_id", value.get("clientId", ""), "credentialsValue.clientId"),
+            username=_checked("username", value.get("userName", ""), "credentialsValue.userName"),
+            password=_checked("password", value.get("password", ""), "credentialsValue.password"),
         )
     if not isinstance(value, str) or not value:
         raise _error(400, f"{ctype.value} credentialsValue must be a non-empty string")
     if ctype is CredentialsType.ACCESS_TOKEN:
-        return ctype, SuppliedCredentials(token=value)
+        return ctype, SuppliedCredentials(token=_checked("token", value, "credentialsValue"))
     if ctype is CredentialsType.X509_CERTIFICATE:
-        return ctype, SuppliedCredentials(certificate=value)
+        return ctype, SuppliedCredentials(certificate=_checked("certificate", value, "credentialsValue"))
     raise _error(400, f"credentialsType {ctype.value} is not supported")
 
 
@@ -197,7 +224,8 @@ def create_app(settings: Settings) -> FastAPI:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+            msg = PATTERN_MESSAGES.get((err.get("ctx") or {}).get("pattern"), err.get("msg"))
+            parts.append(f"{where}: {msg}" if where else str(msg))
         return JSONResponse({"status": 400, "message": "; ".join(parts)}, status_code=400)
 
     def pool() -> asyncpg.Pool:
@@ -233,7 +261,9 @@ def create_app(settings: Settings) -> FastAPI:
         return _profile_dict(row)
 
     @api.get("/device-profiles")
-    async def list_profiles(page: int = Query(0, ge=0), pageSize: int = Query(100, ge=1, le=1000)) -> Page:
+    async def list_profiles(
+        page: int = Query(0, ge=0, le=MAX_PAGE), pageSize: int = Query(100, ge=1, le=MAX_PAGE_SIZE)
+    ) -> Page:
         rows = await pool().fetch(
             "SELECT *, count(*) OVER () AS total FROM device_profiles ORDER BY created_at, id LIMIT $1 OFFSET $2",
             pageSize, page * pageSize,
@@ -326,9 +356,9 @@ def create_app(settings: Settings) -> FastAPI:
     @api.get("/devices")
     async def list_devices(
         deviceProfileId: uuid.UUID | None = None,
-        textSearch: str | None = Query(None, max_length=255),
-        page: int = Query(0, ge=0),
-        pageSize: int = Query(100, ge=1, le=1000),
+        textSearch: str | None = Query(None, max_length=255, pattern=NO_CONTROLS),
+        page: int = Query(0, ge=0, le=MAX_PAGE),
+        pageSize: int = Query(100, ge=1, le=MAX_PAGE_SIZE),
     ) -> Page:
         where, args = [], []
         if deviceProfileId is not None:

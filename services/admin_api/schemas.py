@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from provisioning_common.dialects.limits import FIELD_LIMITS
 from provisioning_common.models import CredentialsType, ProvisionStrategy
+
+#: Text without C0 control characters or DEL: names, keys, secrets, ids, search strings. Postgres cannot
+#: store NUL, and ThingsBoard refuses control characters in credentials (dialects/limits.py).
+NO_CONTROLS = r"^[^\x00-\x1f\x7f]*$"
+#: PEM text: the same, except that TAB, LF and CR are allowed.
+PEM_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+#: What a pattern mismatch means, for the error message (pydantic would quote the pattern).
+PATTERN_MESSAGES = {
+    NO_CONTROLS: "must not contain control characters",
+    PEM_TEXT: "must not contain control characters other than tab, CR and LF",
+}
+#: Largest page number of a list call: OFFSET page * pageSize stays a small bigint.
+MAX_PAGE = 10_000_000
+MAX_PAGE_SIZE = 1000
 
 
 class _Body(BaseModel):
@@ -15,7 +30,9 @@ class _Body(BaseModel):
 
 
 def _check_name(value: str) -> str:
-    value = value.strip()
+    """Strip spaces as the core's Java ``trim()`` does (control characters are refused by the pattern),
+    so that a pre-provisioned device's name is the very name its device will send."""
+    value = value.strip(" ")
     if not value:
         raise ValueError("must not be blank")
     if "\x00" in value:
@@ -24,19 +41,26 @@ def _check_name(value: str) -> str:
 
 
 class DeviceProfileIn(_Body):
-    name: str = Field(max_length=255)
+    name: str = Field(max_length=255, pattern=NO_CONTROLS)
     provision_strategy: ProvisionStrategy = Field(alias="provisionStrategy")
-    provision_device_key: str | None = Field(default=None, alias="provisionDeviceKey", min_length=1, max_length=255)
+    provision_device_key: str | None = Field(
+        default=None, alias="provisionDeviceKey", min_length=1, max_length=FIELD_LIMITS["provision_key"].max_chars,
+        pattern=NO_CONTROLS,
+    )
     provision_device_secret: str | None = Field(
-        default=None, alias="provisionDeviceSecret", min_length=1, max_length=255
+        default=None, alias="provisionDeviceSecret", min_length=1,
+        max_length=FIELD_LIMITS["provision_secret"].max_chars, pattern=NO_CONTROLS,
     )
     # X509_CERTIFICATE_CHAIN (ThingsBoard's field names).
-    certificate_pem: str | None = Field(default=None, alias="certificatePem", max_length=65536)
-    certificate_regex: str = Field(default="(.*)", alias="certificateRegExPattern", min_length=1, max_length=1024)
+    certificate_pem: str | None = Field(default=None, alias="certificatePem", max_length=65536, pattern=PEM_TEXT)
+    certificate_regex: str = Field(default="(.*)", alias="certificateRegExPattern", min_length=1, max_length=1024,
+                                   pattern=NO_CONTROLS)
     allow_create_by_x509: bool = Field(default=True, alias="allowCreateNewDevicesByX509Certificate")
     # Certificates issued from CSRs (ours): the signing CA and its key; the key is never returned.
-    signing_certificate_pem: str | None = Field(default=None, alias="signingCertificatePem", max_length=65536)
-    signing_key_pem: str | None = Field(default=None, alias="signingKeyPem", max_length=65536, repr=False)
+    signing_certificate_pem: str | None = Field(default=None, alias="signingCertificatePem", max_length=65536,
+                                                pattern=PEM_TEXT)
+    signing_key_pem: str | None = Field(default=None, alias="signingKeyPem", max_length=65536, pattern=PEM_TEXT,
+                                        repr=False)
     issued_validity_days: int = Field(default=365, alias="issuedCertificateValidityDays", ge=1, le=36500)
 
     _name = field_validator("name")(_check_name)
@@ -45,13 +69,23 @@ class DeviceProfileIn(_Body):
 class CredentialsIn(_Body):
     credentials_type: CredentialsType = Field(alias="credentialsType")
     #: Token string, certificate PEM, or ``{"clientId", "userName", "password"}``; omitted = generate a token.
-    credentials_value: str | dict[str, str] | None = Field(default=None, alias="credentialsValue")
+    #: Each part is checked against the provisioning limits (dialects/limits.py) by the route.
+    credentials_value: (
+        Annotated[str, Field(max_length=FIELD_LIMITS["certificate"].max_chars, pattern=PEM_TEXT)]
+        | Annotated[
+            dict[Annotated[str, Field(max_length=16)],
+                 Annotated[str, Field(max_length=FIELD_LIMITS["password"].max_chars, pattern=NO_CONTROLS)]],
+            Field(max_length=3),
+        ]
+        | None
+    ) = Field(default=None, alias="credentialsValue")
 
 
 class DeviceIn(_Body):
-    name: str = Field(max_length=255)
+    name: str = Field(max_length=FIELD_LIMITS["device_name"].max_chars, pattern=NO_CONTROLS)
     device_profile_id: uuid.UUID = Field(alias="deviceProfileId")
-    device_key: str | None = Field(default=None, alias="deviceKey", min_length=1, max_length=255)
+    device_key: str | None = Field(default=None, alias="deviceKey", min_length=1,
+                                   max_length=FIELD_LIMITS["device_key"].max_chars, pattern=NO_CONTROLS)
     credentials: CredentialsIn | None = None
 
     _name = field_validator("name")(_check_name)
