@@ -43,8 +43,9 @@ from .conftest import Admin, Env
 
 SERVICES = ["credentials", "provisioning_core", "admin_api", "mqtt_gateway"]
 SEED = int(os.environ.get("FUZZ_SEED", "20261130"))
-PAYLOADS = int(os.environ.get("FUZZ_MQTT_PAYLOADS", "15000"))
-RAW_INPUTS = int(os.environ.get("FUZZ_MQTT_RAW", "15000"))
+PAYLOADS = int(os.environ.get("FUZZ_MQTT_PAYLOADS", "12000"))
+RAW_INPUTS = int(os.environ.get("FUZZ_MQTT_RAW", "12000"))
+TELEMETRY = int(os.environ.get("FUZZ_MQTT_TELEMETRY", "3000"))
 CONCURRENCY = 48
 PROVISION_TIMEOUT_S = 5.0  # conftest's PROVISION_TIMEOUT_S
 #: An answer or a close must come within this (the time-out answer itself comes at PROVISION_TIMEOUT_S).
@@ -242,6 +243,23 @@ class Generator:
     def payload(self) -> tuple[str, bytes]:
         return self.json_payload() if self.r.random() < 0.7 else self.protobuf_payload()
 
+    def telemetry_payload(self) -> tuple[str, bytes]:
+        """What a provisioned device might publish to ``v1/devices/me/telemetry``: JSON objects and arrays
+        of odd values, deep nesting, and everything a provision request may be."""
+        r = self.r
+        kind = r.randrange(5)
+        if kind == 0:
+            obj = {self.text()[:50]: self.value() for _ in range(r.randrange(1, 6))}
+            return "telemetry-json", json.dumps(obj, ensure_ascii=r.random() < 0.5).encode("utf-8", "surrogatepass")
+        if kind == 1:
+            items = [{"ts": self.value(), "values": {self.short(): self.value()}} for _ in range(r.randrange(4))]
+            return "telemetry-array", json.dumps(items).encode("utf-8", "surrogatepass")
+        if kind == 2:
+            depth = r.choice([10, 1000, 5000, 30000])
+            opener, closer = r.choice([(b"[", b"]"), (b'{"a":', b"}")])
+            return "telemetry-deep", opener * depth + b"1" + closer * depth
+        return self.payload()
+
     # bytes
 
     def mutate(self, data: bytes) -> bytes:
@@ -363,6 +381,32 @@ async def _provision_once(port: int, payload: bytes, *, level: int, qos: int, so
         writer.close()
 
 
+async def _telemetry_once(port: int, token: str, payload: bytes, *, level: int, qos: int,
+                          source: str) -> str:
+    """A provisioned device publishes telemetry: "accepted" (PUBACK / PINGRESP after it), "closed", "hang"."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(codec.encode_connect(f"dev-{uuid.uuid4().hex[:8]}", username=token, keep_alive=0,
+                                          protocol_level=level)
+                     + codec.encode_publish("v1/devices/me/telemetry", payload, qos=qos,
+                                            packet_id=3 if qos else None, protocol_level=level)
+                     + codec.encode_pingreq())
+        try:
+            async with asyncio.timeout(HANG_S):
+                while True:
+                    packet = await codec.read_packet(reader, max_packet_size=1 << 20, protocol_level=level)
+                    if isinstance(packet, codec.PubAck):
+                        return "refused" if packet.reason_code else "accepted"
+                    if isinstance(packet, codec.OtherPacket) and packet.packet_type == codec.PacketType.PINGRESP:
+                        return "accepted"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return "closed"
+        except TimeoutError:
+            return "hang"
+    finally:
+        writer.close()
+
+
 async def _raw_once(port: int, data: bytes, *, source: str) -> tuple[str, bytes]:
     """Send ``data``, half-close, read until the server closes: ("closed" | "hang", what it sent)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
@@ -421,7 +465,6 @@ async def test_fuzz_mqtt_provisioning(env: Env, stack: Stack, admin: Admin) -> N
     addresses = [_source(sources) for _ in range(PAYLOADS + RAW_INPUTS)]
     port = env.mqtt_port
     tally = Tally()
-    started = time.monotonic()
 
     async def one_payload(i: int) -> None:
         kind, payload = payloads[i]
@@ -455,12 +498,39 @@ async def test_fuzz_mqtt_provisioning(env: Env, stack: Stack, admin: Admin) -> N
         if TIMED_OUT in received:
             tally.timed_out.append(f"{where} -> {received[:200]!r}")
 
-    await _run_bounded(PAYLOADS, one_payload)
-    payload_s = time.monotonic() - started
-    await _run_bounded(RAW_INPUTS, one_raw)
-    elapsed = time.monotonic() - started
-    summary = (f"seed {SEED}: {PAYLOADS} payloads in {payload_s:.1f} s, {RAW_INPUTS} raw inputs in "
-               f"{elapsed - payload_s:.1f} s; {dict(tally.outcomes)}")
+    # Devices provisioned before the fuzz publish fuzzed telemetry: the authenticated side of a session.
+    tokens = []
+    for _ in range(4):
+        answer = json.loads(await mc.raw_provision(port, valid_request))
+        assert answer["status"] == "SUCCESS", answer
+        tokens.append(answer["credentialsValue"])
+    telemetry = [gen.telemetry_payload() for _ in range(TELEMETRY)]
+    telemetry_sessions = [(gen.r.choice(tokens), gen.r.choice([3, 4, 5]), gen.r.choice([0, 1]))
+                          for _ in range(TELEMETRY)]
+    addresses += [_source(sources) for _ in range(TELEMETRY)]
+
+    async def one_telemetry(i: int) -> None:
+        kind, payload = telemetry[i]
+        token, level, qos = telemetry_sessions[i]
+        where = f"telemetry #{i} ({kind}, MQTT level {level}, QoS {qos}, {len(payload)} bytes: {payload[:60]!r})"
+        try:
+            outcome = await _telemetry_once(port, token, payload, level=level, qos=qos,
+                                            source=addresses[PAYLOADS + RAW_INPUTS + i])
+        except OSError as exc:
+            tally.errors.append(f"{where}: {exc!r}")
+            return
+        tally.outcomes[f"telemetry {outcome}"] += 1
+        if outcome == "hang":
+            tally.hangs.append(where)
+
+    phases = {}
+    for name, count, one in (("payloads", PAYLOADS, one_payload), ("raw inputs", RAW_INPUTS, one_raw),
+                             ("telemetry messages", TELEMETRY, one_telemetry)):
+        phase_started = time.monotonic()
+        await _run_bounded(count, one)
+        phases[name] = (count, time.monotonic() - phase_started)
+    summary = (f"seed {SEED}: " + ", ".join(f"{n} {name} in {s:.1f} s" for name, (n, s) in phases.items())
+               + f"; {dict(tally.outcomes)}")
     print(summary)
 
     output = stack.output()
