@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -64,10 +65,19 @@ async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     return await asyncio.open_connection("127.0.0.1", port)
 
 
-async def until_closed(reader: asyncio.StreamReader, limit: float) -> tuple[float, bytes]:
-    """Read until the server closes (EOF or reset); (seconds it took, bytes received)."""
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def until_closed(reader: asyncio.StreamReader, limit: float,
+                       since: float | None = None) -> tuple[float, bytes]:
+    """Read until the server closes (EOF or reset): (seconds since ``since``, default now; bytes received).
+
+    ``since`` is taken before what starts the server's deadline (the connect, the write), so the
+    seconds are never less than the deadline, however late this task runs.
+    """
     loop = asyncio.get_running_loop()
-    start, received = loop.time(), b""
+    start, received = (loop.time() if since is None else since), b""
 
     async def drain() -> None:
         nonlocal received
@@ -123,8 +133,8 @@ async def test_slowloris_is_closed_at_the_header_deadline_while_devices_provisio
 
     async def slowloris() -> tuple[float, bytes]:
         nonlocal connected, closed
-        reader, writer = await connect(env.http_port)
         start = loop.time()
+        reader, writer = await connect(env.http_port)
         connected += 1
         if connected == n:
             all_connected.set()
@@ -139,8 +149,7 @@ async def test_slowloris_is_closed_at_the_header_deadline_while_devices_provisio
 
         sender = asyncio.create_task(trickle())
         try:
-            _, received = await until_closed(reader, HEADER_S + SLACK)
-            return loop.time() - start, received
+            return await until_closed(reader, HEADER_S + SLACK, since=start)
         finally:
             sender.cancel()
             writer.close()
@@ -174,9 +183,10 @@ async def test_slowloris_is_closed_at_the_header_deadline_while_devices_provisio
 async def test_connection_that_never_sends_is_closed_at_the_header_deadline(
     ports: dict[str, int], service: str
 ) -> None:
+    start = now()
     reader, writer = await connect(ports[service])
     try:
-        seconds, received = await until_closed(reader, HEADER_S + SLACK)
+        seconds, received = await until_closed(reader, HEADER_S + SLACK, since=start)
     finally:
         writer.close()
     assert received == b""
@@ -187,11 +197,12 @@ async def test_body_that_stalls_is_closed_at_the_body_deadline(env: Env, stack: 
                                                                profile: dict[str, Any]) -> None:
     body = provision_body(profile)
     reader, writer = await connect(env.http_port)
+    start = now()
     writer.write(b"POST /api/v1/provision HTTP/1.1\r\nHost: devices\r\nContent-Length: %d\r\n\r\n" % len(body))
     writer.write(body[: len(body) // 2])  # and then nothing
     await writer.drain()
     try:
-        seconds, received = await until_closed(reader, BODY_S + SLACK)
+        seconds, received = await until_closed(reader, BODY_S + SLACK, since=start)
     finally:
         writer.close()
     assert received == b""
@@ -201,11 +212,12 @@ async def test_body_that_stalls_is_closed_at_the_body_deadline(env: Env, stack: 
 async def test_admin_api_body_that_stalls_is_closed_without_a_traceback(env: Env, stack: Stack, admin: Admin) -> None:
     body = json.dumps({"name": f"profile-{uuid.uuid4().hex[:10]}", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES"})
     reader, writer = await connect(env.admin_port)
+    start = now()
     writer.write(f"POST /api/device-profiles HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {env.admin_token}\r\n"
                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body[:10]}".encode())
     await writer.drain()
     try:
-        seconds, received = await until_closed(reader, BODY_S + SLACK)
+        seconds, received = await until_closed(reader, BODY_S + SLACK, since=start)
     finally:
         writer.close()
     assert received == b"" and seconds >= 0.9 * BODY_S
@@ -220,9 +232,10 @@ async def test_idle_keep_alive_connection_is_closed(env: Env, stack: Stack) -> N
         writer.write(b"GET /live HTTP/1.1\r\nHost: devices\r\n\r\n")
         status, headers, _ = await read_response(reader)
         assert status == 200 and headers.get("connection") != "close"  # kept alive
+        start = now()
         writer.write(b"GET /live HTTP/1.1\r\nHost: devices\r\n\r\n")  # a second request on it works
         assert (await read_response(reader))[0] == 200
-        seconds, received = await until_closed(reader, KEEP_ALIVE_S + SLACK)
+        seconds, received = await until_closed(reader, KEEP_ALIVE_S + SLACK, since=start)
     finally:
         writer.close()
     assert received == b""
@@ -235,8 +248,9 @@ async def test_slow_head_on_a_kept_alive_connection_is_closed(env: Env, stack: S
     try:
         writer.write(b"GET /live HTTP/1.1\r\nHost: devices\r\n\r\n")
         assert (await read_response(reader))[0] == 200
+        start = now()
         writer.write(b"GET /live HTTP/1.1\r\n")  # and nothing more
-        seconds, received = await until_closed(reader, HEADER_S + SLACK)
+        seconds, received = await until_closed(reader, HEADER_S + SLACK, since=start)
     finally:
         writer.close()
     assert received == b"" and seconds >= 0.9 * HEADER_S
@@ -370,6 +384,50 @@ async def test_connection_cap_refuses_cleanly_and_warns_once(env: Env, stack: St
     assert " WARNING " in warnings[0] and f"HTTP_MAX_CONNECTIONS={cap}" in warnings[0]
     assert "Traceback" not in output
     assert not any(secret in output for secret in SECRETS)
+
+
+# --- pipelining and clients that do not read --------------------------------------------------
+
+
+async def test_flood_of_pipelined_requests_is_closed(env: Env, stack: Stack) -> None:
+    """uvicorn alone queues every pipelined request it parses: one client could grow it by gigabytes."""
+    reader, writer = await connect(env.http_port)
+    try:
+        writer.write(b"GET /live HTTP/1.1\r\nHost: devices\r\n\r\n" * 5000)
+        _, received = await until_closed(reader, SLACK)
+    finally:
+        writer.close()
+    answers = received.count(b"HTTP/1.1 200")
+    assert answers < 1000, answers
+    # A few requests ahead of their answers are fine.
+    reader, writer = await connect(env.http_port)
+    try:
+        writer.write(b"GET /live HTTP/1.1\r\nHost: devices\r\n\r\n" * 8)
+        assert [(await read_response(reader))[0] for _ in range(8)] == [200] * 8
+    finally:
+        writer.close()
+
+
+async def test_client_that_does_not_read_its_answers_is_closed(env: Env, stack: Stack) -> None:
+    """Unread answers fill the buffers; uvicorn alone would then wait for that client without end."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", env.admin_port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        # ~10 KB answers: 2,000 of them are more than the kernel buffers hold.
+        for _ in range(2000):
+            writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: admin\r\n\r\n")
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.002)
+        await until_closed(reader, BODY_S + SLACK)  # by the write deadline or the pipelining bound
+    finally:
+        writer.close()
 
 
 def test_no_traceback_and_no_secret_in_any_service_log(stack: Stack) -> None:

@@ -42,6 +42,12 @@ LINGER_S = 2.0
 #: At most one "cap reached" or "out of descriptors" WARNING per this many seconds; the counts of
 #: what the limits did are logged (INFO) at most this often too.
 LOG_INTERVAL_S = 60.0
+#: Requests a client may send ahead of its answers (HTTP/1.1 pipelining, which devices and browsers
+#: do not use); beyond this the connection is closed.
+MAX_PIPELINED = 32
+#: Largest piece of input handed to the parser at once, bounding the pipelined requests one read can
+#: queue before MAX_PIPELINED is checked.
+FEED_BYTES = 4096
 #: Seconds between checks for descriptor exhaustion (uvicorn's server ticks every 0.1 s).
 DESCRIPTOR_CHECK_TICKS = 10
 
@@ -200,8 +206,10 @@ class ConnectionGuard:
         log.info(
             "HTTP limits since the last summary: %d connections closed at the header deadline "
             "(HTTP_HEADER_TIMEOUT_S), %d at the body deadline (HTTP_BODY_TIMEOUT_S), %d heads over "
-            "HTTP_MAX_HEADER_BYTES (431), %d connections refused at the cap (503)",
-            counts["header"], counts["body"], counts["oversized"], counts["refused"],
+            "HTTP_MAX_HEADER_BYTES (431), %d connections refused at the cap (503), %d closed with answers "
+            "left unread for HTTP_BODY_TIMEOUT_S, %d closed for more than %d pipelined requests",
+            counts["header"], counts["body"], counts["oversized"], counts["refused"], counts["unread"],
+            counts["pipelined"], MAX_PIPELINED,
         )
 
 
@@ -244,11 +252,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
       on a kept-alive connection, of the first byte of the next request: the wait for that byte is
       uvicorn's keep-alive timeout) and be at most ``max_header_bytes``; bytes are counted as they
       arrive, so an oversized head is never buffered whole. Over the limit: 431, then closed.
-    - Body: from the end of the head to the end of the body at most ``body_timeout_s``.
+    - Body: from the end of the head to the end of the body at most ``body_timeout_s``; an answer
+      the client does not read (the write buffer stays full) also gets ``body_timeout_s``.
+    - Pipelining: more than MAX_PIPELINED requests ahead of their answers close the connection.
     A deadline that passes closes the connection without an answer (the client is gone or hostile).
 
     Only uvicorn's protocol hooks are extended (``connection_made``, ``data_received``,
-    ``on_headers_complete``, ``on_message_complete``, ``connection_lost``); each calls uvicorn's own.
+    ``on_headers_complete``, ``on_message_complete``, ``pause_writing``, ``resume_writing``,
+    ``connection_lost``); each calls uvicorn's own.
     """
 
     guard: ClassVar[ConnectionGuard]
@@ -257,6 +268,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_reason: str | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._unanswered: list[Any] = []  # this connection's requests without a complete answer
         self._reading_head = True
         self._head_bytes = 0
         self._discarding = False
@@ -276,6 +289,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
+        self._cancel_write_deadline()
+        # uvicorn tells only its latest request that the client is gone; a pipelined one that is
+        # running (e.g. waiting for a full write buffer) would then write to the closed transport
+        # and log a traceback.
+        for cycle in self._unanswered:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         if self._lingers:
             self._lingers = False
             self.guard.lingering -= 1
@@ -284,25 +305,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if not self._reading_head:
-            super().data_received(data)
-            return
-        if self._deadline_reason != "header":  # first byte of a request after a previous one
+        if self._reading_head and self._deadline_reason != "header":  # a request's first byte
             self._arm(self.guard.limits.header_timeout_s, "header")
         limit = self.guard.limits.max_header_bytes
-        # Feed the parser at most what the head may still take: it buffers an unfinished header
-        # whole, so an oversized head is refused before it is ever held in memory.
-        while self._reading_head:
-            room = limit - self._head_bytes
-            if room <= 0:
-                self._head_too_large()
-                return
-            piece, data = data[:room], data[room:]
-            self._head_bytes += len(piece)
+        # Feed the parser in pieces: while a head is read, at most what it may still take (the parser
+        # buffers an unfinished header whole, so an oversized head is refused before it is ever held
+        # in memory); otherwise FEED_BYTES, so a flood of pipelined requests is stopped after a few.
+        while data:
+            size = FEED_BYTES
+            if self._reading_head:
+                size = min(size, limit - self._head_bytes)
+                if size <= 0:
+                    self._head_too_large()
+                    return
+            piece, data = data[:size], data[size:]
+            if self._reading_head:
+                self._head_bytes += len(piece)
             super().data_received(piece)
-            if not data or self.transport.is_closing() or self.transport.get_protocol() is not self:
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return
-        super().data_received(data)
+            if len(self.pipeline) > MAX_PIPELINED:
+                self._too_many_pipelined()
+                return
+
+    def pause_writing(self) -> None:
+        """The client does not read its answers: uvicorn waits for it without end; we do not."""
+        if self.flow is None:  # a refused connection: uvicorn's flow control was never set up
+            return
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.guard.limits.body_timeout_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_deadline()
+        if self.flow is not None:
+            super().resume_writing()
 
     # --- parser callbacks ---------------------------------------------------------------------
 
@@ -320,6 +357,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.app = app
         else:
             super().on_headers_complete()
+        if self.cycle is not None:
+            self._unanswered = [c for c in self._unanswered if not c.response_complete and c is not self.cycle]
+            self._unanswered.append(self.cycle)
         self._arm(self.guard.limits.body_timeout_s, "body")
 
     def on_message_complete(self) -> None:
@@ -336,6 +376,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _parsed_head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _too_many_pipelined(self) -> None:
+        """uvicorn queues every pipelined request it parses (~9,000 from one 256 KB read of tiny ones)
+        and answers one per read: without a bound, one client grows the process by gigabytes."""
+        self.guard.counts["pipelined"] += 1
+        self.transport.abort()
 
     def _head_too_large(self) -> None:
         self.guard.counts["oversized"] += 1
@@ -368,6 +414,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._deadline.cancel()
             self._deadline = None
         self._deadline_reason = None
+
+    def _cancel_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_stalled(self) -> None:
+        self._write_deadline = None
+        if self.transport.get_protocol() is self:
+            self.guard.counts["unread"] += 1
+            self.transport.abort()
 
     def _expire(self, reason: str | None) -> None:
         self._deadline = None
