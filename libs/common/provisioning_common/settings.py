@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     #: The request head must be complete this long after the connection is accepted (on a kept-alive
     #: connection: after the next request's first byte); else the connection is closed (slowloris).
     http_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
-    #: The body must be complete this long after its head; else the connection is closed.
+    #: The body must be complete this long after its head, and an answer the client leaves unread may
+    #: wait this long; else the connection is closed.
     http_body_timeout_s: float = Field(default=10.0, gt=0, le=300)
     #: A kept-alive connection with no new request is closed this long after its last response.
     http_keep_alive_timeout_s: float = Field(default=15.0, gt=0, le=300)
