@@ -302,6 +302,12 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
             _respond(pipe, self._gateway.incomplete())
             return
         response = await self._block2.extract_or_insert(request, lambda: self._gateway.handle(request))
+        if response.mtype is not None or response.mid is not None:
+            # aiocoap's Block2 cache hands back the whole cached answer itself when a later block is asked
+            # for in a size that holds it all; sent once already, it keeps its type and message id, so aiocoap
+            # would warn per request and answer a NON request with an ACK. A fresh copy is a new message.
+            response = response.copy(mid=None)
+            response.mtype = None
         response.opt.block1 = request.opt.block1
         _respond(pipe, response)
 

@@ -262,3 +262,33 @@ async def test_live_is_down_while_the_listener_does_not_read(gateway: CoapGatewa
         loop.add_reader(fd, interface.transport._read_ready)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_cached_answer_served_again_is_a_new_message(caplog: pytest.LogCaptureFixture) -> None:
+    """aiocoap's Block2 cache returns the cached answer itself for a later block asked in a size that holds
+    it all; the second time, it has been sent already. Without a copy aiocoap warned ("Message ID set on
+    to-be-sent message") per request and answered a NON request with an ACK."""
+    caplog.set_level(logging.INFO)
+
+    def with_block2(mid: int, mtype: int, number: int, szx: int) -> bytes:
+        value = number << 4 | szx
+        option = value.to_bytes((value.bit_length() + 7) // 8, "big")
+        request = message(PROVISION, mid=mid, mtype=mtype, token=bytes([mid]))
+        return request + bytes([(23 - 11) << 4 | len(option)]) + option + b"\xff{}"  # Block2 after Uri-Path
+
+    served = CoapGateway(SlowApi(), _settings(free_udp_port()))  # type: ignore[arg-type]
+    await served.start()
+    client = Client(served._settings.coap_port)
+    types = []
+    try:
+        # 16-byte blocks: the 22-byte answer is cached; then block 1 in 1024-byte blocks, three times.
+        for mid, mtype, number, szx in ((1, 0, 0, 0), (2, 0, 1, 6), (3, 1, 1, 6), (4, 0, 1, 6)):
+            await client.send(with_block2(mid, mtype, number, szx))
+            answer = await client.recv()
+            assert answer[1] == int(Code.BAD_REQUEST)  # the stub's NOT_FOUND
+            types.append((answer[0] >> 4) & 3)
+    finally:
+        client.close()
+        await served.stop(drain_timeout=1)
+    assert types == [2, 2, 1, 2]  # ACK (piggybacked), ACK, NON for the NON request, ACK
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
