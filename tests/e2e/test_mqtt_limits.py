@@ -214,6 +214,8 @@ async def test_idle_and_half_sent_connections_are_closed_while_devices_provision
         device_task.cancel()
         ping_task.cancel()
     assert len(answers) >= 20 and all(a["status"] == "SUCCESS" for a in answers), answers
+    print(f"closed by the deadlines: {({k: len(v) for k, v in junk.items()})}; devices provisioned meanwhile: "
+          f"{len(answers)}")
     await asyncio.to_thread(_provision_and_connect, port, profile)
     assert "Traceback" not in stack.output()
 
@@ -310,6 +312,7 @@ async def test_out_of_descriptors_is_logged_once_and_the_listener_keeps_serving(
         answers = await asyncio.gather(*(_first_bytes(r) for r, _ in conns))
         accepted = answers.count(CONNACK_OK)
         assert 100 < accepted < 256 and accepted + answers.count(b"") == 400, answers
+        print(f"descriptor limit 256: {accepted} of 400 connections accepted, {answers.count(b'')} dropped")
         warnings = [line for line in gateway.output().splitlines() if FD_WARNING in line]
         assert len(warnings) == 1 and " WARNING " in warnings[0], warnings
 
