@@ -303,7 +303,10 @@ async def test_not_found_and_failure_are_4_00_with_the_spec_body(
     name = f"twice-{uuid.uuid4().hex[:6]}"
     assert (await coap_request(coap, env, "/api/v1/provision", tb_request(profile, deviceName=name))).code \
         is Code.CREATED
-    twice = await coap_request(coap, env, "/api/v1/provision", tb_request(profile, deviceName=name))
+    # Another request (its own token) for the taken name: FAILURE. (The same request again would
+    # get its first answer: PROVISION_REPLAY_WINDOW_S.)
+    twice = await coap_request(coap, env, "/api/v1/provision",
+                               tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=name))
     assert (twice.code, twice.payload) == (Code.BAD_REQUEST, FAILURE)
 
 
