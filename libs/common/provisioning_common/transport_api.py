@@ -126,10 +126,12 @@ class TransportApi:
 
 
 def is_json_document(payload: bytes) -> bool:
-    """Telemetry must be a JSON object or array (ThingsBoard rejects anything else)."""
+    """Telemetry must be a JSON object or array (ThingsBoard rejects anything else).
+
+    Nesting deep enough to exhaust the parser's recursion (about 1,000 levels) is refused too."""
     try:
         return isinstance(json.loads(payload), (dict, list))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
 
 
