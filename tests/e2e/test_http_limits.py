@@ -242,6 +242,22 @@ async def test_idle_keep_alive_connection_is_closed(env: Env, stack: Stack) -> N
     assert seconds >= 0.9 * KEEP_ALIVE_S
 
 
+async def test_connection_answered_before_its_body_ended_is_closed_when_idle(env: Env, stack: Stack) -> None:
+    """413 goes out on the head alone; once the body has arrived the connection is idle like any other."""
+    reader, writer = await connect(env.http_port)
+    try:
+        writer.write(b"POST /api/v1/provision HTTP/1.1\r\nHost: devices\r\nContent-Length: 70000\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status == 413 and headers.get("connection") != "close"
+        start = now()
+        writer.write(b"x" * 70000)
+        await writer.drain()
+        seconds, received = await until_closed(reader, KEEP_ALIVE_S + SLACK, since=start)
+    finally:
+        writer.close()
+    assert received == b"" and seconds >= 0.9 * KEEP_ALIVE_S
+
+
 async def test_slow_head_on_a_kept_alive_connection_is_closed(env: Env, stack: Stack) -> None:
     """The second request's head has HTTP_HEADER_TIMEOUT_S from its first byte, like the first's."""
     reader, writer = await connect(env.http_port)
@@ -283,7 +299,7 @@ async def test_oversized_header_gets_431_and_the_connection_is_closed(
     assert status == 200
 
 
-async def test_head_sent_a_byte_at_a_time_is_refused_once_over_the_limit(env: Env, stack: Stack) -> None:
+async def test_head_sent_in_pieces_is_refused_once_over_the_limit(env: Env, stack: Stack) -> None:
     """The head is counted as it arrives: it is refused at the limit, not buffered until it ends."""
     reader, writer = await connect(env.http_port)
     try:

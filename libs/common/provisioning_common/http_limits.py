@@ -257,6 +257,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     - Pipelining: more than MAX_PIPELINED requests ahead of their answers close the connection.
     A deadline that passes closes the connection without an answer (the client is gone or hostile).
 
+    A deadline is noted when its phase starts, but a timer is armed only when a read ends with the
+    phase unfinished: a request that arrives whole costs no timer.
+
     Only uvicorn's protocol hooks are extended (``connection_made``, ``data_received``,
     ``on_headers_complete``, ``on_message_complete``, ``pause_writing``, ``resume_writing``,
     ``connection_lost``); each calls uvicorn's own.
@@ -266,10 +269,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._deadline: asyncio.TimerHandle | None = None
-        self._deadline_reason: str | None = None
+        self._phase: str | None = None  # "header" or "body" while one is being read
+        self._phase_ends = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_for: str | None = None  # "header", "body", "idle" or "linger"
         self._write_deadline: asyncio.TimerHandle | None = None
-        self._unanswered: list[Any] = []  # this connection's requests without a complete answer
+        self._unanswered: list[Any] = []  # pipelined requests without a complete answer
         self._reading_head = True
         self._head_bytes = 0
         self._discarding = False
@@ -285,10 +290,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.guard.admitted()
         super().connection_made(transport)
-        self._arm(self.guard.limits.header_timeout_s, "header")
+        self._start_phase("header", self.guard.limits.header_timeout_s)
+        self._arm_phase_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel()
+        self._cancel_timer()
         self._cancel_write_deadline()
         # uvicorn tells only its latest request that the client is gone; a pipelined one that is
         # running (e.g. waiting for a full write buffer) would then write to the closed transport
@@ -305,8 +311,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if self._reading_head and self._deadline_reason != "header":  # a request's first byte
-            self._arm(self.guard.limits.header_timeout_s, "header")
+        if self._timer_for == "idle":
+            self._cancel_timer()
+        if self._reading_head and self._phase is None:  # the first byte of a request after another
+            self._start_phase("header", self.guard.limits.header_timeout_s)
         limit = self.guard.limits.max_header_bytes
         # Feed the parser in pieces: while a head is read, at most what it may still take (the parser
         # buffers an unfinished header whole, so an oversized head is refused before it is ever held
@@ -327,6 +335,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if len(self.pipeline) > MAX_PIPELINED:
                 self._too_many_pipelined()
                 return
+        self._arm_phase_timer()
 
     def pause_writing(self) -> None:
         """The client does not read its answers: uvicorn waits for it without end; we do not."""
@@ -345,7 +354,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
-        self._cancel()
+        self._start_phase("body", self.guard.limits.body_timeout_s)
+        previous = self.cycle
         if self._parsed_head_bytes() > self.guard.limits.max_header_bytes:
             # A pipelined head that arrived in the same read as the request before it was not
             # counted in data_received; answer it through uvicorn, after the responses before it.
@@ -357,20 +367,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.app = app
         else:
             super().on_headers_complete()
-        if self.cycle is not None:
-            self._unanswered = [c for c in self._unanswered if not c.response_complete and c is not self.cycle]
-            self._unanswered.append(self.cycle)
-        self._arm(self.guard.limits.body_timeout_s, "body")
+        if self.pipeline:  # this request waits behind an unanswered one
+            self._unanswered = [c for c in self._unanswered if not c.response_complete]
+            self._unanswered += [c for c in (previous, self.cycle) if c is not None and c not in self._unanswered]
 
     def on_message_complete(self) -> None:
-        self._cancel()
+        self._phase = None
+        if self._timer_for == "body":
+            self._cancel_timer()
         self._reading_head = True
         self._head_bytes = 0
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before the body ended (e.g. 413): uvicorn armed its keep-alive timer at the
             # response and the body's bytes cancelled it; an idle connection must still be closed.
-            self._arm(self.timeout_keep_alive, None)
+            self._arm_timer("idle", self.timeout_keep_alive)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -393,27 +404,42 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _answer_and_close(self, response: bytes) -> None:
         """Write ``response``, stop sending, drop what the client still sends, close after LINGER_S."""
         self._discarding = True
-        self._cancel()
+        self._phase = None
         transport = self.transport
         transport.write(response)
         if self.guard.lingering >= self.guard.max_lingering or not transport.can_write_eof():
+            self._cancel_timer()
             transport.close()
             return
         self.guard.lingering += 1
         self._lingers = True
         transport.write_eof()
-        self._arm(LINGER_S, None)
+        self._arm_timer("linger", LINGER_S)
 
-    def _arm(self, delay: float, reason: str | None) -> None:
-        self._cancel()
-        self._deadline_reason = reason
-        self._deadline = self.loop.call_later(delay, self._expire, reason)
+    def _start_phase(self, phase: str, seconds: float) -> None:
+        """Note when ``phase`` must be over; a timer for another phase is no longer wanted."""
+        self._phase = phase
+        self._phase_ends = self.loop.time() + seconds
+        if self._timer_for is not None and self._timer_for != phase:
+            self._cancel_timer()
 
-    def _cancel(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._deadline_reason = None
+    def _arm_phase_timer(self) -> None:
+        """A read ended with the head or body unfinished: make sure its deadline will be enforced."""
+        if self._phase is not None and self._timer_for != self._phase:
+            self._cancel_timer()
+            self._timer = self.loop.call_at(self._phase_ends, self._expire, self._phase)
+            self._timer_for = self._phase
+
+    def _arm_timer(self, what: str, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay, self._expire, what)
+        self._timer_for = what
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_for = None
 
     def _cancel_write_deadline(self) -> None:
         if self._write_deadline is not None:
@@ -426,15 +452,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.guard.counts["unread"] += 1
             self.transport.abort()
 
-    def _expire(self, reason: str | None) -> None:
-        self._deadline = None
-        self._deadline_reason = None
+    def _expire(self, what: str) -> None:
+        self._timer = None
+        self._timer_for = None
         if self.transport.is_closing() and not self._lingers:
             return
         if self.transport.get_protocol() is not self:  # upgraded to another protocol
             return
-        if reason is not None:
-            self.guard.counts[reason] += 1
+        if what in ("header", "body"):
+            self.guard.counts[what] += 1
         self.transport.abort()  # nothing useful is left to send; do not wait on a client that does not read
 
 
