@@ -5,7 +5,10 @@ no limit on the size of a request head, no deadline for a head or a body to arri
 connections: ``h11_max_incomplete_event_size`` applies to h11 only, and ``limit_concurrency`` answers
 503 only once a whole head has arrived, which slowloris never sends. Measured before this module:
 5,000 slowloris connections held 60 s, an 8 MB header accepted, and 21,000 idle connections used up
-the descriptor limit while new devices were refused with nothing logged.
+the descriptor limit while new devices were refused with nothing logged. Found while building
+this: uvicorn queues every pipelined request it parses (thousands per read), waits without end for
+a client that does not read its answers, and leaves a connection answered before its body ended
+without an idle timer; those are bounded here too.
 
 ``LimitedHttpToolsProtocol`` adds these limits around uvicorn's own protocol (one instance per
 connection), ``ConnectionGuard`` holds what one process shares (counters, the cap's log episodes,
@@ -48,7 +51,7 @@ MAX_PIPELINED = 32
 #: Largest piece of input handed to the parser at once, bounding the pipelined requests one read can
 #: queue before MAX_PIPELINED is checked.
 FEED_BYTES = 4096
-#: Seconds between checks for descriptor exhaustion (uvicorn's server ticks every 0.1 s).
+#: uvicorn server ticks (0.1 s each) between checks for descriptor exhaustion: about one a second.
 DESCRIPTOR_CHECK_TICKS = 10
 
 
