@@ -43,6 +43,7 @@ from provisioning_common.bus import (
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.dialects import innoway
+from provisioning_common.dialects.limits import field_problem
 from provisioning_common.models import (
     MSG_FAILURE,
     CredentialsType,
@@ -468,7 +469,9 @@ def _name_from_common_name(pattern: str, common_name: str | None) -> str | None:
         name = match.group(1) if match else None
     except (re.error, IndexError):
         return None
-    return java_trim(name) if name else None
+    name = java_trim(name) if name else None
+    # The same rule as a name sent in a request (at most 255 characters, no NUL).
+    return name if name and field_problem("device_name", name) is None else None
 
 
 def _failure_message(credentials_error: str | None) -> str:

@@ -144,3 +144,24 @@ def test_blocked_does_not_count_as_failure() -> None:
         assert not limiter.blocked("key", "src")
     limiter.record_failure("key", "src")
     assert limiter.blocked("key", "src")
+
+
+# --- device names from X.509 common names ---------------------------------------------------------
+
+from provisioning_core.service import _name_from_common_name  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("pattern", "common_name", "expected"),
+    [
+        (r"^(sensor-[0-9]+)\.example\.com$", "sensor-12.example.com", "sensor-12"),
+        (r"^(sensor-[0-9]+)\.example\.com$", "other.example.com", None),
+        ("(.*)", "  padded  ", "padded"),
+        ("(.*)", "x" * 255, "x" * 255),
+        ("(.*)", "x" * 256, None),  # longer than a device name may be
+        ("(.*)", "nul\x00inside", None),  # Postgres cannot store it
+        ("(.*)", None, None),
+    ],
+)
+def test_device_name_from_common_name(pattern: str, common_name: str | None, expected: str | None) -> None:
+    assert _name_from_common_name(pattern, common_name) == expected

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from ..models import ProvisionRequest, ProvisionResult
 from ._json import DialectError
+from ..rate_limit import WindowCounter
 
 #: The core's answer to a source over its failure limit (provisioning_core's FailureLimiter).
 MSG_TOO_MANY_FAILURES = "Too many failed provisioning attempts; retry later"
@@ -131,29 +132,15 @@ class MalformedRequestLimiter:
     def __init__(
         self, per_minute: int, *, clock: Callable[[], float] = time.monotonic, max_sources: int = 100_000
     ) -> None:
-        self._limit = per_minute
-        self._clock = clock
-        self._max_sources = max_sources
-        self._window = -1
-        self._counts: dict[str, int] = {}
-
-    def _roll(self) -> None:
-        window = int(self._clock() // 60)
-        if window != self._window:
-            self._window = window
-            self._counts.clear()
+        self._counter = WindowCounter(per_minute, clock=clock, max_names=max_sources)
 
     def blocked(self, source: str) -> bool:
         """Whether ``source`` has used up this minute's malformed requests (an unknown source never is)."""
-        self._roll()
-        return bool(source) and self._counts.get(source, 0) >= self._limit
+        return self._counter.exhausted(source)
 
     def record(self, source: str) -> None:
         """Count one malformed request from ``source``."""
-        self._roll()
-        if not source or (source not in self._counts and len(self._counts) >= self._max_sources):
-            return
-        self._counts[source] = self._counts.get(source, 0) + 1
+        self._counter.record(source)
 
     @staticmethod
     def too_many() -> ProvisionResult:
