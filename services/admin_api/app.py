@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import re
 import secrets
 import string
@@ -39,6 +40,8 @@ from provisioning_common.models import (
     ProvisionStrategy,
     SuppliedCredentials,
 )
+from provisioning_common.db.guard import DB_UNAVAILABLE
+from provisioning_common.outage import OutageLog
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
@@ -227,6 +230,24 @@ def create_app(settings: Settings) -> FastAPI:
             msg = PATTERN_MESSAGES.get((err.get("ctx") or {}).get("pattern"), err.get("msg"))
             parts.append(f"{where}: {msg}" if where else str(msg))
         return JSONResponse({"status": 400, "message": "; ".join(parts)}, status_code=400)
+
+    db_outage = OutageLog(logging.getLogger("admin_api"), "Postgres")
+
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        """Postgres down or restarting: 503 "retry later", one WARNING per outage, no traceback."""
+        db_outage.failed(type(exc).__name__)
+        return JSONResponse({"status": 503, "message": "database unavailable; retry later"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    for exc_type in DB_UNAVAILABLE:
+        app.add_exception_handler(exc_type, database_unavailable)
+
+    @app.middleware("http")
+    async def database_back(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        if db_outage.down and response.status_code < 500:
+            db_outage.recovered()
+        return response
 
     def pool() -> asyncpg.Pool:
         return state["pool"]
