@@ -173,6 +173,25 @@ def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def listeners(port: int) -> str:
+    """Who listens on ``port`` (``ss -ltnp``), for error messages."""
+    try:
+        return subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def ensure_port_free(port: int, wait_s: float = 10.0) -> None:
+    """Refuse to start a server beside another one on ``port`` (after waiting ``wait_s`` for it to go)."""
+    deadline = time.monotonic() + wait_s
+    while port_accepts(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {port} is taken by another process; refusing to start beside it: "
+                               f"{listeners(port) or 'no listener (a connection to itself?)'}")
+        time.sleep(0.2)
+
+
 def run_coroutine_blocking(factory: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion from synchronous code, even when the caller's thread already
     runs an event loop (a fixture or an ``async def`` test calling a sync method): it runs on a
@@ -466,8 +485,7 @@ class PrivateRabbitMQ(_Instance):
         if self.root_pids():
             raise RuntimeError(f"{self.node_name} is already running")
         for port in self.ports():
-            if port_accepts(port):
-                raise RuntimeError(f"port {port} is taken by another process; refusing to start beside it")
+            ensure_port_free(port)
         began = time.monotonic()
         env = self._environment()
         out = open(self.output_file, "ab")
@@ -645,8 +663,7 @@ class PrivatePostgres(_Instance):
             raise RuntimeError("stopped instances cannot be started again")
         if self.root_pids():
             raise RuntimeError(f"postgres on {self.port} is already running")
-        if port_accepts(self.port):
-            raise RuntimeError(f"port {self.port} is taken by another process; refusing to start beside it")
+        ensure_port_free(self.port)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         # After a SIGKILL the lock file is stale; every process of ours is gone (kill() checked).

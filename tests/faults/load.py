@@ -31,9 +31,13 @@ class Kind(str, enum.Enum):
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"  # 200 with status FAILURE (e.g. "name taken")
     NOT_FOUND = "NOT_FOUND"  # 200 with status NOT_FOUND
-    UNAVAILABLE = "503"  # 503 "Provisioning timed out"
+    UNAVAILABLE = "503"  # HTTP 503 "Provisioning timed out" (MQTT: FAILURE "Provisioning timed out")
     OTHER_STATUS = "other HTTP status"
     CONNECTION_ERROR = "connection error"  # no answer at all: refused, reset, closed, client time-out
+
+
+#: The gateways' time-out message (models.MSG_TIMEOUT): over MQTT it comes as a FAILURE answer.
+TIMED_OUT = "Provisioning timed out"
 
 
 @dataclass
@@ -46,23 +50,24 @@ class DeviceRequest:
     credentials: str
     #: Secrets the device itself put in the request (its chosen token or password).
     secrets: tuple[str, ...] = ()
+    #: "http" or "mqtt" (ThingsBoard's /provision/request over a plain MQTT connection).
+    transport: str = "http"
 
 
 @dataclass
 class Outcome:
     name: str
     kind: Kind
+    #: The client received an answer (an HTTP response, an MQTT /provision/response); a broken
+    #: connection or a client-side time-out told it nothing.
+    told: bool
     status_code: int | None = None
     body: dict[str, Any] | None = None
     error: str | None = None
+    transport: str = "http"
     #: Seconds since the load started, when the request was sent and when its outcome was known.
     sent_at: float = 0.0
     done_at: float = 0.0
-
-    @property
-    def told(self) -> bool:
-        """The client received an answer (any HTTP response); a broken connection told it nothing."""
-        return self.status_code is not None
 
     @property
     def credentials_value(self) -> Any:
@@ -86,14 +91,16 @@ def _random(length: int) -> str:
 
 
 def make_requests(profile: Mapping[str, Any], count: int, tag: str, *, chosen_token_every: int = 4,
-                  mqtt_basic_every: int = 0) -> list[DeviceRequest]:
+                  mqtt_basic_every: int = 0, over_mqtt_every: int = 0) -> list[DeviceRequest]:
     """``count`` uniquely named ThingsBoard requests for ``profile``.
 
     Most let the server mint a token; every ``chosen_token_every``-th brings its own ACCESS_TOKEN and
     every ``mqtt_basic_every``-th (0: none) MQTT_BASIC credentials, so the secret scan also covers
-    secrets that exist whether or not the device was answered."""
+    secrets that exist whether or not the device was answered. Every ``over_mqtt_every``-th device
+    (0: none) provisions over MQTT instead of HTTP."""
     requests: list[DeviceRequest] = []
     for i in range(count):
+        transport = "mqtt" if over_mqtt_every and i % over_mqtt_every == 1 % over_mqtt_every else "http"
         name = f"{tag}-{i:05d}"
         body: dict[str, Any] = {"deviceName": name, "provisionDeviceKey": profile["provisionDeviceKey"],
                                 "provisionDeviceSecret": profile["provisionDeviceSecret"]}
@@ -101,17 +108,18 @@ def make_requests(profile: Mapping[str, Any], count: int, tag: str, *, chosen_to
             password = _random(24)
             body.update(credentialsType="MQTT_BASIC", clientId=f"c{_random(16)}", username=f"u{_random(16)}",
                         password=password)
-            requests.append(DeviceRequest(name, body, "MQTT_BASIC", (password,)))
+            requests.append(DeviceRequest(name, body, "MQTT_BASIC", (password,), transport))
         elif chosen_token_every and i % chosen_token_every == chosen_token_every - 1:
             token = _random(24)
             body.update(credentialsType="ACCESS_TOKEN", token=token)
-            requests.append(DeviceRequest(name, body, "ACCESS_TOKEN", (token,)))
+            requests.append(DeviceRequest(name, body, "ACCESS_TOKEN", (token,), transport))
         else:
-            requests.append(DeviceRequest(name, body, "generated"))
+            requests.append(DeviceRequest(name, body, "generated", (), transport))
     return requests
 
 
 def classify(status_code: int, body: dict[str, Any] | None) -> Kind:
+    """An answer's kind; MQTT answers are classified as if they came with 200."""
     if status_code == 503:
         return Kind.UNAVAILABLE
     if status_code != 200 or body is None:
@@ -122,7 +130,7 @@ def classify(status_code: int, body: dict[str, Any] | None) -> Kind:
     if status == "NOT_FOUND":
         return Kind.NOT_FOUND
     if status == "FAILURE":
-        return Kind.FAILURE
+        return Kind.UNAVAILABLE if body.get("errorMsg") == TIMED_OUT else Kind.FAILURE
     return Kind.OTHER_STATUS
 
 
@@ -132,14 +140,35 @@ async def provision_http(client: httpx.AsyncClient, url: str, request: DeviceReq
     try:
         response = await client.post(f"{url}/api/v1/provision", content=json.dumps(request.body))
     except (httpx.TransportError, OSError) as exc:  # connect refused, reset, closed mid-answer, client time-out
-        return Outcome(request.name, Kind.CONNECTION_ERROR, error=f"{type(exc).__name__}: {exc}"[:200],
+        return Outcome(request.name, Kind.CONNECTION_ERROR, False, error=f"{type(exc).__name__}: {exc}"[:200],
                        sent_at=sent, done_at=time.monotonic() - clock)
     try:
         body = response.json()
         body = body if isinstance(body, dict) else None
     except ValueError:
         body = None
-    return Outcome(request.name, classify(response.status_code, body), response.status_code, body,
+    return Outcome(request.name, classify(response.status_code, body), True, response.status_code, body,
+                   sent_at=sent, done_at=time.monotonic() - clock)
+
+
+async def provision_mqtt(port: int, request: DeviceRequest, timeout: float, clock: float = 0.0) -> Outcome:
+    """Provision over MQTT as ThingsBoard's example client does (CONNECT as "provision", SUBSCRIBE
+    /provision/response, PUBLISH /provision/request QoS 1), on plain asyncio streams (paho's select()
+    loop cannot hold this many sockets). No answer (closed, refused, time-out) is a connection error."""
+    from tests.e2e.mqtt_clients import raw_provision
+
+    sent = time.monotonic() - clock
+    try:
+        payload = await raw_provision(port, json.dumps(request.body).encode(), timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - refused, closed (IncompleteReadError, codec errors), time-out
+        return Outcome(request.name, Kind.CONNECTION_ERROR, False, error=f"{type(exc).__name__}: {exc}"[:200],
+                       transport="mqtt", sent_at=sent, done_at=time.monotonic() - clock)
+    try:
+        body = json.loads(payload)
+        body = body if isinstance(body, dict) else None
+    except ValueError:
+        body = None
+    return Outcome(request.name, classify(200, body), True, None, body, transport="mqtt",
                    sent_at=sent, done_at=time.monotonic() - clock)
 
 
@@ -163,8 +192,9 @@ class Load:
     ``await load.reached(n)`` lets a test inject its fault once ``n`` devices have their outcome."""
 
     def __init__(self, http_url: str, requests: Iterable[DeviceRequest], *, concurrency: int = 64,
-                 rate: float | None = None, client_timeout: float = 30.0) -> None:
+                 rate: float | None = None, client_timeout: float = 30.0, mqtt_port: int | None = None) -> None:
         self.http_url = http_url
+        self.mqtt_port = mqtt_port
         self.requests = {r.name: r for r in requests}
         self.concurrency = concurrency
         self.rate = rate
@@ -186,7 +216,11 @@ class Load:
 
             async def one(request: DeviceRequest) -> None:
                 try:
-                    outcome = await provision_http(client, self.http_url, request, self.clock)
+                    if request.transport == "mqtt":
+                        assert self.mqtt_port, "MQTT devices need mqtt_port"
+                        outcome = await provision_mqtt(self.mqtt_port, request, self.client_timeout, self.clock)
+                    else:
+                        outcome = await provision_http(client, self.http_url, request, self.clock)
                 finally:
                     limit.release()
                 self.outcomes[request.name] = outcome
@@ -219,9 +253,11 @@ class Load:
 
 
 async def run_load(http_url: str, requests: Iterable[DeviceRequest], *, concurrency: int = 64,
-                   rate: float | None = None, client_timeout: float = 30.0) -> LoadResult:
+                   rate: float | None = None, client_timeout: float = 30.0,
+                   mqtt_port: int | None = None) -> LoadResult:
     """The whole load at once (no fault injected from outside)."""
-    return await Load(http_url, requests, concurrency=concurrency, rate=rate, client_timeout=client_timeout).start().result()
+    return await Load(http_url, requests, concurrency=concurrency, rate=rate, client_timeout=client_timeout,
+                      mqtt_port=mqtt_port).start().result()
 
 
 # --- the checker -----------------------------------------------------------------------------------------
@@ -254,8 +290,11 @@ class FaultReport:
     secrets_in_logs: dict[str, int] = field(default_factory=dict)
     secret_lines_in_logs: dict[str, int] = field(default_factory=dict)
     secret_log_examples: list[str] = field(default_factory=list)
-    #: (e) "Traceback" in service output: service -> count.
+    #: (e) "Traceback" in service output: service -> count, and what they were (log line -> exception).
     tracebacks: dict[str, int] = field(default_factory=dict)
+    traceback_examples: list[str] = field(default_factory=list)
+    #: (f) services that died or were replaced although the test did not kill them, or never came back.
+    service_problems: list[str] = field(default_factory=list)
     settle_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -277,7 +316,9 @@ class FaultReport:
             found.append(f"(d) secrets in logs (distinct secrets per service) {self.secrets_in_logs}, lines "
                          f"{self.secret_lines_in_logs}: {self.secret_log_examples[:3]}")
         if self.tracebacks:
-            found.append(f"(e) tracebacks {self.tracebacks}")
+            found.append(f"(e) tracebacks {self.tracebacks}: {self.traceback_examples[:6]}")
+        for problem in self.service_problems:
+            found.append(f"(f) {problem}")
         return found
 
     def summary(self) -> dict[str, Any]:
@@ -292,7 +333,7 @@ class FaultReport:
             "c_duplicates": len(self.duplicates), "c_extra_devices": len(self.extra_devices),
             "c_shared_tokens": self.shared_tokens,
             "d_secrets_in_logs": self.secrets_in_logs, "d_secret_lines": self.secret_lines_in_logs,
-            "e_tracebacks": self.tracebacks, "settle_s": round(self.settle_seconds, 1), "notes": self.notes,
+            "e_tracebacks": self.tracebacks, "e_examples": self.traceback_examples[:6], "f_services": self.service_problems, "settle_s": round(self.settle_seconds, 1), "notes": self.notes,
         }
 
     def assert_ok(self) -> None:
@@ -349,6 +390,27 @@ def _stored_matches(request: DeviceRequest, outcome: Outcome, rows: list[asyncpg
     return isinstance(value, str) and row["credentials_id"] == token_id(value)
 
 
+def traceback_summaries(outputs: Mapping[str, str], limit: int = 10) -> list[str]:
+    """For each distinct traceback: "[service] <log line before it> -> <exception line>"."""
+    seen: dict[str, None] = {}
+    for service, text in outputs.items():
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("Traceback"):
+                continue
+            before = lines[i - 1] if i else ""
+            before = before.split(": ", 1)[-1] if ": " in before else before
+            exception = ""
+            for follow in lines[i + 1:]:
+                if follow.startswith("Traceback") or follow.startswith("During handling") or follow.startswith("The above"):
+                    continue
+                if follow and not follow.startswith(" "):
+                    exception = follow
+                    break
+            seen.setdefault(f"[{service}] {before[:120]} -> {exception[:160]}", None)
+    return list(seen)[:limit]
+
+
 def scan_logs(outputs: Mapping[str, str], secrets_to_find: Iterable[str]) -> tuple[dict[str, int], dict[str, int], list[str]]:
     """(distinct secrets found per service, lines holding one per service, a few redacted example lines)."""
     wanted = {s for s in secrets_to_find if s and len(s) >= 8}
@@ -383,6 +445,7 @@ async def check_no_stuck_devices(
     profile: Mapping[str, Any],
     outputs: Callable[[], Mapping[str, str]],
     provision_timeout_s: float,
+    mqtt_port: int | None = None,
     extra_secrets: Iterable[str] = (),
     retry_concurrency: int = 16,
 ) -> FaultReport:
@@ -416,7 +479,7 @@ async def check_no_stuck_devices(
 
     # (b) the device's one retry: the same request, now that everything is back.
     to_retry = [load.requests[name] for name, o in load.outcomes.items() if o.kind is not Kind.SUCCESS]
-    retried = await run_load(http_url, to_retry, concurrency=retry_concurrency,
+    retried = await run_load(http_url, to_retry, concurrency=retry_concurrency, mqtt_port=mqtt_port,
                              client_timeout=provision_timeout_s + 10) if to_retry else LoadResult({}, {}, 0.0)
     report.retry_outcomes = retried.counts()
     report.stuck = [name for name, o in retried.outcomes.items() if o.kind is not Kind.SUCCESS]
@@ -443,4 +506,5 @@ async def check_no_stuck_devices(
     texts = outputs()
     report.secrets_in_logs, report.secret_lines_in_logs, report.secret_log_examples = scan_logs(texts, secrets_to_find)
     report.tracebacks = {service: text.count("Traceback") for service, text in texts.items() if "Traceback" in text}
+    report.traceback_examples = traceback_summaries(texts)
     return report
