@@ -9,7 +9,8 @@ what is per *process* lives here:
 * :func:`raise_nofile_limit` lifts the soft ``RLIMIT_NOFILE`` to the hard one (the soft default of
   1024 would cap a gateway at about a thousand devices), and :func:`effective_connection_cap` keeps the
   cap below what the process can actually open, so that a full gateway refuses cleanly rather than
-  by running out of descriptors;
+  by running out of descriptors (both are :mod:`provisioning_common.descriptors`, shared with HTTP;
+  here is what the MQTT gateway keeps free, FD_RESERVE);
 * :class:`DescriptorWatch` notices when descriptors run out anyway (something else holds them): asyncio
   would log a traceback per failed ``accept()`` and uvloop (libuv) says nothing at all;
 * :class:`EpisodeLog` turns a flood of identical events into one WARNING when it starts and one INFO
@@ -19,13 +20,18 @@ what is per *process* lives here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+from provisioning_common.descriptors import (
+    connection_cap,
+    descriptor_shortage,
+    is_descriptor_shortage,
+    raise_nofile_limit,  # here for server.py, with the gateway's other limits
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,6 @@ FD_RESERVE = 128
 
 #: ``accept()`` failures asyncio reports through the loop's exception handler with this message.
 _ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
-_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 class EpisodeLog:
@@ -127,54 +132,9 @@ class EpisodeLog:
             self._timer = None
 
 
-def raise_nofile_limit() -> tuple[int, int]:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns the (old, new) soft limit.
-
-    Each client connection costs a descriptor, and many systems start processes with a soft limit of
-    1024 while allowing far more. Nothing is changed where ``resource`` does not exist (not POSIX) or
-    the kernel refuses; the current value is returned then.
-    """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return (0, 0)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        # "unlimited" is not a valid soft value on every kernel; nr_open is the real ceiling.
-        target = _nr_open() or soft
-    else:
-        target = hard
-    if soft != resource.RLIM_INFINITY and target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
-            return (soft, soft)
-        return (soft, target)
-    return (soft, soft)
-
-
-def _nr_open() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/sys/fs/nr_open") as handle:
-            return int(handle.read().strip())
-    return 0
-
-
 def effective_connection_cap(configured: int, soft_limit: int) -> int:
-    """The connection cap the process can honour: ``configured``, lowered to fit the descriptor limit.
-
-    ``soft_limit`` 0 or unlimited means unknown: the configured cap stands.
-    """
-    try:
-        import resource
-
-        unlimited = resource.RLIM_INFINITY
-    except ImportError:  # pragma: no cover
-        unlimited = -1
-    if soft_limit <= 0 or soft_limit == unlimited:
-        return configured
-    return max(1, min(configured, soft_limit - FD_RESERVE))
+    """``MQTT_MAX_CONNECTIONS`` lowered to fit ``soft_limit`` with FD_RESERVE kept (``connection_cap``)."""
+    return connection_cap(configured, soft_limit, reserve=FD_RESERVE)
 
 
 class ConnectionGate:
@@ -220,16 +180,13 @@ class DescriptorWatch:
       default logs an ERROR with a traceback every time: :meth:`install` routes those reports here.
     * uvloop (libuv) hides EMFILE on accept: it accepts the waiting connections on a reserved descriptor
       and closes them at once. Nothing reaches Python, so :meth:`after_accept` checks, at each accepted
-      connection, whether one more descriptor could still be opened (a ``dup`` and a ``close``): when the
+      connection, whether one more descriptor could still be opened (``descriptor_shortage``): when the
       connection just accepted took the last one, the next clients will be turned away.
 
     The listener itself keeps running in both cases; the log tells the operator why clients fail.
     """
 
     def __init__(self, *, quiet_s: float = 60.0) -> None:
-        self._probe_fd: int | None = None
-        with contextlib.suppress(OSError):
-            self._probe_fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self.episode = EpisodeLog(
             log,
             "MQTT listener out of file descriptors (RLIMIT_NOFILE): new connections are being refused by the "
@@ -248,7 +205,7 @@ class DescriptorWatch:
     def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if context.get("message") == _ACCEPT_OUT_OF_RESOURCES or (
-            isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS and "accept" in str(context.get("message"))
+            is_descriptor_shortage(exc) and "accept" in str(context.get("message"))
         ):
             self.episode.event(_describe(exc))
             return
@@ -259,21 +216,13 @@ class DescriptorWatch:
 
     def after_accept(self) -> None:
         """Check that a descriptor is still available after a connection took one."""
-        if self._probe_fd is None:
-            return
-        try:
-            os.close(os.dup(self._probe_fd))
-        except OSError as exc:
-            if exc.errno in _OUT_OF_DESCRIPTORS:
-                self.episode.event(_describe(exc))
+        shortage = descriptor_shortage()
+        if shortage is not None:
+            self.episode.event(shortage)
 
     def close(self) -> None:
-        """Release the probe descriptor and the episode timer."""
+        """Cancel the episode timer (on shutdown)."""
         self.episode.close()
-        if self._probe_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._probe_fd)
-            self._probe_fd = None
 
 
 def _describe(exc: object) -> str:

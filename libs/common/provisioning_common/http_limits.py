@@ -14,15 +14,14 @@ without an idle timer; those are bounded here too.
 connection), ``ConnectionGuard`` holds what one process shares (counters, the cap's log episodes,
 descriptor exhaustion), and ``serve`` runs uvicorn with both. Each limit is a setting
 (``HTTP_MAX_HEADER_BYTES``, ``HTTP_HEADER_TIMEOUT_S``, ``HTTP_BODY_TIMEOUT_S``,
-``HTTP_KEEP_ALIVE_TIMEOUT_S``, ``HTTP_MAX_CONNECTIONS``).
+``HTTP_KEEP_ALIVE_TIMEOUT_S``, ``HTTP_MAX_CONNECTIONS``). The descriptor limit, fitting the cap below
+it and noticing exhaustion are :mod:`provisioning_common.descriptors`, shared with the MQTT gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from typing import Any, ClassVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .descriptors import descriptor_shortage, fit_connection_cap, raise_nofile_limit, soft_nofile_limit
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,55 +77,15 @@ class HttpLimits:
 
 
 def fit_descriptor_limit(limits: HttpLimits) -> HttpLimits:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; lower the connection cap if it does not fit below it.
+    """Raise the soft RLIMIT_NOFILE to the hard limit; lower ``HTTP_MAX_CONNECTIONS`` if it does not fit below it.
 
-    The soft limit is often 1024, far below what thousands of device connections need; once it is
-    reached, libuv accepts and at once closes every new connection, so devices are refused while the
-    held connections (possibly idle attackers) stay. A cap below the limit refuses cleanly instead.
+    See :mod:`provisioning_common.descriptors` for why. Here the reserve is RESERVED_DESCRIPTORS but at
+    most a quarter of the limit, so that a small limit still leaves most descriptors to connections.
     """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not POSIX
-        return limits
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else _kernel_descriptor_ceiling(soft)
-    if soft != resource.RLIM_INFINITY and target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("Could not raise the descriptor limit RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
-    if soft == resource.RLIM_INFINITY:
-        return limits
-    room = max(1, soft - min(RESERVED_DESCRIPTORS, soft // 4))
-    if limits.max_connections <= room:
-        return limits
-    log.warning(
-        "HTTP_MAX_CONNECTIONS=%d does not fit below the descriptor limit (RLIMIT_NOFILE %d, of which %d are "
-        "kept for other uses): capping HTTP connections at %d; raise the hard limit (ulimit -Hn, "
-        "docker --ulimit nofile=, systemd LimitNOFILE=) to allow more",
-        limits.max_connections, soft, soft - room, room,
-    )
-    return replace(limits, max_connections=room)
-
-
-def _kernel_descriptor_ceiling(fallback: int) -> int:
-    """Linux refuses a descriptor limit above fs.nr_open, even when the hard limit is "unlimited"."""
-    try:
-        with open("/proc/sys/fs/nr_open") as handle:
-            return int(handle.read())
-    except (OSError, ValueError):
-        return fallback
-
-
-def descriptors_exhausted() -> bool:
-    """Whether this process cannot open one more descriptor (what makes ``accept`` fail with EMFILE)."""
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return exc.errno in (errno.EMFILE, errno.ENFILE)
-    os.close(fd)
-    return False
+    _, soft = raise_nofile_limit()
+    cap = fit_connection_cap(limits.max_connections, soft, setting="HTTP_MAX_CONNECTIONS",
+                             reserve=min(RESERVED_DESCRIPTORS, soft // 4), logger=log)
+    return limits if cap == limits.max_connections else replace(limits, max_connections=cap)
 
 
 class ConnectionGuard:
@@ -181,20 +141,21 @@ class ConnectionGuard:
         """Log the start and the end of an episode without free descriptors.
 
         uvloop (libuv) hides EMFILE on accept: it accepts and at once closes pending connections and
-        tells nobody. While the descriptor table is full, opening one more descriptor fails too,
-        which is what is checked here.
+        tells nobody; :func:`~provisioning_common.descriptors.descriptor_shortage` notices it. Polled
+        each second, the episode ends as soon as a descriptor is free again.
         """
         now = time.monotonic() if now is None else now
-        if descriptors_exhausted():
+        shortage = descriptor_shortage()
+        if shortage is not None:
             if self._out_of_descriptors_since is None:
                 self._out_of_descriptors_since = now
                 if now - self._descriptors_logged_at >= LOG_INTERVAL_S:
                     self._descriptors_logged_at = now
                     log.warning(
-                        "Out of file descriptors (EMFILE, RLIMIT_NOFILE %s, %d HTTP connections open): new "
+                        "Out of file descriptors (%s, RLIMIT_NOFILE %d, %d HTTP connections open): new "
                         "connections are accepted and closed at once until descriptors are free; lower "
                         "HTTP_MAX_CONNECTIONS or raise the hard descriptor limit",
-                        _soft_descriptor_limit(), open_connections,
+                        shortage, soft_nofile_limit(), open_connections,
                     )
         elif self._out_of_descriptors_since is not None:
             log.warning("File descriptors available again after %.0f s without: accepting connections",
@@ -214,15 +175,6 @@ class ConnectionGuard:
             counts["header"], counts["body"], counts["oversized"], counts["refused"], counts["unread"],
             counts["pipelined"], MAX_PIPELINED,
         )
-
-
-def _soft_descriptor_limit() -> str:
-    try:
-        import resource
-
-        return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    except (ImportError, OSError):  # pragma: no cover
-        return "unknown"
 
 
 def _plain_response(status: int, text: bytes, extra: bytes = b"") -> bytes:

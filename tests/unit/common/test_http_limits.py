@@ -1,4 +1,6 @@
-"""The per-process side of the HTTP limits: descriptor limit fitting, and log lines once per episode.
+"""The per-process side of the HTTP limits: fitting the cap to the descriptor limit, log lines once per episode.
+
+Raising RLIMIT_NOFILE, fitting a cap and noticing exhaustion themselves are tested in test_descriptors.py.
 
 What connections see (431, 503, deadlines) is tested against the real services in
 tests/e2e/test_http_limits.py.
@@ -8,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
+from dataclasses import replace
 
 import pytest
 
 from provisioning_common import http_limits
 from provisioning_common.http_limits import ConnectionGuard, HttpLimits, fit_descriptor_limit
 from provisioning_common.settings import Settings
+
+from .conftest import FakeRlimit
 
 LIMITS = HttpLimits.from_settings(Settings())
 
@@ -24,36 +28,28 @@ def test_defaults_are_what_devices_need() -> None:
                                 keep_alive_timeout_s=15.0, max_connections=4096)
 
 
-def _fake_rlimit(monkeypatch: pytest.MonkeyPatch, soft: int, hard: int) -> list[tuple[int, int]]:
-    calls: list[tuple[int, int]] = []
-    current = [soft, hard]
-
-    def setrlimit(which: int, limits: tuple[int, int]) -> None:
-        calls.append(limits)
-        current[0] = limits[0]
-
-    monkeypatch.setattr(resource, "getrlimit", lambda which: tuple(current))
-    monkeypatch.setattr(resource, "setrlimit", setrlimit)
-    return calls
-
-
-def test_soft_descriptor_limit_is_raised_to_the_hard_one(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    calls = _fake_rlimit(monkeypatch, soft=1024, hard=65536)
+def test_soft_descriptor_limit_is_raised_and_a_cap_that_fits_stays(fake_rlimit: FakeRlimit,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    calls = fake_rlimit(1024, 65536)
     with caplog.at_level(logging.WARNING):
         assert fit_descriptor_limit(LIMITS) == LIMITS
     assert calls == [(65536, 65536)]
     assert not caplog.records
 
 
-def test_cap_that_does_not_fit_is_lowered_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+def test_cap_that_does_not_fit_is_lowered_with_a_warning(fake_rlimit: FakeRlimit,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    _fake_rlimit(monkeypatch, soft=1024, hard=2048)
+    fake_rlimit(1024, 2048)
     with caplog.at_level(logging.WARNING):
         fitted = fit_descriptor_limit(LIMITS)
-    assert fitted.max_connections == 2048 - http_limits.RESERVED_DESCRIPTORS
+    assert fitted == replace(LIMITS, max_connections=2048 - http_limits.RESERVED_DESCRIPTORS)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "HTTP_MAX_CONNECTIONS=4096" in caplog.text and "1920" in caplog.text
+
+
+def test_a_small_descriptor_limit_keeps_at_most_a_quarter_for_other_uses(fake_rlimit: FakeRlimit) -> None:
+    fake_rlimit(256, 256)
+    assert fit_descriptor_limit(LIMITS).max_connections == 192
 
 
 def test_cap_warning_once_per_episode_and_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch,
@@ -87,29 +83,16 @@ def test_summary_sums_up_and_resets(caplog: pytest.LogCaptureFixture) -> None:
     assert "5000 connections closed at the header deadline" in caplog.text and "3 heads over" in caplog.text
 
 
-def test_running_out_of_descriptors_is_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def test_running_out_of_descriptors_is_logged_once_per_episode(out_of_descriptors: list[int],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     guard = ConnectionGuard(LIMITS)
-    opened: list[int] = []
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
-        while True:
-            try:
-                opened.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
-        with caplog.at_level(logging.WARNING, logger=http_limits.__name__):
-            assert http_limits.descriptors_exhausted()
-            for _ in range(5):
-                guard.check_descriptors(open_connections=7)
-            assert len(caplog.records) == 1
-            assert "EMFILE" in caplog.text and "7 HTTP connections open" in caplog.text
-            os.close(opened.pop())
-            guard.check_descriptors(open_connections=6)
-            guard.check_descriptors(open_connections=6)
-    finally:
-        for fd in opened:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with caplog.at_level(logging.WARNING, logger=http_limits.__name__):
+        for _ in range(5):
+            guard.check_descriptors(open_connections=7)
+        assert len(caplog.records) == 1
+        assert "EMFILE" in caplog.text and "7 HTTP connections open" in caplog.text
+        os.close(out_of_descriptors.pop())
+        guard.check_descriptors(open_connections=6)
+        guard.check_descriptors(open_connections=6)
     assert len(caplog.records) == 2
     assert "available again" in caplog.records[1].getMessage()
