@@ -52,12 +52,14 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 
 @pytest.fixture(scope="module")
 def rabbit() -> Iterator[PrivateRabbitMQ]:
+    """The module's private RabbitMQ node (one per module: a scenario may kill it; ~5-12 s to start)."""
     with private_rabbitmq() as node:
         yield node
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PrivatePostgres]:
+    """The module's private Postgres cluster (one per module: a scenario may kill or freeze it)."""
     with private_postgres() as server:
         yield server
 
@@ -213,6 +215,7 @@ def _probe_body(profile: dict[str, Any], transport: str) -> dict[str, Any]:
 
 
 async def probe_http(deployment: Deployment) -> dict[str, Any]:
+    """A new device over the HTTP gateway (through the bus, the core and credentials)."""
     async with httpx.AsyncClient(timeout=PROVISION_TIMEOUT_S + 5) as client:
         response = await client.post(f"{deployment.http_url}/api/v1/provision",
                                      content=json.dumps(_probe_body(deployment.probe_profile, "http")))
@@ -220,6 +223,7 @@ async def probe_http(deployment: Deployment) -> dict[str, Any]:
 
 
 async def probe_mqtt(deployment: Deployment) -> dict[str, Any]:
+    """A new device over the MQTT gateway, as ThingsBoard's example client provisions."""
     from tests.e2e import mqtt_clients
 
     payload = json.dumps(_probe_body(deployment.probe_profile, "mqtt")).encode()
@@ -228,6 +232,7 @@ async def probe_mqtt(deployment: Deployment) -> dict[str, Any]:
 
 
 async def probe_coap(deployment: Deployment) -> dict[str, Any]:
+    """A new device over the CoAP gateway (aiocoap client, as ThingsBoard's example)."""
     import aiocoap
 
     context = await aiocoap.Context.create_client_context(transports=["udp6"])
@@ -241,6 +246,7 @@ async def probe_coap(deployment: Deployment) -> dict[str, Any]:
 
 
 async def probe_admin(deployment: Deployment) -> dict[str, Any]:
+    """The admin API reads a profile from the database."""
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(f"{deployment.env.admin_url}/api/device-profiles/{deployment.profile['id']}",
                                     headers={"Authorization": f"Bearer {deployment.env.admin_token}"})

@@ -20,7 +20,7 @@ import pytest
 
 from .conftest import Deployment, private_postgres, private_rabbitmq, wait_services_back
 from .infra import SHARED_PORTS, PrivatePostgres, PrivateRabbitMQ, is_running, port_accepts
-from .load import Kind, make_requests, run_load
+from .load import make_requests, run_load
 
 pytestmark = pytest.mark.faults
 
