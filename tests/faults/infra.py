@@ -473,9 +473,8 @@ class PrivateRabbitMQ(_Instance):
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base_dir / "advanced.config"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.plugins_file),
             "RABBITMQ_PID_FILE": str(self.base_dir / "rabbitmq.pid"),
-            # Not "-kernel inet_dist_use_interface {127,0,0,1}": RabbitMQ 3.10's pre-launch check of
-            # the distribution port then fails ("dist_port_already_used ... not_erlang"). The
-            # distribution listener binds all interfaces on its random port, guarded by the cookie.
+            # The distribution listener on loopback only (Erlang's default is every interface).
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
     def start(self, timeout: float = 90.0) -> float:
