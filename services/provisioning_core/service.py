@@ -46,6 +46,7 @@ from provisioning_common.dialects import innoway
 from provisioning_common.dialects.limits import field_problem
 from provisioning_common.models import (
     MSG_FAILURE,
+    AbandonResult,
     CredentialsType,
     Dialect,
     IssueCertificateRequest,
@@ -109,6 +110,7 @@ class ProvisioningCore:
         return {
             "provision": Handler(ProvisionRequest, self.provision),
             "provision_x509_chain": Handler(X509ChainProvisionRequest, self.provision_x509_chain),
+            "abandon": Handler(ProvisionRequest, self.abandon),
         }
 
     def replay_key(self, req: ProvisionRequest) -> str:
@@ -137,23 +139,32 @@ class ProvisioningCore:
     async def _deliverable(self, key: str, result: ProvisionResult) -> ProvisionResult:
         """``result`` of work just committed, or undo it when its caller can no longer receive it."""
         if result.status is ProvisionStatus.SUCCESS and self._caller_gave_up():
-            await self.undo(key, result)
+            await self.undo(key)
             raise DeadlineExceeded("answer ready after the caller gave up; undone")
         return result
 
-    async def undo(self, key: str, result: ProvisionResult) -> None:
+    async def undo(self, key: str) -> None:
         """Undo the work of ``key`` whose answer reached nobody (no-op once a retry was handed it)."""
-        restore = None
-        if result.credentials_value is not None:
-            restore = self._box.encrypt_json(result.credentials_value)
-        if await self._db(repository.undo_unanswered(self._pool, key, restore)):
-            log.info("undid device %s: its answer reached nobody (the device may retry)", result.device_id)
+        undone = await self._db(repository.undo_unanswered(self._pool, key, self._credentials_again))
+        if undone is not None:
+            log.info("undid device %s: its answer reached nobody (the device may retry)", undone)
+
+    def _credentials_again(self, answer_enc: bytes) -> bytes | None:
+        """The encrypted credentials of a pre-provisioned device, from the stored answer that handed them out."""
+        value = ProvisionResult.model_validate(self._box.decrypt_json(answer_enc)).credentials_value
+        return None if value is None else self._box.encrypt_json(value)
 
     async def on_undelivered(self, request: BaseModel, reply: BaseModel) -> None:
         """Bus hook: the broker returned our answer (the caller is gone), so nobody was told."""
         if isinstance(request, ProvisionRequest) and isinstance(reply, ProvisionResult):
             if reply.status is ProvisionStatus.SUCCESS:
-                await self.undo(self.replay_key(request), reply)
+                await self.undo(self.replay_key(request))
+
+    async def abandon(self, req: ProvisionRequest) -> AbandonResult:
+        """A gateway told the device "timed out" without an answer from us (no reply in time, or the bus
+        dropped): whatever this request committed is undone, unless a retry has been handed it since."""
+        await self.undo(self.replay_key(req))
+        return AbandonResult()
 
     async def provision(self, req: ProvisionRequest) -> ProvisionResult:
         return await self._db(self._provision(req))

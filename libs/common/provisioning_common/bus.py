@@ -22,6 +22,7 @@ broker cannot deliver (its caller vanished) is reported to the service through
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import time
@@ -90,9 +91,23 @@ class DeadlineExceeded(RpcTimeout):
     """The request's deadline passed; a handler raises it to answer "too late" (nothing committed)."""
 
 
+class ConnectionLost(RpcError):
+    """The bus connection dropped (or was down) while the call was out: its outcome is unknown."""
+
+
+def outcome_unknown(exc: RpcError) -> bool:
+    """Whether the remote may have done the work although the caller got no answer (no reply in
+    time, or the connection dropped) - as opposed to an answer that said nothing was done."""
+    return isinstance(exc, ConnectionLost) or type(exc) is RpcTimeout
+
+
 class Unavailable(RpcError):
     """A dependency (database, another service) is down; the caller gets a clear "retry later"."""
 
+
+#: One-way messages (:meth:`Bus.send_reliably`) kept while the broker is unreachable; past this the
+#: oldest are dropped, with a warning. Each is a few hundred bytes.
+OUTBOX_MAX = 10_000
 
 #: Called with (request, reply) when a reply could not be delivered because its caller is gone.
 UndeliveredHook = Callable[[BaseModel, BaseModel], Awaitable[None]]
@@ -124,6 +139,10 @@ class Bus:
         self._idle.set()
         self._outage = OutageLog(log, "RabbitMQ")
         self._closing = False
+        self._outbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        self._outbox_wakeup = asyncio.Event()
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._outbox_overflow = OutageLog(log, "bus outbox")
         connection.close_callbacks.add(self._on_connection_lost)
         if hasattr(connection, "reconnect_callbacks"):
             connection.reconnect_callbacks.add(self._on_reconnected)
@@ -147,7 +166,7 @@ class Bus:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(RpcError("bus connection lost"))
+                future.set_exception(ConnectionLost("bus connection lost"))
 
     def _on_reconnected(self, *_: Any) -> None:
         self._outage.recovered()
@@ -256,7 +275,7 @@ class Bus:
         except RpcError:
             raise
         except Exception as exc:  # connection lost, channel closed, unroutable
-            raise RpcError(f"bus unavailable: {type(exc).__name__}") from None
+            raise ConnectionLost(f"bus unavailable: {type(exc).__name__}") from None
         finally:
             self._pending.pop(correlation_id, None)
         if reply.headers.get(ERROR_HEADER):
@@ -267,6 +286,53 @@ class Bus:
                 raise Unavailable(failure.error)
             raise RpcError(failure.error)
         return response_model.model_validate_json(reply.body)
+
+    def send_reliably(self, service: str, method: str, payload: BaseModel) -> None:
+        """Queue a one-way message to ``service.method`` that must arrive even across a broker outage.
+
+        It is published persistent, with publisher confirms, by a background task that retries
+        until the broker takes it (no reply, no deadline: the handler's answer is dropped). Used to
+        tell the core that a device was answered "timed out" (``abandon``), whenever that can be
+        said again. Bounded by :data:`OUTBOX_MAX`; lost if this process dies first.
+        """
+        if len(self._outbox) >= OUTBOX_MAX:
+            self._outbox.popleft()
+            self._outbox_overflow.failed(f"more than {OUTBOX_MAX} one-way messages waiting; dropping the oldest")
+        self._outbox.append((service, method, payload.model_dump_json().encode()))
+        self._outbox_wakeup.set()
+        if self._outbox_task is None or self._outbox_task.done():
+            self._outbox_task = asyncio.create_task(self._drain_outbox(), context=contextvars.Context())
+
+    async def _drain_outbox(self) -> None:
+        while not self._closing:
+            await self._outbox_wakeup.wait()
+            self._outbox_wakeup.clear()
+            while self._outbox and not self._closing:
+                service, method, body = self._outbox[0]
+                try:
+                    if service not in self._declared:
+                        await self._declare_service_queue(service)
+                    await self.channel.default_exchange.publish(
+                        aio_pika.Message(body, content_type="application/json", type=method,
+                                         message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=self._settings.queue(service),
+                        mandatory=True,
+                    )
+                except Exception:  # broker away: try again after the reconnect interval
+                    await asyncio.sleep(self._settings.bus_reconnect_interval_s)
+                    continue
+                self._outbox.popleft()
+            if not self._outbox:
+                self._outbox_overflow.recovered()
+
+    async def _flush_outbox(self, timeout: float) -> None:
+        """Give queued one-way messages a bounded chance to leave before the process stops."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self._outbox and self._outbox_task is not None and not self._outbox_task.done() and loop.time() < end:
+            await asyncio.sleep(0.05)
+        if self._outbox:
+            log.warning("%d one-way messages (abandoned requests) not sent before stopping", len(self._outbox))
 
     async def publish_event(self, exchange_name: str, routing_key: str, body: bytes) -> None:
         """Publish to a durable topic exchange (declared once), with publisher confirms.
@@ -398,7 +464,10 @@ class Bus:
             log.warning("%d requests still in flight at shutdown; they will be redelivered", self._in_flight)
 
     async def close(self) -> None:
+        await self._flush_outbox(timeout=2.0)
         self._closing = True
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.cancel()

@@ -94,6 +94,12 @@ class ProvisionRequest(_Frozen):
     source_address: str = ""
 
 
+class AbandonResult(_Frozen):
+    """Reply to ``provisioning_core.abandon`` (sent without a reply queue: nobody waits for it)."""
+
+    undone: bool = False
+
+
 class ProvisionResult(_Frozen):
     """Outcome of one provision request; credentials are set on SUCCESS only."""
 

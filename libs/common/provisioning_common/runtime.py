@@ -29,16 +29,27 @@ def setup_logging(settings: Settings, service: str) -> None:
     # aiormq logs connection URLs at debug level, and returned or unexpected messages (bodies with
     # tokens) at error level; aio_pika logs every reconnect attempt. The Bus logs one line per
     # outage instead (provisioning_common.outage), so only their real errors pass, without bodies.
+    # asyncpg's pool logs each failed reconnect during a database outage with a traceback; the
+    # services log the outage once themselves (DatabaseGuard), so asyncpg's line stays one line.
+    # (Logger filters do not apply to child loggers: the filter sits on the handlers.)
     for name in ("aiormq", "aio_pika"):
-        library = logging.getLogger(name)
-        library.setLevel(max(logging.ERROR, logging.getLogger().level))
-        library.addFilter(_no_message_bodies)
+        logging.getLogger(name).setLevel(max(logging.ERROR, logging.getLogger().level))
+    for handler in logging.getLogger().handlers:
+        if _library_records not in handler.filters:
+            handler.addFilter(_library_records)
 
 
-def _no_message_bodies(record: logging.LogRecord) -> bool:
-    """Drop AMQP library records that would print a message (its body may carry credentials)."""
-    args = record.args if isinstance(record.args, tuple) else (record.args,)
-    return not any(hasattr(arg, "body") or hasattr(arg, "header") for arg in args)
+def _library_records(record: logging.LogRecord) -> bool:
+    """Drop AMQP library records that would print a message (its body may carry credentials), and
+    turn a database library's exception into a short suffix instead of a traceback."""
+    if record.name.startswith(("aiormq", "aio_pika")):
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        return not any(hasattr(arg, "body") or hasattr(arg, "header") for arg in args)
+    if record.name.startswith("asyncpg") and record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def announce_ready(service: str, detail: str = "") -> None:

@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 from dataclasses import dataclass
 
-from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout
+from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout, outcome_unknown
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
 from .models import (
@@ -101,6 +101,11 @@ class TransportApi:
         except RpcError as exc:
             # Timed out, a dependency down, or the bus gone: one WARNING per outage, "retry later" to each.
             self._core_outage.failed(type(exc).__name__ if isinstance(exc, RpcTimeout) else str(exc))
+            if outcome_unknown(exc):
+                # The core may have written the device and its answer never reached us (the broker
+                # died with it, or it came too late): the device is about to hear "timed out", so
+                # ask the core to undo that work - now, or once the broker is back.
+                self._bus.send_reliably(CORE_SERVICE, "abandon", request)
             return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
         if self._core_outage.down:
             self._core_outage.recovered()

@@ -80,7 +80,7 @@ async def test_an_answer_ready_after_the_caller_gave_up_is_undone_and_reported_t
     c = core()
     undone: list[str] = []
 
-    async def undo(key: str, result: ProvisionResult) -> None:
+    async def undo(key: str) -> None:
         undone.append(key)
 
     c.undo = undo  # type: ignore[method-assign]

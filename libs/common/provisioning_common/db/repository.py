@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,27 +136,31 @@ async def replay_answer(conn: asyncpg.Connection | asyncpg.Pool, request_id: str
     )
 
 
-async def undo_unanswered(pool: asyncpg.Pool, request_id: str, restore_value_enc: bytes | None) -> bool:
+async def undo_unanswered(
+    pool: asyncpg.Pool, request_id: str, restore_value: Callable[[bytes], bytes | None]
+) -> uuid.UUID | None:
     """Undo what ``request_id`` committed when its answer reached nobody, unless a retry got it since.
 
     A created device is deleted (its credentials with it); a claimed pre-provisioned device goes back
-    to unclaimed with ``restore_value_enc`` as its encrypted credentials. Returns True when undone.
+    to unclaimed, its credentials encrypted again by ``restore_value`` from the stored (encrypted)
+    answer. Returns the device id when something was undone.
     """
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "DELETE FROM provision_requests WHERE request_id = $1 AND NOT replayed RETURNING device_id, kind",
+            "DELETE FROM provision_requests WHERE request_id = $1 AND NOT replayed RETURNING device_id, kind, answer_enc",
             request_id,
         )
         if row is None or row["device_id"] is None:
-            return False
+            return None
         if row["kind"] == "claimed":
             await conn.execute("UPDATE devices SET provision_state = NULL WHERE id = $1", row["device_id"])
             await conn.execute(
-                "UPDATE device_credentials SET value_enc = $2 WHERE device_id = $1", row["device_id"], restore_value_enc
+                "UPDATE device_credentials SET value_enc = $2 WHERE device_id = $1",
+                row["device_id"], restore_value(row["answer_enc"]),
             )
         else:
             await conn.execute("DELETE FROM devices WHERE id = $1", row["device_id"])
-        return True
+        return row["device_id"]
 
 
 async def deadline_passed(conn: asyncpg.Connection, deadline: float | None) -> bool:
