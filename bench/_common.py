@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import os
 import resource
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -169,7 +169,7 @@ def run_summary(*, run_id: str, loop: object, requested: int, concurrency: int, 
     }
 
 
-def add_run_arguments(p: "argparse.ArgumentParser", *, concurrency_help: str, unit: str = "requests",
+def add_run_arguments(p: argparse.ArgumentParser, *, concurrency_help: str, unit: str = "requests",
                       max_seconds_help: str = "hard cap on the whole run, warm-up included",
                       timeout_help: str = "per-request timeout in seconds") -> None:
     """The options every generator takes: admin API, counts, profile, bounds, output, event loop."""
@@ -189,7 +189,7 @@ def add_run_arguments(p: "argparse.ArgumentParser", *, concurrency_help: str, un
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
 
 
-def check_run_arguments(p: "argparse.ArgumentParser", args: "argparse.Namespace") -> None:
+def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse inconsistent values of the options added by :func:`add_run_arguments` (and --port)."""
     if (args.key is None) != (args.secret is None):
         p.error("--key and --secret go together")

@@ -31,20 +31,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiocoap
-from aiocoap.numbers.codes import Code
-
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
+    add_run_arguments,
+    check_run_arguments,
     cpu_times,
     fmt_ms,
     pick_runner,
-    add_run_arguments,
-    check_run_arguments,
     report,
-    run_summary,
     resolve_profile,
+    run_summary,
 )
+from aiocoap.numbers.codes import Code
 
 _SUCCESS_MARK = b'"status":"SUCCESS"'
 

@@ -35,12 +35,12 @@ from urllib.parse import urlsplit
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
-    pick_runner,
     add_run_arguments,
     check_run_arguments,
+    pick_runner,
     report,
-    run_summary,
     resolve_profile,
+    run_summary,
 )
 
 _SUCCESS_MARK = b'"status":"SUCCESS"'
@@ -65,7 +65,7 @@ class Target:
     host_header: str
 
     @classmethod
-    def parse(cls, url: str, endpoint: str) -> "Target":
+    def parse(cls, url: str, endpoint: str) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SetupError(f"--url must be http://host[:port] or https://host[:port], not {url!r}")

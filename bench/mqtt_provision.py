@@ -38,15 +38,15 @@ from pathlib import Path
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
+    add_run_arguments,
+    check_run_arguments,
     cpu_times,
     fmt_ms,
     latency_summary,
     pick_runner,
-    add_run_arguments,
-    check_run_arguments,
     report,
-    run_summary,
     resolve_profile,
+    run_summary,
 )
 
 try:

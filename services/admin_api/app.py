@@ -18,8 +18,6 @@ import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from provisioning_common.bus import CREDENTIALS_SERVICE, Bus, RpcError
 from provisioning_common.certificates import (
     CertificateRefused,
@@ -31,6 +29,7 @@ from provisioning_common.certificates import (
     to_pem,
 )
 from provisioning_common.db import repository
+from provisioning_common.db.guard import DB_UNAVAILABLE
 from provisioning_common.db.migrate import create_pool
 from provisioning_common.dialects.limits import field_problem
 from provisioning_common.models import (
@@ -40,10 +39,10 @@ from provisioning_common.models import (
     ProvisionStrategy,
     SuppliedCredentials,
 )
-from provisioning_common.db.guard import DB_UNAVAILABLE
 from provisioning_common.outage import OutageLog
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .schemas import (
     MAX_PAGE,

@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from provisioning_common.dialects.limits import FIELD_LIMITS
 from provisioning_common.models import CredentialsType, ProvisionStrategy
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Text without C0 control characters or DEL: names, keys, secrets, ids, search strings. Postgres cannot
 #: store NUL, and ThingsBoard refuses control characters in credentials (dialects/limits.py).

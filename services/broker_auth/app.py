@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
-
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import BusSession

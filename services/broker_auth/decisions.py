@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import enum
 
-from provisioning_common.models import AuthenticateRequest
-
 from mqtt_bridge import topics
+from provisioning_common.models import AuthenticateRequest
 
 PROVISION = "provision"
 #: AMQP topic wildcards: an MQTT client id containing one would become a wildcard in RabbitMQ's routing key.

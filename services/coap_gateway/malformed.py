@@ -32,7 +32,6 @@ from types import TracebackType
 from typing import Any
 
 import aiocoap
-
 import provisioning_common
 
 log = logging.getLogger("coap_gateway.malformed")

@@ -34,7 +34,6 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.pipe import Pipe
-
 from provisioning_common.bus import RpcError
 from provisioning_common.dialects import render_error
 from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, ProvisionStatus, Transport

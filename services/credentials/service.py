@@ -11,28 +11,25 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
-
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-
 from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
 from provisioning_common.certificates import name_hash, to_pem
 from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.models import (
     AuthenticateRequest,
-    IssueCertificateRequest,
-    IssueCertificateResult,
-    VerifyChainRequest,
-    VerifyChainResult,
     AuthenticateResult,
     CredentialsType,
+    IssueCertificateRequest,
+    IssueCertificateResult,
     MintTokensRequest,
     MintTokensResult,
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
     PreparedCredentials,
+    VerifyChainRequest,
+    VerifyChainResult,
 )
-
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
 from . import hashing, x509_ca

@@ -15,14 +15,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
-
 from provisioning_common.certificates import CertificateRefused, load_pem_chain, load_signing_pair
 
 __all__ = ["CertificateRefused", "verify_chain", "common_name", "issue_for_csr", "load_signing_pair"]
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def verify_chain(chain: list[x509.Certificate], ca_pem: str) -> x509.Certificate:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.dialects import render_error
 from provisioning_common.models import AuthenticateRequest, Dialect, Transport

@@ -30,11 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from provisioning_common.models import Dialect, Transport
+from provisioning_common.runtime import announce_ready
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import OutcomeKind, TransportApi
-from provisioning_common.runtime import announce_ready
 
 from . import topics
 

@@ -546,7 +546,7 @@ def generate_dev_certificate(
     paths = {name: directory / name for name in (_CA_CERT, _CA_KEY, _SERVER_CERT, _SERVER_KEY, _PUBLIC_CA)}
     sans = _subject_alternative_names(hostnames)
     with _directory_lock(directory):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         ca = _load_valid_ca(paths[_CA_CERT], paths[_CA_KEY], now)
         if ca is None:
             ca = _make_ca(now)

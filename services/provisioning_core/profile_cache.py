@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-
 from provisioning_common.db import repository
 
 

@@ -27,8 +27,6 @@ import time
 import uuid
 
 import asyncpg
-from pydantic import BaseModel
-
 from provisioning_common.bus import (
     CORE_SERVICE,
     CREDENTIALS_SERVICE,
@@ -51,18 +49,19 @@ from provisioning_common.models import (
     Dialect,
     IssueCertificateRequest,
     IssueCertificateResult,
-    PreparedCredentials,
-    VerifyChainRequest,
-    VerifyChainResult,
-    X509ChainProvisionRequest,
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
+    PreparedCredentials,
     ProvisionRequest,
     ProvisionResult,
     ProvisionStatus,
     ProvisionStrategy,
+    VerifyChainRequest,
+    VerifyChainResult,
+    X509ChainProvisionRequest,
 )
 from provisioning_common.secretbox import InvalidToken, SecretBox
+from pydantic import BaseModel
 
 from .profile_cache import ProfileCache
 from .rate_limit import FailureLimiter

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-
 from provisioning_common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
-
 from provisioning_common.settings import Settings
 
 from .kustomize import load_documents, render

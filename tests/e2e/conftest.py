@@ -16,9 +16,9 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-
 from devstack import Stack, free_port
 from provisioning_common.secretbox import generate_key
+
 from tests.conftest import Infra
 
 

@@ -7,6 +7,7 @@ import uuid
 import httpx
 
 from tests.pki import pem_body, self_signed_pem
+
 from .conftest import Admin, Env
 
 

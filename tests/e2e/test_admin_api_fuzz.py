@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from devstack import Stack
+
 from .conftest import Admin, Env
 
 #: Examples per API operation and phase: ~1,400 requests, 25-55 s on 2 busy cores (the bound is < 90 s).

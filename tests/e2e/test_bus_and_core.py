@@ -9,7 +9,6 @@ import uuid
 import asyncpg
 import httpx
 import pytest
-
 from devstack import Stack
 from provisioning_common.bus import CORE_SERVICE, Bus
 from provisioning_common.db.migrate import apply_migrations, migrations

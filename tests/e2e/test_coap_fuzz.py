@@ -36,7 +36,6 @@ from typing import Any
 
 import aiocoap
 import pytest
-
 from devstack import Stack
 
 from .conftest import Admin, Env

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +19,6 @@ from collections.abc import Iterator
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
-
 from devstack import ServiceProcess, Stack, free_port
 
 from .conftest import Admin, Env, free_udp_port, tb_request

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,13 +20,12 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-
 from devstack import Stack
 from provisioning_common.bus import CORE_SERVICE, DEADLINE_HEADER, Bus, RpcError
 from provisioning_common.models import ProvisionRequest, ProvisionResult, Transport
 from provisioning_common.settings import Settings
 
-from .conftest import Admin, Env, tb_request
+from .conftest import Env, tb_request
 
 TIMEOUT_S = 2.0
 GRACE_S = 1.0

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from devstack import free_port
 
 from .conftest import Env, _drop_database, free_udp_port

@@ -32,7 +32,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-
 from devstack import ServiceProcess, Stack
 
 from . import mqtt_clients as mc

@@ -13,7 +13,6 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-
 from devstack import ServiceProcess, free_port
 
 from .conftest import Env

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from devstack import Stack
+
 from .conftest import Admin, Env
 
 #: Total requests and parallel keep-alive connections; about 20-40 s on two busy cores.

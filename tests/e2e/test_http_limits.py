@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from devstack import Stack, free_port
+
 from .conftest import Admin, Env, tb_request
 
 HEADER_S = 2.0
@@ -92,7 +92,7 @@ async def until_closed(reader: asyncio.StreamReader, limit: float,
 
     try:
         await asyncio.wait_for(drain(), limit)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"still open after {limit:g} s (received {received[:80]!r})") from None
     return loop.time() - start, received
 

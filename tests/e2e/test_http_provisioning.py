@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.pki import pem_body, self_signed_pem
+
 from .conftest import Admin, Env, tb_request
 
 NOT_FOUND = b'{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}'
@@ -48,7 +49,7 @@ class TelemetryListener:
     def __init__(self, env: Env, device_id: str) -> None:
         self.env, self.device_id = env, device_id
 
-    async def __aenter__(self) -> "TelemetryListener":
+    async def __aenter__(self) -> TelemetryListener:
         self.conn = await aio_pika.connect(self.env.infra.rabbitmq_url)
         channel = await self.conn.channel()
         exchange = await channel.declare_exchange(

@@ -24,9 +24,9 @@ import asyncpg
 import httpx
 import pytest
 from aiocoap.numbers.codes import Code
-
 from devstack import Stack
 from provisioning_common.dialects.limits import FIELD_LIMITS, MSG_TOO_MANY_FAILURES
+
 from . import mqtt_clients as mc
 from .conftest import Admin, Env
 

@@ -20,11 +20,10 @@ import asyncpg
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from devstack import Stack, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from devstack import Stack, free_port
 
 from .conftest import Admin, Env, tb_request
 from .mosquitto import Mosquitto, mosquitto_binary

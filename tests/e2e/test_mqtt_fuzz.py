@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
 from devstack import Stack
 from mqtt_gateway import codec
 from provisioning_common.proto import transport_pb2 as pb

@@ -12,13 +12,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from devstack import Stack
 from mqtt_gateway import codec
 from provisioning_common.proto import transport_pb2 as pb
 
-from . import mqtt_clients as mc
 from tests.pki import issue, pem_body, write_client_files
+
+from . import mqtt_clients as mc
 from .conftest import Admin, Env, drop_core_queue, tb_request
 from .test_http_provisioning import TelemetryListener, device_by_name
 

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from devstack import Stack, free_port
 from mqtt_gateway import codec
 

@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-
 from devstack import Stack, free_port
 
 from . import mqtt_clients as mc

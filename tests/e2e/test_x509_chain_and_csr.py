@@ -14,12 +14,12 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from devstack import Stack
+
+from tests.pki import Issued, csr_for, issue, write_client_files
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, tb_request
-from tests.pki import Issued, csr_for, issue, write_client_files
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ async def test_refusals_write_nothing(
         leaf, chain = issue(f"{name}.fleet", fake_inter), (fake_inter,)
     elif case == "expired_leaf":
         leaf = issue(f"{name}.fleet", intermediate, days=-1,
-                     not_before=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10))
+                     not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10))
     elif case == "cn_mismatch":
         leaf = issue(f"{name}.elsewhere", intermediate)
     else:

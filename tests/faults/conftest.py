@@ -22,8 +22,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-
 from devstack import ServiceProcess, Stack
+
 from tests.conftest import Infra
 from tests.e2e.conftest import Admin, Env, free_udp_port
 

@@ -270,7 +270,7 @@ class Reaper:
     still has the recorded start time, and removes the registered directories.
     """
 
-    _instance: "Reaper | None" = None
+    _instance: Reaper | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
@@ -287,7 +287,7 @@ class Reaper:
         os.set_inheritable(self._write_end, False)
 
     @classmethod
-    def get(cls) -> "Reaper":
+    def get(cls) -> Reaper:
         with cls._lock:
             if cls._instance is None:
                 cls._instance = Reaper()
@@ -317,7 +317,7 @@ class Reaper:
 
 # --- common lifecycle -------------------------------------------------------------------------------
 
-_LIVE: dict[int, "_Instance"] = {}
+_LIVE: dict[int, _Instance] = {}
 
 
 def _stop_all_at_exit() -> None:

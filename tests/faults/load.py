@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-
 from credentials.hashing import token_id, verify_password
 
 
@@ -265,7 +264,7 @@ class Load:
         self._task: asyncio.Task[LoadResult] | None = None
         self.clock = 0.0
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -430,7 +429,7 @@ async def settle(database_url: str, profile_id: str, *, minimum_s: float, stable
         now = time.monotonic()
         try:
             count = sum(len(v) for v in (await _devices(database_url, profile_id)).values())
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncpg.PostgresError):
             count = last_count
         if count != last_count:
             last_count, last_change = count, now

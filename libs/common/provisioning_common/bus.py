@@ -148,7 +148,7 @@ class Bus:
             connection.reconnect_callbacks.add(self._on_reconnected)
 
     @classmethod
-    async def connect(cls, settings: Settings) -> "Bus":
+    async def connect(cls, settings: Settings) -> Bus:
         connection = await aio_pika.connect_robust(
             settings.rabbitmq_url.get_secret_value(),
             client_properties={"connection_name": "provisioning"},

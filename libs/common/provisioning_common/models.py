@@ -115,11 +115,11 @@ class ProvisionResult(_Frozen):
     error_message: str | None = None
 
     @classmethod
-    def not_found(cls) -> "ProvisionResult":
+    def not_found(cls) -> ProvisionResult:
         return cls(status=ProvisionStatus.NOT_FOUND, error_message=MSG_NOT_FOUND)
 
     @classmethod
-    def failure(cls, message: str = MSG_FAILURE) -> "ProvisionResult":
+    def failure(cls, message: str = MSG_FAILURE) -> ProvisionResult:
         return cls(status=ProvisionStatus.FAILURE, error_message=message)
 
 

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 
 from .settings import Settings, get_settings
 
-
 #: Start-up and shutdown lines are logged whatever LOG_LEVEL says: orchestration (devstack, an
 #: operator reading the log) waits for "<service> ready".
 LIFECYCLE_LOGGER = "provisioning.lifecycle"

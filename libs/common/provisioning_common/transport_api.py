@@ -12,8 +12,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout, outcome_unknown
 from .dialects import DialectError, parse_provision_request, render_error, render_result

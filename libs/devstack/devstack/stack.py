@@ -122,7 +122,7 @@ class Stack:
         self.env = {**os.environ, **env}
         self.processes = {name: ServiceProcess(name, self.env, echo=echo) for name in services}
 
-    def start(self, timeout: float = 60.0) -> "Stack":
+    def start(self, timeout: float = 60.0) -> Stack:
         try:
             for process in self.processes.values():
                 process.start()

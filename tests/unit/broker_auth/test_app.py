@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-
 from broker_auth.app import create_app
 from provisioning_common.settings import Settings
 

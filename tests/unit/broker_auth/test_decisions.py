@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from broker_auth import decisions
 from broker_auth.decisions import Verdict
 from provisioning_common.models import AuthenticateRequest

@@ -15,7 +15,6 @@ import aiocoap
 import pytest
 import uvloop
 from aiocoap.numbers.codes import Code
-
 from coap_gateway import malformed as malformed_module
 from coap_gateway.server import CoapGateway, ping_target, route
 from provisioning_common.models import Dialect, ProvisionResult

@@ -15,7 +15,6 @@ import sys
 import textwrap
 
 import pytest
-
 from provisioning_common import descriptors
 from provisioning_common.descriptors import (
     connection_cap,

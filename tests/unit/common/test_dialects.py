@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from provisioning_common.dialects import (
     DialectError,
     detect_dialect,
@@ -120,7 +119,7 @@ class TestThingsBoardRender:
     def test_non_ascii_is_raw_utf8(self) -> None:
         out = render_result(TB, success(CredentialsType.ACCESS_TOKEN, "héllo-日本"))
         assert out == (
-            '{"credentialsValue":"héllo-日本","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'.encode("utf-8")
+            '{"credentialsValue":"héllo-日本","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'.encode()
         )
         assert b"\\u" not in out
 

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import pytest
-
 from provisioning_common.dialects import DialectError, parse_provision_request
 from provisioning_common.dialects.limits import (
     FIELD_LIMITS,

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-
 from provisioning_common import health
 from provisioning_common.settings import Settings
 

@@ -13,7 +13,6 @@ import os
 from dataclasses import replace
 
 import pytest
-
 from provisioning_common import http_limits
 from provisioning_common.http_limits import ConnectionGuard, HttpLimits, fit_descriptor_limit
 from provisioning_common.settings import Settings
@@ -24,8 +23,8 @@ LIMITS = HttpLimits.from_settings(Settings())
 
 
 def test_defaults_are_what_devices_need() -> None:
-    assert LIMITS == HttpLimits(max_header_bytes=8192, header_timeout_s=10.0, body_timeout_s=10.0,
-                                keep_alive_timeout_s=15.0, max_connections=4096)
+    assert HttpLimits(max_header_bytes=8192, header_timeout_s=10.0, body_timeout_s=10.0,
+                                keep_alive_timeout_s=15.0, max_connections=4096) == LIMITS
 
 
 def test_soft_descriptor_limit_is_raised_and_a_cap_that_fits_stays(fake_rlimit: FakeRlimit,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from provisioning_common.outage import OutageLog
 from provisioning_common.transport_api import is_json_document
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from provisioning_common import runtime
 from provisioning_common.settings import Settings
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from cryptography.fernet import Fernet
-
 from provisioning_common.secretbox import InvalidToken, SecretBox, generate_key
 
 VALUE = {"credentialsValue": "A1b2C3d4E5f6G7h8I9j0", "status": "SUCCESS", "nested": {"n": [1, 2.5, None, True]},

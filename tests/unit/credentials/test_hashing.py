@@ -7,8 +7,8 @@ import hashlib
 import re
 
 import pytest
-
 from credentials import hashing
+
 from tests.unit.conftest import SelfSignedCert
 
 
@@ -65,7 +65,7 @@ def test_tb_sha3_trims_mqtt_client_ids_too() -> None:
 def test_tb_sha3_is_lowercase_hex_and_utf8() -> None:
     digest = hashing.tb_sha3("điện")
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
-    assert digest == hashlib.sha3_256("điện".encode("utf-8")).hexdigest()
+    assert digest == hashlib.sha3_256("điện".encode()).hexdigest()
 
 
 def test_token_id_is_sha256_hex() -> None:

@@ -7,7 +7,6 @@ import hashlib
 import re
 
 import pytest
-
 from credentials import hashing
 from credentials.service import CredentialsRefused, CredentialsService, prepare_credentials
 from provisioning_common.models import (
@@ -16,6 +15,7 @@ from provisioning_common.models import (
     PreparedCredentials,
     SuppliedCredentials,
 )
+
 from tests.unit.conftest import SelfSignedCert
 
 AT = CredentialsType.ACCESS_TOKEN

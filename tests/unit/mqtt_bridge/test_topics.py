@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from mqtt_bridge import topics
 from mqtt_bridge.bridge import parse_broker_url
 from mqtt_bridge.topics import Ignored, Route

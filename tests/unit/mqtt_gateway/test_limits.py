@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-
 from mqtt_gateway import codec
 from mqtt_gateway.limits import (
     FD_RESERVE,

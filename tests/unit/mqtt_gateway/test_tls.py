@@ -24,8 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
-
 from mqtt_gateway.tls import (
     Connection,
     PlainConnection,
@@ -35,6 +33,7 @@ from mqtt_gateway.tls import (
     start_plain_server,
     start_tls_server,
 )
+from OpenSSL import SSL
 
 HOST = "127.0.0.1"
 TIMEOUT = 5.0
@@ -79,7 +78,7 @@ def _issue(
     *,
     ca: bool,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -221,7 +220,7 @@ def test_dev_certificate_files_and_reuse(tmp_path: Path) -> None:
     san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "mqtt.example.test"}
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
-    remaining = chain[0].not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    remaining = chain[0].not_valid_after_utc - datetime.datetime.now(datetime.UTC)
     assert remaining > datetime.timedelta(days=30)
 
     before = {p.name: p.read_bytes() for p in (cert_path, key_path, public_path)}
@@ -245,7 +244,7 @@ def test_expiring_dev_certificate_is_replaced(tmp_path: Path) -> None:
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca = x509.load_pem_x509_certificate(public_path.read_bytes())
     leaf = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     server_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     short = (
         x509.CertificateBuilder(extensions=list(leaf.extensions))
@@ -582,7 +581,7 @@ async def test_server_certificate_file_may_hold_a_chain(tmp_path: Path) -> None:
     root, root_key = _make_ca("test server root")
     inter_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     inter = _issue("test server intermediate", inter_key, "test server root", root_key, ca=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     leaf = (
         x509.CertificateBuilder()
         .subject_name(_name("localhost"))

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import pytest
-
 from provisioning_common import bus
 from provisioning_common.models import (
     CredentialsType,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from provisioning_core.rate_limit import FailureLimiter
 from provisioning_core.service import java_trim
 

@@ -124,7 +124,7 @@ async def insert_device(
 
 
 def _timestamp(unix_time: float | None) -> datetime.datetime | None:
-    return None if unix_time is None else datetime.datetime.fromtimestamp(unix_time, tz=datetime.timezone.utc)
+    return None if unix_time is None else datetime.datetime.fromtimestamp(unix_time, tz=datetime.UTC)
 
 
 async def replay_answer(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> bytes | None:

@@ -9,7 +9,7 @@ from typing import Any
 class DialectError(ValueError):
     """The request cannot be understood; ``message`` is safe to show to the caller (no secrets)."""
 
-    def __init__(self, message: str, dialect: "Any" = None) -> None:
+    def __init__(self, message: str, dialect: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.dialect = dialect

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..models import ProvisionRequest, ProvisionResult
-from ._json import DialectError
 from ..rate_limit import WindowCounter
+from ._json import DialectError
 
 #: The core's answer to a source over its failure limit (provisioning_core's FailureLimiter).
 MSG_TOO_MANY_FAILURES = "Too many failed provisioning attempts; retry later"
