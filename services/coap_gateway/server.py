@@ -272,7 +272,7 @@ class CoapGateway:
         return aiocoap.Message(code=Code.CREATED)
 
 
-class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):
+class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: ignore[misc]  # aiocoap is untyped
     """The server context's one resource: sees the whole Uri-Path and drives block-wise transfer itself."""
 
     def __init__(self, gateway: CoapGateway) -> None:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
-from provisioning_common.certificates import CertificateRefused, load_pem_chain, load_signing_pair
+from provisioning_common.certificates import CertificateRefused, SigningKey, load_pem_chain, load_signing_pair
 
 __all__ = ["CertificateRefused", "verify_chain", "common_name", "issue_for_csr", "load_signing_pair"]
 
@@ -50,12 +50,12 @@ def common_name(cert: x509.Certificate) -> str | None:
     return None
 
 
-def _signature_hash(key: object) -> hashes.HashAlgorithm | None:
+def _signature_hash(key: object) -> hashes.SHA256 | None:
     return None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
 
 
 def issue_for_csr(
-    csr_pem: str, device_name: str, signing_chain: list[x509.Certificate], signing_key: object, validity_days: int
+    csr_pem: str, device_name: str, signing_chain: list[x509.Certificate], signing_key: SigningKey, validity_days: int
 ) -> x509.Certificate:
     """A client certificate for the CSR's key with CN = device name, signed by the profile's CA."""
     try:
@@ -71,7 +71,7 @@ def issue_for_csr(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_name)]))
         .issuer_name(ca.subject)
-        .public_key(public_key)  # type: ignore[arg-type]
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(min(now + datetime.timedelta(days=validity_days), ca.not_valid_after_utc))
@@ -86,7 +86,7 @@ def issue_for_csr(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)  # type: ignore[attr-defined]
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)
     )
-    return builder.sign(signing_key, _signature_hash(signing_key))  # type: ignore[arg-type]
+    return builder.sign(signing_key, _signature_hash(signing_key))

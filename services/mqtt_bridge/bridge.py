@@ -129,7 +129,9 @@ class MqttBridge:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect (in paho's thread, retrying with back-off) and return; :meth:`wait_ready` waits for the subscription."""
+        """Connect (in paho's thread, retrying with back-off) and return.
+
+        :meth:`wait_ready` waits for the subscription."""
         self._loop = asyncio.get_running_loop()
         # Reading the CA file is blocking file I/O: keep it off the loop.
         self._client = await asyncio.to_thread(self._make_client)
@@ -170,7 +172,7 @@ class MqttBridge:
 
     @staticmethod
     def _connect_properties() -> Properties:
-        props = Properties(PacketTypes.CONNECT)
+        props = _properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = RECEIVE_MAXIMUM
         return props
@@ -270,7 +272,7 @@ class MqttBridge:
     def _on_unsubscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, _codes: Any, _props: Any) -> None:
         if self._unsubscribed is not None:
             future = self._unsubscribed
-            self._call(lambda: future.done() or future.set_result(None))
+            self._call(lambda: None if future.done() else future.set_result(None))
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
@@ -363,10 +365,10 @@ class MqttBridge:
         )
         self.counters[outcome.kind.value] += 1
         if outcome.kind is OutcomeKind.UNAVAILABLE:
-            # The device is told (as the MQTT gateway tells it); the core drops the request after
-            # PROVISION_TIMEOUT_S, so nothing is provisioned behind this answer's back.
-            log.warning("answered %s with a time-out: the core did not answer", target.response_topic[:200])
-        props = Properties(PacketTypes.PUBLISH)
+            # The device is told (as the MQTT gateway tells it); nothing stays provisioned behind this
+            # answer's back (deadlines and abandon, README Guarantees). TransportApi logs the outage once.
+            log.debug("answered %s with a time-out", target.response_topic[:200])
+        props = _properties(PacketTypes.PUBLISH)
         if target.correlation_data is not None:
             props.CorrelationData = target.correlation_data
         props.ContentType = _CONTENT_TYPE.get(outcome.dialect, "application/json")
@@ -401,3 +403,7 @@ class MqttBridge:
             if current != last and self.counters:
                 log.info("mqtt_bridge: %s", current)
                 last = current
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho's constructor is unannotated

@@ -7,6 +7,7 @@ import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 _PEM_BLOCK = re.compile(r"-----BEGIN CERTIFICATE-----\s*.*?\s*-----END CERTIFICATE-----", re.DOTALL)
 
@@ -70,7 +71,14 @@ def check_ca(cert: x509.Certificate, field: str) -> None:
         raise CertificateRefused(f"{field} may not sign certificates (keyUsage lacks keyCertSign)")
 
 
-def load_signing_pair(certificate_pem: str, key_pem: str) -> tuple[list[x509.Certificate], object]:
+#: Private keys that can sign a certificate (what ``CertificateBuilder.sign`` accepts).
+SigningKey = (
+    rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+
+
+def load_signing_pair(certificate_pem: str, key_pem: str) -> tuple[list[x509.Certificate], SigningKey]:
     """Parse and check a signing CA: a CA certificate allowed to sign certificates, and its matching key."""
     try:
         chain = load_pem_chain(certificate_pem)
@@ -80,6 +88,11 @@ def load_signing_pair(certificate_pem: str, key_pem: str) -> tuple[list[x509.Cer
         key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     except Exception:
         raise CertificateRefused("signingKeyPem is not an unencrypted PEM private key") from None
+    if not isinstance(
+        key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+              dsa.DSAPrivateKey)
+    ):
+        raise CertificateRefused("signingKeyPem is not a key that can sign certificates")
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if chain[0].public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
         serialization.Encoding.DER, spki

@@ -117,7 +117,7 @@ def descriptor_shortage() -> str | None:
     try:
         fd = os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        return errno.errorcode[exc.errno] if is_descriptor_shortage(exc) else None
+        return errno.errorcode[exc.errno] if exc.errno is not None and is_descriptor_shortage(exc) else None
     os.close(fd)
     return None
 

@@ -7,6 +7,7 @@ the transport, so any endpoint answers each request in the dialect it was asked 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 from ..models import Dialect, ProvisionRequest, ProvisionResult, Transport
@@ -23,7 +24,7 @@ _MODULES: dict[Dialect, ModuleType] = {
 }
 
 
-def detect_dialect(obj: dict) -> Dialect:
+def detect_dialect(obj: dict[str, object]) -> Dialect:
     if innoway.KEY_FIELD in obj and thingsboard.KEY_FIELD not in obj:
         return Dialect.INNOWAY
     return Dialect.THINGSBOARD
@@ -62,8 +63,10 @@ def parse_provision_request(
 
 
 def render_result(dialect: Dialect, result: ProvisionResult) -> bytes:
-    return _MODULES[dialect].render(result)
+    render: Callable[[ProvisionResult], bytes] = _MODULES[dialect].render
+    return render(result)
 
 
 def render_error(dialect: Dialect, message: str) -> bytes:
-    return _MODULES[dialect].render_error(message)
+    render: Callable[[str], bytes] = _MODULES[dialect].render_error
+    return render(message)

@@ -75,8 +75,8 @@ def render(result: ProvisionResult) -> bytes:
             msg.credentialsValue = dumps(value).decode("utf-8")
         elif value is not None:
             msg.credentialsValue = value
-    return msg.SerializeToString()
+    return bytes(msg.SerializeToString())
 
 
 def render_error(message: str) -> bytes:
-    return pb.ProvisionDeviceResponseMsg(status=pb.FAILURE).SerializeToString()
+    return bytes(pb.ProvisionDeviceResponseMsg(status=pb.FAILURE).SerializeToString())
