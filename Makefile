@@ -36,7 +36,7 @@ bench: $(STAMP)
 
 ## Regenerate the protobuf classes from libs/common/provisioning_common/proto/transport.proto.
 proto: $(STAMP)
-	cd libs/common/provisioning_common/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --python_out=. transport.proto
+	cd libs/common/provisioning_common/proto && ../../../../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. transport.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache
