@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -173,6 +174,47 @@ def correlation_of(message: mqtt.MQTTMessage) -> bytes | None:
     return getattr(message.properties, "CorrelationData", None)
 
 
+_SENT_TO_BRIDGE = re.compile(r"Sending PUBLISH to (bridge-\S+) \(d\d, q1, r\d, m(\d+), 'provision/request")
+_BRIDGE_PUBACK = re.compile(r"Received PUBACK from (bridge-\S+) \(Mid: (\d+)")
+
+
+def bridge_deliveries(log: str) -> tuple[int, int]:
+    """(requests the broker delivered to bridges, how many of them no bridge has acknowledged yet) in a part of
+    the broker's log. A bridge acknowledges a request once it is done with it: ignored, or answered and the
+    broker took the answer. A redelivery after a reconnect keeps its packet id and counts again."""
+    delivered, unacknowledged = 0, set()
+    for line in log.splitlines():
+        if sent := _SENT_TO_BRIDGE.search(line):
+            delivered += 1
+            unacknowledged.add(sent.groups())
+        elif acked := _BRIDGE_PUBACK.search(line):
+            unacknowledged.discard(acked.groups())
+    return delivered, len(unacknowledged)
+
+
+def wait_bridges_done(broker: Mosquitto, mark: int, count: int, timeout: float = 30.0) -> int:
+    """Until the bridges have been delivered at least ``count`` requests since ``mark`` (a length of the broker's
+    log) and acknowledged every one of them; returns how many were delivered."""
+    deadline = time.monotonic() + timeout
+    while True:
+        delivered, unacknowledged = bridge_deliveries(broker.log()[mark:])
+        if delivered >= count and not unacknowledged:
+            return delivered
+        if time.monotonic() > deadline:
+            raise AssertionError(f"bridges: {delivered} of {count} requests delivered, {unacknowledged} not done")
+        time.sleep(0.05)
+
+
+def round_trip(devices: list[Device], profile: dict[str, Any], prefix: str, timeout: float = 30.0) -> None:
+    """Each device asks once more (Correlation Data b"control") and gets that answer: whatever the broker had
+    routed to a device before has reached it by then (one connection, in order)."""
+    expected = [len(device.messages) + 1 for device in devices]
+    for d, device in enumerate(devices):
+        device.provision_v5(tb_request(profile, deviceName=f"{prefix}-{d}"), b"control")
+    for device, count in zip(devices, expected, strict=True):
+        device.wait_for(count, timeout)
+
+
 # --- provisioning through the bridge -------------------------------------------------------------
 
 
@@ -229,6 +271,7 @@ def test_mqtt311_device_asks_on_its_client_id_topic_in_either_dialect(
 def test_answers_stay_private_and_forged_or_unroutable_requests_get_nothing(
     broker: Mosquitto, bridges: Bridges, profile: dict[str, Any]
 ) -> None:
+    mark = len(broker.log())
     spy = Device(broker, mqtt.MQTTv5, subscribe="provision/response/#")
     spy.client.subscribe([("provision/request/#", 1), ("#", 1)])
     victim = Device(broker, mqtt.MQTTv311)
@@ -242,11 +285,20 @@ def test_answers_stay_private_and_forged_or_unroutable_requests_get_nothing(
         spy.publish("provision/request", tb_request(profile, deviceName="elsewhere"), response_topic="devices/x",
                     correlation=b"1")
         spy.publish("provision/request", tb_request(profile, deviceName="nowhere"))
-        time.sleep(1.5)
+        # Positive signals first: the bridges are done with the three requests that reached them (the
+        # victim's, "elsewhere", "nowhere"; the broker handles one client's publications in order, so the
+        # forged one came before), and then the spy's own request is answered to it, so anything the broker
+        # had routed to the spy before has arrived.
+        wait_bridges_done(broker, mark, 3)
+        round_trip([spy], profile, f"spy-{uuid.uuid4().hex[:8]}")
+        delivered, _ = bridge_deliveries(broker.log()[mark:])
     finally:
         spy.close()
         victim.close()
-    assert spy.messages == [], [m.topic for m in spy.messages]
+    assert {(m.topic, correlation_of(m)) for m in spy.messages} == {(spy.response_topic, b"control")}
+    assert answer(spy.messages[0])["status"] == "SUCCESS"
+    assert delivered == 4  # the three above and the spy's own: the forged request reached no bridge
+    assert f"Denied PUBLISH from {spy.client_id} (d0, q1, r0, m" in broker.log()[mark:]
     assert len(victim.messages) == 1
     output = bridges.output()
     assert "ignored_bad_response_topic" in output and "ignored_no_response_topic" in output
@@ -256,6 +308,7 @@ async def test_two_bridges_answer_500_concurrent_requests_exactly_once(
     broker: Mosquitto, bridges: Bridges, profile: dict[str, Any], db: asyncpg.Connection
 ) -> None:
     run = uuid.uuid4().hex[:6]
+    mark = len(broker.log())
     devices = [Device(broker, mqtt.MQTTv5) for _ in range(20)]
     try:
         started = time.monotonic()
@@ -265,11 +318,15 @@ async def test_two_bridges_answer_500_concurrent_requests_exactly_once(
         for device in devices:
             await asyncio.to_thread(device.wait_for, 25, 45)
         elapsed = time.monotonic() - started
-        await asyncio.sleep(1.0)  # room for a duplicate to show up
+        # Positive signal first: the bridges are done with every request delivered to them, and then each
+        # device's next request is answered, so a duplicate answer would have reached its device by now.
+        await asyncio.to_thread(wait_bridges_done, broker, mark, 500)
+        await asyncio.to_thread(round_trip, devices, profile, f"ctl-{run}")
     finally:
         for device in devices:
             device.close()
-    per_request = Counter((device.client_id, correlation_of(m)) for device in devices for m in device.messages)
+    per_request = Counter((device.client_id, correlation_of(m)) for device in devices for m in device.messages
+                          if correlation_of(m) != b"control")
     assert len(per_request) == 500 and set(per_request.values()) == {1}
     assert {answer(m)["status"] for device in devices for m in device.messages} == {"SUCCESS"}
     rows = await db.fetch("SELECT name, count(*) AS n FROM devices WHERE name LIKE $1 GROUP BY name", f"bulk-{run}-%")
@@ -321,6 +378,7 @@ async def test_a_bridge_killed_mid_flight_loses_no_request_and_duplicates_no_dev
     id comes from the message, the core replays those answers instead of refusing the now-taken names."""
     run = uuid.uuid4().hex[:6]
     core = stack["provisioning_core"]
+    start_mark = len(broker.log())
     devices = [Device(broker, mqtt.MQTTv5) for _ in range(8)]
     try:
         core.signal(signal.SIGSTOP)  # hold every request at the core for a moment
@@ -337,13 +395,19 @@ async def test_a_bridge_killed_mid_flight_loses_no_request_and_duplicates_no_dev
         await asyncio.to_thread(bridges.restart, 0)
         for device in devices:
             await asyncio.to_thread(device.wait_for, 25, 30)
-        await asyncio.sleep(1.0)
+        # Positive signal first: the bridges are done with every request delivered to them (redeliveries to
+        # the restarted bridge-a included), and then each device's next request is answered, so any further
+        # answer to an earlier request would have reached its device by now.
+        await asyncio.to_thread(wait_bridges_done, broker, start_mark, 200)
+        await asyncio.to_thread(round_trip, devices, profile, f"ctl-{run}")
     finally:
         for device in devices:
             device.close()
     by_request: dict[tuple[str, bytes | None], list[dict[str, Any]]] = {}
     for device in devices:
         for m in device.messages:
+            if correlation_of(m) == b"control":
+                continue
             by_request.setdefault((device.client_id, correlation_of(m)), []).append(answer(m))
     assert len(by_request) == 200
     for bodies in by_request.values():
