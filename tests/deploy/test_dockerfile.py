@@ -64,7 +64,7 @@ def test_final_stage_runs_as_a_numeric_non_root_user_matching_kubernetes() -> No
     assert users, "the final stage has no USER"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]} (numeric, so runAsNonRoot can check it)"
-    from tests.deploy.kustomize import render
+    from tests.deploy.manifests import render
 
     for doc in render(ROOT / "deploy/k8s/base"):
         if doc["kind"] == "Deployment":
@@ -104,7 +104,7 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
 
 
 def test_every_command_of_compose_and_kubernetes_is_a_module_of_the_image() -> None:
-    from tests.deploy.kustomize import render
+    from tests.deploy.manifests import render
 
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     commands = {s["command"][0] for s in compose["services"].values() if "build" in s}

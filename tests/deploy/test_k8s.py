@@ -1,12 +1,12 @@
-"""deploy/k8s, rendered (base and every overlay) and validated offline: built-in kinds against the
-Kubernetes JSON schemas bundled by kubernetes-validate (strict), the operators' resources against
-the CRD subsets in deploy/k8s/crds, and the properties the deployment promises."""
+"""deploy/k8s, rendered (base and every overlay) by ``kubectl kustomize`` and validated offline: built-in
+kinds against the Kubernetes JSON schemas bundled by kubernetes-validate (strict), the operators'
+resources against the upstream CRDs in ../shared/k8s-crds (the subsets in deploy/k8s/crds when ../shared
+is absent; they are checked to agree with upstream when it is present), and the properties the
+deployment promises."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +14,12 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 from provisioning_common.settings import Settings
 
-from .kustomize import load_documents, render
+from . import crds
+from .manifests import K8S, ROOT, render
 
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy/k8s"
 TREES = ["base", "overlays/dev", "overlays/production"]
 #: The oldest Kubernetes release the manifests promise to work on, and the newest bundled schema.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
@@ -66,63 +64,54 @@ def config(docs: list[Doc]) -> dict[str, str]:
     return by_kind(docs, "ConfigMap")["provisioning-config"]["data"]
 
 
-# --- rendering ---------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("tree", TREES)
-def test_rendering_matches_kubectl_kustomize(tree: str) -> None:
-    result = subprocess.run(["kubectl", "kustomize", str(K8S / tree)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-
-    def key(d: Doc) -> tuple[str, str, str]:
-        return d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]
-
-    theirs = {key(d): d for d in yaml.safe_load_all(result.stdout) if d}
-    mine = {key(d): d for d in render(K8S / tree)}
-    assert mine.keys() == theirs.keys()
-    for name, doc in mine.items():
-        assert doc == theirs[name], name
-
-
 # --- schemas -----------------------------------------------------------------------------------
 
 
-def _closed(schema: Any) -> Any:
-    """The schema with every object that lists ``properties`` closed to other fields (strict field
-    validation), except where Kubernetes keeps unknown fields."""
-    if isinstance(schema, list):
-        return [_closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {k: (_closed(v) if k not in ("enum", "default", "required") else v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        closed["additionalProperties"] = False
-    return closed
-
-
-def crd_schemas() -> dict[tuple[str, str], Any]:
-    """(apiVersion, kind) -> closed openAPIV3Schema of the CRD subsets kept in deploy/k8s/crds."""
-    found = {}
-    for path in sorted((K8S / "crds").glob("*.yaml")):
-        (crd,) = load_documents(path)
-        for version in crd["spec"]["versions"]:
-            api_version = f"{crd['spec']['group']}/{version['name']}"
-            found[(api_version, crd["spec"]["names"]["kind"])] = _closed(version["schema"]["openAPIV3Schema"])
-    return found
+@pytest.fixture(scope="module")
+def crd_validators() -> dict[tuple[str, str], Any]:
+    """(apiVersion, kind) -> validator: the upstream CRDs when ../shared is present, else the subsets."""
+    return crds.validators(crds.in_use()[1])
 
 
 def test_crd_subsets_are_valid_crds_for_every_version() -> None:
-    paths = sorted((K8S / "crds").glob("*.yaml"))
-    assert len(paths) == 2
-    for path in paths:
-        (crd,) = load_documents(path)
+    subsets = crds.subsets()
+    assert set(subsets) == set(crds.UPSTREAM_FILES)
+    for crd in subsets.values():
         for version in VERSIONS:
             kubernetes_validate.validate(crd, version, strict=True)
 
 
-def test_built_in_resources_match_the_kubernetes_schemas(rendered: tuple[str, list[Doc]]) -> None:
+@pytest.mark.skipif(not crds.upstream_present(), reason=f"{crds.UPSTREAM} is absent: nothing to compare with")
+def test_crd_subsets_agree_with_upstream() -> None:
+    subsets, upstream = crds.subsets(), crds.upstream()
+    for name, subset in subsets.items():
+        found = list(crds.crd_disagreements(subset, upstream[name]))
+        assert not found, f"{name}:\n" + "\n".join(found)
+
+
+@pytest.mark.skipif(not crds.upstream_present(), reason=f"{crds.UPSTREAM} is absent: nothing to derive from")
+def test_crd_subsets_are_their_derivation_from_upstream() -> None:
+    for name in crds.UPSTREAM_FILES:
+        assert crds.subset_path(name).read_text() == crds.render_subset(name), \
+            f"{crds.subset_path(name)}: run `python -m tests.deploy.crds` (or add the field to KEEP there)"
+
+
+@pytest.mark.skipif(not crds.upstream_present(), reason=f"{crds.UPSTREAM} is absent: nothing to compare with")
+def test_the_agreement_check_finds_drift() -> None:
+    subset, upstream = crds.subsets()["rabbitmqclusters.rabbitmq.com"], crds.upstream()["rabbitmqclusters.rabbitmq.com"]
+    spec = subset["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    spec["rabbitmq"]["properties"]["additionalConfig"]["maxLength"] = 2000     # looser or stricter than upstream
+    spec["override"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}  # open where typed
+    del spec["persistence"]["properties"]["storage"]["pattern"]               # a constraint dropped
+    found = "\n".join(crds.crd_disagreements(subset, upstream))
+    assert "additionalConfig/maxLength: 2000 where upstream has 100000" in found
+    assert "override/x-kubernetes-preserve-unknown-fields: True is not in upstream" in found
+    assert "storage/pattern: missing" in found
+
+
+def test_built_in_resources_match_the_kubernetes_schemas(
+    rendered: tuple[str, list[Doc]], crd_validators: dict[tuple[str, str], Any]
+) -> None:
     tree, docs = rendered
     validated = 0
     for doc in docs:
@@ -130,46 +119,96 @@ def test_built_in_resources_match_the_kubernetes_schemas(rendered: tuple[str, li
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except SchemaNotFoundError:
-                assert (doc["apiVersion"], doc["kind"]) in crd_schemas(), f"{tree}: no schema for {doc['kind']}"
+                assert (doc["apiVersion"], doc["kind"]) in crd_validators, f"{tree}: no schema for {doc['kind']}"
                 continue
             validated += 1
     assert validated >= 20 * len(VERSIONS)
 
 
-def test_operator_resources_match_their_crds(rendered: tuple[str, list[Doc]]) -> None:
+@pytest.mark.parametrize("source", ["upstream", "subset"])
+def test_operator_resources_match_their_crds(rendered: tuple[str, list[Doc]], source: str) -> None:
+    """Against upstream (what the API server checks), and against the subsets (the fallback without
+    ../shared, which must accept what we ship)."""
+    if source == "upstream" and not crds.upstream_present():
+        pytest.skip(f"{crds.UPSTREAM} is absent")
+    validators = crds.validators(crds.upstream() if source == "upstream" else crds.subsets())
     tree, docs = rendered
-    schemas = crd_schemas()
-    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in schemas]
+    custom = [d for d in docs if (d["apiVersion"], d["kind"]) in validators]
     assert {d["kind"] for d in custom} == {"RabbitmqCluster", "Cluster"}
     for doc in custom:
-        jsonschema.Draft7Validator(schemas[(doc["apiVersion"], doc["kind"])]).validate(doc)
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in validators[(doc["apiVersion"], doc["kind"])].iter_errors(doc)]
+        assert not errors, f"{tree}: {doc['kind']}/{doc['metadata']['name']}:\n" + "\n".join(errors)
 
 
-@pytest.mark.parametrize("mutation", [
-    ("RabbitmqCluster", ["spec", "replica"], 3),               # typo of replicas
-    ("RabbitmqCluster", ["spec", "replicas"], "three"),         # wrong type
-    ("RabbitmqCluster", ["spec", "persistence", "storage"], "10 gigs"),
-    ("Cluster", ["spec", "instances"], 0),                      # below the minimum
-    ("Cluster", ["spec", "primaryUpdateStrategy"], "manual"),   # not in the enum
-    ("Cluster", ["spec", "bootstrap", "initdb", "databse"], "x"),
-])
-def test_the_crd_check_rejects_what_the_api_server_would(mutation: tuple[str, list[str], Any]) -> None:
-    kind, path, value = mutation
-    schemas = crd_schemas()
+def _mutated(kind: str, path: list[str], value: Any) -> Doc:
     doc = next(d for d in render(K8S / "base") if d["kind"] == kind)
     target = doc
     for key in path[:-1]:
-        target = target[key]
+        target = target.setdefault(key, {})
     target[path[-1]] = value
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft7Validator(schemas[(doc["apiVersion"], kind)]).validate(doc)
+    return doc
 
 
-def test_the_crd_check_requires_what_upstream_requires() -> None:
+@pytest.mark.parametrize("mutation", [
+    ("RabbitmqCluster", ["spec", "replica"], 3, "'replica' was unexpected"),
+    ("RabbitmqCluster", ["spec", "replicas"], "three", "is not of type 'integer'"),
+    ("RabbitmqCluster", ["spec", "persistence", "storage"], "10 gigs", "does not match"),
+    ("RabbitmqCluster", ["spec", "rabbitmq", "additionalConfig"], "x" * 100_001, "is too long"),
+    ("RabbitmqCluster", ["spec", "override", "statefulSet", "spec", "replicaz"], 1, "'replicaz' was unexpected"),
+    ("RabbitmqCluster", ["spec", "tolerations"], [{"key": "a"}, "b"], "is not of type 'object'"),
+    ("RabbitmqCluster", ["spec", "override", "statefulSet", "spec", "template", "spec", "containers"],
+     [{"name": "rabbitmq"}, {"name": "rabbitmq"}], "duplicate entry for list-map keys"),  # x-kubernetes-list-type: map
+    ("Cluster", ["spec", "instances"], 0, "less than the minimum of 1"),
+    ("Cluster", ["spec", "primaryUpdateStrategy"], "manual", "is not one of"),
+    ("Cluster", ["spec", "bootstrap", "initdb", "databse"], "x", "'databse' was unexpected"),
+    ("Cluster", ["spec", "imageCatalogRef"], {"apiGroup": "postgresql.cnpg.io", "kind": "ImageCatalog",
+                                              "name": "pg", "major": 16},
+     "imageName and imageCatalogRef are mutually exclusive"),  # a CEL rule
+    ("Cluster", ["spec", "postgresql", "synchronous"], {"method": "any", "number": 0},
+     "should be greater than zero"),  # a CEL rule
+])
+def test_the_crd_check_rejects_what_the_api_server_would(
+    mutation: tuple[str, list[str], Any, str], crd_validators: dict[tuple[str, str], Any]
+) -> None:
+    kind, path, value, message = mutation
+    doc = _mutated(kind, path, value)
+    errors = [e.message for e in crd_validators[(doc["apiVersion"], kind)].iter_errors(doc)]
+    assert errors
+    if crds.upstream_present():  # the subsets reject fields they do not keep as unknown
+        assert any(message in e for e in errors), errors
+
+
+@pytest.mark.skipif(not crds.upstream_present(), reason=f"{crds.UPSTREAM} is absent")
+@pytest.mark.parametrize("mutation", [
+    ("RabbitmqCluster", ["spec", "rabbitmq", "additionalConfig"], "x" * 5000),  # the old subset said 2000
+    ("RabbitmqCluster", ["spec", "override", "statefulSet", "spec", "replicas"], 1),
+    ("Cluster", ["spec", "postgresql", "synchronous"], {"method": "any", "number": 1}),
+])
+def test_the_crd_check_accepts_what_upstream_accepts(mutation: tuple[str, list[str], Any]) -> None:
+    doc = _mutated(*mutation)
+    validator = crds.validators(crds.upstream())[(doc["apiVersion"], doc["kind"])]
+    assert not [e.message for e in validator.iter_errors(doc)]
+
+
+def test_the_crd_check_requires_what_upstream_requires(crd_validators: dict[tuple[str, str], Any]) -> None:
     doc = next(d for d in render(K8S / "base") if d["kind"] == "Cluster")
     del doc["spec"]["instances"]
     with pytest.raises(jsonschema.ValidationError, match="instances"):
-        jsonschema.Draft7Validator(crd_schemas()[(doc["apiVersion"], "Cluster")]).validate(doc)
+        crd_validators[(doc["apiVersion"], "Cluster")].validate(doc)
+
+
+def test_the_crd_check_evaluates_the_cel_rules() -> None:
+    if not crds.upstream_present():
+        pytest.skip(f"{crds.UPSTREAM} is absent (the subsets do not keep imageCatalogRef)")
+    validator = crds.validators(crds.upstream())[("postgresql.cnpg.io/v1", "Cluster")]
+    doc = _mutated("Cluster", ["spec", "imageCatalogRef"],
+                   {"apiGroup": "postgresql.cnpg.io", "kind": "ImageCatalog", "name": "pg", "major": 16})
+    assert [e.message for e in validator.iter_errors(doc)] == ["imageName and imageCatalogRef are mutually exclusive"]
+    del doc["spec"]["imageName"]
+    assert not list(validator.iter_errors(doc))
+    doc["spec"]["imageCatalogRef"]["kind"] = "ConfigMap"
+    assert "Only image catalogs are supported" in [e.message for e in validator.iter_errors(doc)]
 
 
 def test_the_kubernetes_schema_check_rejects_an_unknown_field() -> None:
@@ -348,7 +387,7 @@ def test_secrets_only_by_reference(rendered: tuple[str, list[Doc]]) -> None:
         ("provisioning-db-app", "uri"), ("provisioning-secrets", "data-encryption-key"),
         ("provisioning-secrets", "admin-api-token"), ("provisioning-secrets", "mqtt-broker-url"),
     }
-    for name, variable in _env(docs):
+    for _name, variable in _env(docs):
         if variable["name"] == "RABBITMQ_URL":
             assert variable["value"] == "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@rabbitmq:5672/"
 
@@ -365,7 +404,8 @@ def test_bridge_mode(rendered: tuple[str, list[Doc]]) -> None:
     assert data["MQTT_BRIDGE_SHARE_GROUP"], "several bridges need the shared subscription"
     # Bridge mode is optional: without the broker URL in the Secret the pods start and idle.
     (url,) = [v for v in containers(bridge)[0]["env"] if v["name"] == "MQTT_BROKER_URL"]
-    assert url["valueFrom"]["secretKeyRef"] == {"name": "provisioning-secrets", "key": "mqtt-broker-url", "optional": True}
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "provisioning-secrets", "key": "mqtt-broker-url",
+                                                "optional": True}
     # broker-auth is where deploy/brokers/ call it: http://broker-auth:8090 (a ClusterIP Service).
     service = by_kind(docs, "Service")["broker-auth"]
     assert service["spec"]["type"] == "ClusterIP"
