@@ -197,8 +197,20 @@ async def test_a_caller_fails_at_once_when_its_connection_drops(env: Env, stack:
     try:
         request = ProvisionRequest(provision_key="k", provision_secret="s", transport=Transport.HTTP)
         call = asyncio.create_task(bus.call(CORE_SERVICE, "provision", request, ProvisionResult))
-        await asyncio.sleep(0.5)
-        assert not call.done()  # positive signal: it is waiting for an answer
+        # Positive signal first: the request sits in the core's (unserved) queue, so the call has published it
+        # and is now waiting for its answer.
+        async with await aio_pika.connect(env.infra.rabbitmq_url) as watcher:
+            deadline = time.monotonic() + 10
+            while True:
+                channel = await watcher.channel()
+                with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):  # not declared yet
+                    queue = await channel.declare_queue(f"{bus._settings.bus_namespace}{CORE_SERVICE}", passive=True)
+                    if queue.declaration_result.message_count:
+                        break
+                    await channel.close()
+                assert time.monotonic() < deadline, "the request never reached the core's queue"
+                await asyncio.sleep(0.05)
+        assert not call.done()  # it is waiting for an answer
         started = time.monotonic()
         proxy.cut()
         with pytest.raises(RpcError, match="connection lost"):
