@@ -1,7 +1,9 @@
-"""Queries on devices and credentials shared by provisioning-core and the admin API.
+"""Every SQL statement of provisioning-core and credentials, and the device writes the admin API shares.
 
-Both create devices with credentials; doing it in one function keeps the
+One typed function per query; rows come back as small frozen dataclasses, never as ``asyncpg.Record``.
+Both the core and the admin API create devices with credentials; doing it in one function keeps the
 "device + credentials in one transaction, uniqueness mapped to one error" rule in one place.
+``conn`` is a pool or a connection (in the caller's transaction where the function says so).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ async def insert_device(
         raise
     if outcome == "expired":
         raise Expired
-    return outcome == "created"
+    return bool(outcome == "created")
 
 
 def _timestamp(unix_time: float | None) -> datetime.datetime | None:
@@ -129,11 +131,12 @@ def _timestamp(unix_time: float | None) -> datetime.datetime | None:
 
 async def replay_answer(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> bytes | None:
     """The stored (encrypted) answer of a request, marked as handed out again so it is never undone."""
-    return await conn.fetchval(
+    answer: bytes | None = await conn.fetchval(
         "UPDATE provision_requests SET replayed = true WHERE request_id = $1 AND answer_enc IS NOT NULL"
         " RETURNING answer_enc",
         request_id,
     )
+    return answer
 
 
 async def undo_unanswered(
@@ -147,7 +150,8 @@ async def undo_unanswered(
     """
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "DELETE FROM provision_requests WHERE request_id = $1 AND NOT replayed RETURNING device_id, kind, answer_enc",
+            "DELETE FROM provision_requests WHERE request_id = $1 AND NOT replayed"
+            " RETURNING device_id, kind, answer_enc",
             request_id,
         )
         if row is None or row["device_id"] is None:
@@ -160,7 +164,8 @@ async def undo_unanswered(
             )
         else:
             await conn.execute("DELETE FROM devices WHERE id = $1", row["device_id"])
-        return row["device_id"]
+        device_id: uuid.UUID = row["device_id"]
+        return device_id
 
 
 async def deadline_passed(conn: asyncpg.Connection, deadline: float | None) -> bool:
@@ -168,6 +173,146 @@ async def deadline_passed(conn: asyncpg.Connection, deadline: float | None) -> b
     if deadline is None:
         return False
     return bool(await conn.fetchval("SELECT clock_timestamp() > $1", _timestamp(deadline)))
+
+
+# --- provision requests: replay keys and answers (provisioning-core) -------------------------------
+
+
+async def claim_request_id(
+    conn: asyncpg.Connection, request_id: str, expire_after_s: float | None = None
+) -> bool:
+    """Claim ``request_id`` in the caller's transaction; False when another attempt already holds it.
+
+    With ``expire_after_s`` a claim older than that many seconds is forgotten first (content keys
+    expire with the replay window; message ids never do).
+    """
+    if expire_after_s is not None:
+        await conn.execute(
+            "DELETE FROM provision_requests WHERE request_id = $1"
+            " AND created_at < clock_timestamp() - make_interval(secs => $2)",
+            request_id, expire_after_s,
+        )
+    claimed = await conn.fetchval(
+        "INSERT INTO provision_requests (request_id, kind) VALUES ($1, 'claimed') ON CONFLICT DO NOTHING RETURNING 1",
+        request_id,
+    )
+    return claimed is not None
+
+
+async def record_answer(
+    conn: asyncpg.Connection, request_id: str, device_id: uuid.UUID | None, answer_enc: bytes
+) -> None:
+    """Store the (encrypted) answer of a claimed request and the device it is about."""
+    await conn.execute(
+        "UPDATE provision_requests SET device_id = $2, answer_enc = $3 WHERE request_id = $1",
+        request_id, device_id, answer_enc,
+    )
+
+
+async def purge_answers(conn: asyncpg.Connection | asyncpg.Pool, older_than_s: float) -> int:
+    """Forget the answers stored more than ``older_than_s`` ago; returns how many."""
+    status: str = await conn.execute(
+        "DELETE FROM provision_requests WHERE created_at < now() - make_interval(secs => $1)", older_than_s
+    )
+    return int(status.split()[-1])
+
+
+# --- devices by name (provisioning-core) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NamedDevice:
+    """A device and its credentials, as provisioning decides about them (claim, X.509 rotation)."""
+
+    id: uuid.UUID
+    profile_id: uuid.UUID
+    provision_state: str | None
+    credentials_type: str
+    credentials_id: str
+    #: Encrypted credentials a pre-provisioned device will be handed; None once handed out.
+    value_enc: bytes | None
+
+
+_NAMED_DEVICE = (
+    "SELECT d.id, d.profile_id, d.provision_state, c.credentials_type, c.credentials_id, c.value_enc"
+    " FROM devices d JOIN device_credentials c ON c.device_id = d.id WHERE d.name = $1"
+)
+
+
+async def device_by_name(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> NamedDevice | None:
+    row = await conn.fetchrow(_NAMED_DEVICE, name)
+    return NamedDevice(**dict(row)) if row else None
+
+
+async def lock_device_by_name(conn: asyncpg.Connection, name: str) -> NamedDevice | None:
+    """:func:`device_by_name`, the device row locked until the caller's transaction ends."""
+    row = await conn.fetchrow(_NAMED_DEVICE + " FOR UPDATE OF d", name)
+    return NamedDevice(**dict(row)) if row else None
+
+
+async def set_provision_state(conn: asyncpg.Connection, device_id: uuid.UUID, state: str | None) -> None:
+    await conn.execute("UPDATE devices SET provision_state = $2 WHERE id = $1", device_id, state)
+
+
+async def clear_credentials_value(conn: asyncpg.Connection, device_id: uuid.UUID) -> None:
+    """Forget the encrypted credentials of a device once they are handed out (only the hash remains)."""
+    await conn.execute("UPDATE device_credentials SET value_enc = NULL WHERE device_id = $1", device_id)
+
+
+async def replace_credentials_id(
+    conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID, credentials_id: str
+) -> None:
+    """New credentials (X.509 rotation); :class:`DeviceConflict` ``credentials`` when another device has them."""
+    try:
+        await conn.execute(
+            "UPDATE device_credentials SET credentials_id = $2, value_enc = NULL WHERE device_id = $1",
+            device_id, credentials_id,
+        )
+    except asyncpg.UniqueViolationError:
+        raise DeviceConflict("credentials") from None
+
+
+# --- credentials lookups (credentials service) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredCredentials:
+    """A device's credentials row as authentication reads it (``public_value`` is JSON text)."""
+
+    device_id: uuid.UUID
+    device_name: str
+    credentials_type: str
+    secret_hash: str | None
+    public_value: str | None
+
+
+async def credentials_by_id(conn: asyncpg.Connection | asyncpg.Pool, credentials_id: str) -> StoredCredentials | None:
+    row = await conn.fetchrow(
+        "SELECT c.device_id, d.name AS device_name, c.credentials_type, c.secret_hash, c.public_value"
+        " FROM device_credentials c JOIN devices d ON d.id = c.device_id WHERE c.credentials_id = $1",
+        credentials_id,
+    )
+    return StoredCredentials(**dict(row)) if row else None
+
+
+@dataclass(frozen=True)
+class ChainProfile:
+    """An X509_CERTIFICATE_CHAIN profile's id and CA certificate (PEM)."""
+
+    id: uuid.UUID
+    certificate_pem: str
+
+
+async def chain_profiles_by_ca_subject(
+    conn: asyncpg.Connection | asyncpg.Pool, subject_hashes: list[str]
+) -> list[ChainProfile]:
+    """The X509_CERTIFICATE_CHAIN profiles whose CA's subject hash is one of ``subject_hashes`` (indexed)."""
+    rows = await conn.fetch(
+        "SELECT id, certificate_pem FROM device_profiles"
+        " WHERE provision_strategy = 'X509_CERTIFICATE_CHAIN' AND ca_subject_hash = ANY($1::text[])",
+        subject_hashes,
+    )
+    return [ChainProfile(**dict(row)) for row in rows]
 
 
 DEVICE_SELECT = (
