@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -95,8 +96,14 @@ async def test_sigterm_to_one_core_mid_load_loses_nothing(
 ) -> None:
     profile = admin.create_profile()
     core = second[0]["provisioning_core"]
+    mark = len(core.lines)
     wave = asyncio.create_task(_wave(env, second[1], profile, 600, f"term-{uuid.uuid4().hex[:6]}"))
-    await asyncio.sleep(0.4)
+    # Positive signal first: the core about to be stopped is busy with the wave (it has provisioned some of it).
+    deadline = time.monotonic() + 30
+    while sum(f"in profile {profile['name']} via" in line for line in core.lines[mark:]) < 20:
+        assert not wave.done(), "the wave finished before the core was stopped; make it longer"
+        assert time.monotonic() < deadline, f"the core provisioned fewer than 20 of the wave:\n{core.output[-3000:]}"
+        await asyncio.sleep(0.05)
     assert not wave.done(), "the wave finished before the core was stopped; make it longer"
     exit_code = await asyncio.to_thread(core.stop, 30)
     answers = await wave
