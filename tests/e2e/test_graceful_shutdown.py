@@ -162,7 +162,12 @@ async def test_http_gateway_finishes_requests_in_flight_refuses_new_ones_and_exi
                 await wait_blocked(lock, len(names))
                 gateway.signal(signal.SIGTERM)
                 assert await asyncio.to_thread(refuses_connections, env.http_port), "still accepting after SIGTERM"
-                await asyncio.sleep(1)
+                # Positive signal first: uvicorn has told its open connections to shut down and now waits for
+                # them (a cut, or an exit, would have happened by then).
+                deadline = time.monotonic() + 10
+                while "Waiting for connections to close" not in gateway.output:
+                    assert time.monotonic() < deadline, gateway.output[-3000:]
+                    await asyncio.sleep(0.05)
                 assert not any(t.done() for t in tasks), "a request in flight was cut"
                 assert gateway.proc.poll() is None, "exited with requests in flight"
             released = time.monotonic()
