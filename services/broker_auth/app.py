@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
-from provisioning_common.bus import Bus, RpcError
+from provisioning_common import device_auth
+from provisioning_common.bus import Bus
+from provisioning_common.device_auth import Presented
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import BusSession
 
@@ -74,19 +76,17 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
     session = BusSession(settings, bus)
 
     app = FastAPI(title="Broker authentication",
-                  lifespan=session.lifespan("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}"), docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  lifespan=session.lifespan("broker_auth", f"on {settings.bind_host}:{settings.bridge_auth_port}"),
+                  docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def device_verdict(client_id: str, username: str, password: str) -> Verdict | Response:
-        """ALLOW when the credentials service knows these credentials, else DENY; 503 when it is unreachable."""
-        try:
-            for attempt in decisions.credential_attempts(client_id, username, password):
-                if (await session.api.authenticate(attempt)).authenticated:
-                    return Verdict.ALLOW
-        except RpcError as exc:
-            log.warning("credentials service unavailable: %s", exc)
+    async def login(client_id: str, username: str, password: str) -> device_auth.Decision | Response:
+        """The device-authentication policy's decision (as the MQTT gateway's); 503 when the credentials
+        service does not answer (EMQX then goes on with its chain; RabbitMQ refuses the login)."""
+        decision = await device_auth.decide(Presented(client_id, username, password), session.api.authenticate)
+        if decision.verdict is device_auth.Verdict.UNAVAILABLE:
+            log.warning("credentials service unavailable: %s", decision.detail)
             return Response(status_code=503, headers={"Retry-After": "1"})
-        return Verdict.DENY
+        return decision
 
     async def read(request: Request) -> Mapping[str, str] | Response:
         try:
@@ -103,15 +103,16 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
         params = await read(request)
         if isinstance(params, Response):
             return params
-        client_id, username, password = params.get("clientid", ""), params.get("username", ""), params.get("password", "")
-        if decisions.is_provisioning(username):
+        client_id, username = params.get("clientid", ""), params.get("username", "")
+        password = params.get("password", "")
+        decision = await login(client_id, username, password)
+        if isinstance(decision, Response):
+            return decision
+        if decision.verdict is device_auth.Verdict.PROVISIONING:
             if not decisions.provisioning_client_ok(client_id):
                 return _emqx(Verdict.DENY)
             return _emqx(Verdict.ALLOW, acl=decisions.provisioning_acl(client_id))
-        if not username and not password:
-            return _emqx(Verdict.IGNORE)  # anonymous: the operator's other authenticators decide
-        verdict = await device_verdict(client_id, username, password)
-        return verdict if isinstance(verdict, Response) else _emqx(verdict)
+        return _emqx(decisions.emqx_login(decision))
 
     # --- RabbitMQ --------------------------------------------------------------------------
 
@@ -122,14 +123,14 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             return params
         username, password = params.get("username", ""), params.get("password", "")
         client_id = params.get("client_id", "")
-        if decisions.is_provisioning(username):
+        decision = await login(client_id, username, password)
+        if isinstance(decision, Response):
+            return decision
+        if decision.verdict is device_auth.Verdict.PROVISIONING:
             # RabbitMQ sends the MQTT client id (3.13+); without one, topic checks refuse everything.
             ok = not client_id or decisions.provisioning_client_ok(client_id)
             return _rabbit(Verdict.ALLOW if ok else Verdict.DENY)
-        if not username and not password:
-            return _rabbit(Verdict.DENY)
-        verdict = await device_verdict(client_id, username, password)
-        return verdict if isinstance(verdict, Response) else _rabbit(verdict)
+        return _rabbit(decisions.rabbitmq_login(decision))
 
     @app.api_route("/auth/vhost", methods=["GET", "POST"])
     async def rabbit_vhost(request: Request) -> Response:

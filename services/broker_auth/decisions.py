@@ -1,26 +1,28 @@
 """Who may connect and which topics they may use: pure decision functions, no I/O.
 
-Three kinds of broker user:
+Three kinds of broker user, told apart by the device-authentication policy the MQTT gateway uses too
+(``provisioning_common.device_auth``):
 
-* provisioning clients: username ``provision`` (any password), client id = a single topic level
-  without wildcards. They may publish to ``provision/request`` and ``provision/request/<own id>``
-  and subscribe to ``provision/response/<own id>`` only.
+* provisioning clients: username or client id ``provision`` (any password, as ThingsBoard), client id
+  = a single topic level without wildcards. They may publish to ``provision/request`` and
+  ``provision/request/<own id>`` and subscribe to ``provision/response/<own id>`` only.
 * devices: credentials the credentials service knows (ThingsBoard's token as username, Innoway's
   token as password, MQTT_BASIC per spec §9). Their topics are the operator's business, except the
   provisioning topics: no device may read or write anything under ``provision/``, nor subscribe to a
   filter that could match it (``#``, ``+/...``).
 * the bridge itself is not ours to admit: it is an account in the broker's own user store (see the
   README), so that a device can never obtain its rights through this endpoint.
+
+This module maps the policy's verdicts onto the brokers' answers and decides topics and resources.
 """
 
 from __future__ import annotations
 
 import enum
 
-from mqtt_bridge import topics
-from provisioning_common.models import AuthenticateRequest
+from provisioning_common import device_auth
+from provisioning_common.mqtt_topics import REQUEST_TOPIC, RESPONSE_PREFIX, is_single_level
 
-PROVISION = "provision"
 #: AMQP topic wildcards: an MQTT client id containing one would become a wildcard in RabbitMQ's routing key.
 _AMQP_WILDCARDS = frozenset("*#")
 MAX_CLIENT_ID = 256
@@ -33,8 +35,10 @@ class Verdict(str, enum.Enum):
     IGNORE = "ignore"
 
 
-def is_provisioning(username: str | None) -> bool:
-    return username == PROVISION
+def is_provisioning(username: str | None, client_id: str | None = None) -> bool:
+    """The policy's rule 1 (username or client id ``provision``), applied to every broker question
+    (login, topic), so that a client admitted as provisioning never gets a device's topics."""
+    return device_auth.is_provisioning(client_id, username)
 
 
 def provisioning_client_ok(client_id: str | None) -> bool:
@@ -42,31 +46,33 @@ def provisioning_client_ok(client_id: str | None) -> bool:
     return (
         client_id is not None
         and len(client_id) <= MAX_CLIENT_ID
-        and topics.is_single_level(client_id)
+        and is_single_level(client_id)
         and not _AMQP_WILDCARDS.intersection(client_id)
     )
 
 
-def credential_attempts(client_id: str, username: str, password: str) -> list[AuthenticateRequest]:
-    """What to ask the credentials service, in the MQTT gateway's order (first match wins).
+def emqx_login(decision: device_auth.Decision) -> Verdict:
+    """EMQX's answer for a device login (not a provisioning client, nor unavailable: 503 for that).
 
-    MQTT_BASIC by client id / username / password, which falls back to the username as a
-    ThingsBoard access token (spec §9); then the password as an Innoway access token.
+    Found: allow. Credentials that name no device: deny. Nothing to check (no username, no password,
+    and no MQTT_BASIC device by the client id alone): ignore, so EMQX asks its next authenticator.
     """
-    attempts: list[AuthenticateRequest] = []
-    if client_id or username:
-        attempts.append(AuthenticateRequest(client_id=client_id, username=username, password=password))
-    if password:
-        attempts.append(AuthenticateRequest(token=password))
-    return attempts
+    if decision.verdict is device_auth.Verdict.AUTHENTICATED:
+        return Verdict.ALLOW
+    return Verdict.IGNORE if decision.verdict is device_auth.Verdict.ANONYMOUS else Verdict.DENY
+
+
+def rabbitmq_login(decision: device_auth.Decision) -> Verdict:
+    """RabbitMQ's answer for a device login: allow a device, deny anything else (no "ignore" there)."""
+    return Verdict.ALLOW if decision.verdict is device_auth.Verdict.AUTHENTICATED else Verdict.DENY
 
 
 def provisioning_acl(client_id: str) -> list[dict[str, str]]:
     """EMQX (5.8+) ACL returned with an allowed provisioning client: its own topics, nothing else."""
     return [
-        {"permission": "allow", "action": "publish", "topic": f"eq {topics.REQUEST_TOPIC}"},
-        {"permission": "allow", "action": "publish", "topic": f"eq {topics.REQUEST_TOPIC}/{client_id}"},
-        {"permission": "allow", "action": "subscribe", "topic": f"eq {topics.RESPONSE_PREFIX}{client_id}"},
+        {"permission": "allow", "action": "publish", "topic": f"eq {REQUEST_TOPIC}"},
+        {"permission": "allow", "action": "publish", "topic": f"eq {REQUEST_TOPIC}/{client_id}"},
+        {"permission": "allow", "action": "subscribe", "topic": f"eq {RESPONSE_PREFIX}{client_id}"},
         {"permission": "deny", "action": "all", "topic": "#"},
     ]
 
@@ -90,14 +96,14 @@ def overlaps_provisioning(routing_key: str) -> bool:
 
 def rabbitmq_topic(username: str, permission: str, routing_key: str, client_id: str | None) -> Verdict:
     """``/auth/topic``: ``permission`` is ``write`` (publish) or ``read`` (subscribe, ``routing_key`` = filter)."""
-    if is_provisioning(username):
+    if is_provisioning(username, client_id):
         if not provisioning_client_ok(client_id):
             return Verdict.DENY  # no client id from the broker (RabbitMQ < 3.8): nothing is safe to allow
         assert client_id is not None
         if permission == "write":
-            allowed = {amqp_key(topics.REQUEST_TOPIC), amqp_key(f"{topics.REQUEST_TOPIC}/{client_id}")}
+            allowed = {amqp_key(REQUEST_TOPIC), amqp_key(f"{REQUEST_TOPIC}/{client_id}")}
         elif permission == "read":
-            allowed = {amqp_key(f"{topics.RESPONSE_PREFIX}{client_id}")}
+            allowed = {amqp_key(f"{RESPONSE_PREFIX}{client_id}")}
         else:
             allowed = set()
         return Verdict.ALLOW if routing_key in allowed else Verdict.DENY

@@ -19,12 +19,21 @@ import enum
 import hashlib
 from dataclasses import dataclass
 
-REQUEST_TOPIC = "provision/request"
-RESPONSE_PREFIX = "provision/response/"
-#: What the bridge subscribes to (the shared-subscription prefix is added in front).
-REQUEST_FILTER = "provision/request/#"
-#: Topic levels never allowed as a client id in a topic: separators and wildcards.
-_FORBIDDEN = frozenset("/+#\x00")
+# The topic names and the level rule are shared with broker_auth, which holds provisioning clients to them.
+from provisioning_common.mqtt_topics import REQUEST_FILTER, REQUEST_TOPIC, RESPONSE_PREFIX, is_single_level
+
+__all__ = [
+    "REQUEST_FILTER",
+    "REQUEST_TOPIC",
+    "RESPONSE_PREFIX",
+    "Ignored",
+    "Route",
+    "is_single_level",
+    "rate_limit_key",
+    "request_id",
+    "route",
+    "subscription",
+]
 
 
 class Ignored(str, enum.Enum):
@@ -48,11 +57,6 @@ class Route:
     correlation_data: bytes | None
     #: The client the answer is for (the response topic's last level).
     client_id: str
-
-
-def is_single_level(value: str) -> bool:
-    """A non-empty topic level without separators or wildcards (what ``%c`` in an ACL may safely become)."""
-    return bool(value) and not _FORBIDDEN.intersection(value)
 
 
 def subscription(share_group: str) -> str:

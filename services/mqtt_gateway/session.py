@@ -1,7 +1,8 @@
 """One device connection: CONNECT, then either a provisioning session or an authenticated device session.
 
 Behaviour follows ThingsBoard's ``MqttTransportHandler`` (spec §3.2, §7, §9): the provisioning
-rules themselves live in provisioning-core; this class only speaks MQTT and calls ``TransportApi``.
+rules themselves live in provisioning-core and who may connect in ``provisioning_common.device_auth``
+(shared with broker_auth); this class only speaks MQTT and calls ``TransportApi``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from provisioning_common import device_auth
 from provisioning_common.bus import RpcError
+from provisioning_common.device_auth import Presented, Verdict
 from provisioning_common.dialects import render_error
-from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, ProvisionStatus, Transport
+from provisioning_common.models import MSG_TIMEOUT, Dialect, ProvisionStatus, Transport
+from provisioning_common.mqtt_topics import GATEWAY_REQUEST_TOPIC, GATEWAY_RESPONSE_TOPIC, TELEMETRY_TOPIC
 from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
 
 from . import codec
@@ -34,15 +38,14 @@ from .tls import Connection
 
 log = logging.getLogger(__name__)
 
-PROVISION = "provision"
-REQUEST_TOPIC = "/provision/request"
-RESPONSE_TOPIC = "/provision/response"
-TELEMETRY_TOPIC = "v1/devices/me/telemetry"
+REQUEST_TOPIC = GATEWAY_REQUEST_TOPIC
+RESPONSE_TOPIC = GATEWAY_RESPONSE_TOPIC
 
 # CONNACK return codes (3.1/3.1.1) and their MQTT 5 reason codes.
 ACCEPTED = 0
 _REFUSED_PROTOCOL = {3: 0x01, 4: 0x01, 5: 0x84}
 _REFUSED_IDENTIFIER = {3: 0x02, 4: 0x02, 5: 0x85}
+_SERVER_UNAVAILABLE = {3: 0x03, 4: 0x03, 5: 0x88}
 _NOT_AUTHORIZED = {3: 0x05, 4: 0x05, 5: 0x87}
 
 # MQTT 5 reason codes used on PUBACK / SUBACK / DISCONNECT.
@@ -171,47 +174,33 @@ class MqttSession:
     # --- CONNECT ----------------------------------------------------------------------------
 
     async def _accept(self, connect: Connect) -> bool:
-        if connect.username == PROVISION or connect.client_id == PROVISION:
+        """CONNACK by the device-authentication policy: a provisioning session, a device, or a refusal."""
+        chain = [base64.b64encode(der).decode() for der in self._conn.peer_certificate_chain]
+        presented = Presented.from_connect(connect.client_id, connect.username, connect.password, chain)
+        decision = await device_auth.decide(presented, self._api.authenticate, self._provision_chain)
+        if decision.verdict is Verdict.PROVISIONING:
             self._provisioning = True
-            self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level))
-            return True
-        device = await self._authenticate(connect)
-        if device is None:
-            self._send(codec.encode_connack(_NOT_AUTHORIZED[self._level], protocol_level=self._level))
+        elif decision.verdict is Verdict.AUTHENTICATED:
+            self._device_id = decision.device_id
+        else:
+            if decision.verdict is Verdict.UNAVAILABLE:
+                # ThingsBoard's answer when the credentials check fails (onError): retry later, not a denial.
+                log.warning("authentication unavailable: %s", decision.detail)
+                code = _SERVER_UNAVAILABLE[self._level]
+            else:
+                code = _NOT_AUTHORIZED[self._level]
+            self._send(codec.encode_connack(code, protocol_level=self._level))
             return False
-        self._device_id = device
         self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level))
         return True
 
-    async def _authenticate(self, connect: Connect) -> str | None:
-        """The device id for these credentials, or None (ThingsBoard's order: certificate, then basic/token)."""
-        password = connect.password.decode("utf-8", "replace") if connect.password else ""
-        attempts: list[AuthenticateRequest] = []
-        chain = [base64.b64encode(der).decode() for der in self._conn.peer_certificate_chain]
-        if chain:
-            attempts.append(AuthenticateRequest(certificate=chain[0]))
-        else:
-            attempts.append(
-                AuthenticateRequest(client_id=connect.client_id, username=connect.username or "", password=password)
-            )
-            if password:
-                # Innoway: the access token is the password, with any username.
-                attempts.append(AuthenticateRequest(token=password))
-        for attempt in attempts:
-            try:
-                result = await self._api.authenticate(attempt)
-            except RpcError as exc:
-                log.warning("authentication unavailable: %s", exc)
-                return None
-            if result.authenticated and result.device_id:
-                return result.device_id
-        if chain:
-            # Unknown leaf: maybe its chain reaches the CA of an X509_CERTIFICATE_CHAIN profile (spec §8).
-            provisioned = await self._api.provision_x509_chain(
-                chain, transport=Transport.MQTT, source_address=self._conn.peer_address.rsplit(":", 1)[0]
-            )
-            if provisioned.status is ProvisionStatus.SUCCESS and provisioned.device_id:
-                return provisioned.device_id
+    async def _provision_chain(self, chain: list[str]) -> str | None:
+        """An unknown leaf: maybe its chain reaches the CA of an X509_CERTIFICATE_CHAIN profile (spec §8)."""
+        provisioned = await self._api.provision_x509_chain(
+            chain, transport=Transport.MQTT, source_address=self._conn.peer_address.rsplit(":", 1)[0]
+        )
+        if provisioned.status is ProvisionStatus.SUCCESS and provisioned.device_id:
+            return provisioned.device_id
         return None
 
     # --- packets ----------------------------------------------------------------------------

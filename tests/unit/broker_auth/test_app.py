@@ -51,3 +51,23 @@ async def test_device_logins_follow_the_credentials_service() -> None:
 async def test_unreachable_credentials_service_is_503_not_a_denial() -> None:
     for response in await _ask(None):
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+async def test_a_client_id_alone_is_checked_as_mqtt_basic_then_left_to_emqx() -> None:
+    for known, result in ((True, "allow"), (False, "ignore")):
+        transport = httpx.ASGITransport(app=create_app(Settings(), bus=_Bus(known)))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker-auth") as client:
+            emqx = await client.post("/emqx/auth", json={"clientid": "c", "username": "", "password": ""})
+            assert emqx.json()["result"] == result
+            rabbit = await client.get("/auth/user", params={"username": "", "password": "", "client_id": "c"})
+            assert rabbit.text == ("allow" if known else "deny")
+
+
+async def test_client_id_provision_is_a_provisioning_client_without_asking_credentials() -> None:
+    # known=None: any question to the credentials service would be a 503.
+    transport = httpx.ASGITransport(app=create_app(Settings(), bus=_Bus(None)))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker-auth") as client:
+        emqx = await client.post("/emqx/auth", json={"clientid": "provision", "username": "tok", "password": "x"})
+        assert emqx.json()["result"] == "allow" and emqx.json()["acl"][-1]["permission"] == "deny"
+        rabbit = await client.get("/auth/user", params={"username": "tok", "password": "x", "client_id": "provision"})
+        assert rabbit.text == "allow"

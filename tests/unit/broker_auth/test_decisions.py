@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from broker_auth import decisions
 from broker_auth.decisions import Verdict
-from provisioning_common.models import AuthenticateRequest
+from provisioning_common import device_auth
 
 
 @pytest.mark.parametrize("client_id", ["dev-1", "a.b", "DEVICE_42", "é"])
@@ -18,14 +18,25 @@ def test_provisioning_client_ids_that_would_widen_a_topic_are_refused(client_id:
     assert not decisions.provisioning_client_ok(client_id)
 
 
-def test_credential_attempts_follow_the_gateways_order() -> None:
-    assert decisions.credential_attempts("c", "u", "p") == [
-        AuthenticateRequest(client_id="c", username="u", password="p"),  # MQTT_BASIC, then token-as-username
-        AuthenticateRequest(token="p"),                                    # Innoway: token as password
-    ]
-    assert decisions.credential_attempts("", "", "tok") == [AuthenticateRequest(token="tok")]
-    assert decisions.credential_attempts("c", "", "") == [AuthenticateRequest(client_id="c")]
-    assert decisions.credential_attempts("", "", "") == []
+@pytest.mark.parametrize(("username", "client_id", "expected"), [
+    ("provision", "dev-1", True), ("tok", "provision", True), ("tok", "dev-1", False), ("", None, False),
+])
+def test_provisioning_clients_by_username_or_client_id_as_thingsboard(
+    username: str, client_id: str | None, expected: bool
+) -> None:
+    assert decisions.is_provisioning(username, client_id) is expected
+
+
+@pytest.mark.parametrize(("verdict", "emqx", "rabbitmq"), [
+    (device_auth.Verdict.AUTHENTICATED, Verdict.ALLOW, Verdict.ALLOW),
+    (device_auth.Verdict.DENIED, Verdict.DENY, Verdict.DENY),
+    # Nothing to check: EMQX asks its next authenticator; RabbitMQ has no such answer.
+    (device_auth.Verdict.ANONYMOUS, Verdict.IGNORE, Verdict.DENY),
+])
+def test_login_verdicts_per_broker(verdict: device_auth.Verdict, emqx: Verdict, rabbitmq: Verdict) -> None:
+    decision = device_auth.Decision(verdict, "d" if verdict is device_auth.Verdict.AUTHENTICATED else None)
+    assert decisions.emqx_login(decision) is emqx
+    assert decisions.rabbitmq_login(decision) is rabbitmq
 
 
 def test_emqx_acl_for_a_provisioning_client_is_its_own_topics_then_nothing() -> None:
@@ -58,6 +69,13 @@ def test_amqp_key_is_rabbitmqs_translation() -> None:
 ])
 def test_rabbitmq_topics_of_a_provisioning_client(permission: str, key: str, verdict: Verdict) -> None:
     assert decisions.rabbitmq_topic("provision", permission, key, "dev-1") is verdict
+
+
+def test_rabbitmq_topics_of_a_client_id_provision_are_a_provisioning_clients() -> None:
+    """Admitted as provisioning by its client id (any username): never a device's topics."""
+    assert decisions.rabbitmq_topic("tok", "write", "v1.devices.me.telemetry", "provision") is Verdict.DENY
+    assert decisions.rabbitmq_topic("tok", "write", "provision.request.provision", "provision") is Verdict.ALLOW
+    assert decisions.rabbitmq_topic("tok", "read", "provision.response.provision", "provision") is Verdict.ALLOW
 
 
 @pytest.mark.parametrize("client_id", [None, "dev*", "a/b"])
