@@ -16,7 +16,9 @@ custom resource under kubectl's default ``--validate=strict``:
   ``x-kubernetes-list-map-keys``;
 - ``x-kubernetes-validations`` (CEL) rules are evaluated with the ``cel`` package (PyPI
   common-expression-language), except transition rules (``oldSelf``), which only apply to updates;
-- ``default`` is not applied and ``format`` is not checked (the API server checks only a few formats).
+- ``x-kubernetes-map-type`` and ``x-kubernetes-list-type: atomic`` only say how apply merges: ignored;
+- ``default`` is not applied and ``format`` is not checked (the API server checks only a few formats);
+  ``metadata`` is left to the tests, which check it as ObjectMeta with kubernetes-validate.
 """
 
 from __future__ import annotations

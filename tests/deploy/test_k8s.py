@@ -139,6 +139,10 @@ def test_operator_resources_match_their_crds(rendered: tuple[str, list[Doc]], so
         errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
                   for e in validators[(doc["apiVersion"], doc["kind"])].iter_errors(doc)]
         assert not errors, f"{tree}: {doc['kind']}/{doc['metadata']['name']}:\n" + "\n".join(errors)
+        # A CRD leaves metadata to the API server's ObjectMeta: checked strictly, carried by a ConfigMap.
+        for version in VERSIONS:
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                         version, strict=True)
 
 
 def _mutated(kind: str, path: list[str], value: Any) -> Doc:
