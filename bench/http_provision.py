@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -126,10 +127,8 @@ class Connection:
 
     def close(self) -> None:
         if self.writer is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken transport must not raise
                 self.writer.close()
-            except Exception:  # noqa: BLE001 - closing a broken transport must not raise
-                pass
         self.reader = self.writer = None
 
     async def request(self, data: bytes) -> tuple[int, bytes]:

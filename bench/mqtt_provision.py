@@ -15,16 +15,18 @@ acknowledge the response when it is QoS 1, DISCONNECT. Latency runs from the sta
 connect to the response PUBLISH. --hold N keeps N further idle connections open during the run and
 checks with PINGREQ at the end that they are still alive.
 
-One process, one asyncio loop (uvloop when importable) on asyncio streams, with the gateway's own
-packet codec (services/mqtt_gateway/codec.py): paho-mqtt's select() loop costs far more CPU per
-connection and cannot go past 1024 file descriptors. Standard library only besides that codec
-(plus uvloop). See bench/README.md for what the numbers mean.
+One process, one asyncio loop (uvloop when importable) on asyncio streams, with the project's own
+MQTT packet code (provisioning_common.mqtt_packets and .mqtt_client_packets, from the installed
+project: pip install -e .): paho-mqtt's select() loop costs far more CPU per connection and cannot go
+past 1024 file descriptors. Standard library only besides that (plus uvloop). See bench/README.md
+for what the numbers mean.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -33,7 +35,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
@@ -49,15 +50,14 @@ from _common import (  # bench/_common.py: python puts the script's directory fi
     run_summary,
 )
 
-try:
-    from mqtt_gateway import codec
-except ImportError:  # not installed in this interpreter: use the repository's copy
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
-    from mqtt_gateway import codec
+# The project's own MQTT packet code (pip install -e . puts it on the path): the wire format both sides
+# share, and what only a client sends.
+from provisioning_common import mqtt_client_packets as client_codec
+from provisioning_common import mqtt_packets as codec
+from provisioning_common.mqtt_topics import GATEWAY_REQUEST_TOPIC as REQUEST_TOPIC
+from provisioning_common.mqtt_topics import GATEWAY_RESPONSE_TOPIC as RESPONSE_TOPIC
 
-REQUEST_TOPIC = "/provision/request"
-RESPONSE_TOPIC = "/provision/response"
-PROVISION_USER = "provision"
+PROVISION_USER = "provision"  # ThingsBoard's provisioning username (provisioning_common.device_auth.PROVISION)
 LEVEL = 4  # MQTT 3.1.1
 KEEP_ALIVE_S = 60  # provisioning connections (they last milliseconds)
 HOLD_KEEP_ALIVE_S = 300  # idle --hold connections: the gateway drops them after 1.5x this without a packet
@@ -67,9 +67,9 @@ MAX_PACKET = 1024 * 1024  # largest packet accepted from the server
 FD_MARGIN = 64  # file descriptors kept for the loop, the admin call, stdio...
 
 SUBSCRIBE_ID, PUBLISH_ID = 1, 2
-_SUBSCRIBE = codec.encode_subscribe(SUBSCRIBE_ID, [(RESPONSE_TOPIC, 1)], protocol_level=LEVEL)
-_DISCONNECT = codec.encode_disconnect_client()
-_PINGREQ = codec.encode_pingreq()
+_SUBSCRIBE = client_codec.encode_subscribe(SUBSCRIBE_ID, [(RESPONSE_TOPIC, 1)], protocol_level=LEVEL)
+_DISCONNECT = client_codec.encode_disconnect_client()
+_PINGREQ = client_codec.encode_pingreq()
 _CONNACK, _SUBACK, _PINGRESP = codec.PacketType.CONNACK, codec.PacketType.SUBACK, codec.PacketType.PINGRESP
 _SUCCESS_MARK = b'"status":"SUCCESS"'
 
@@ -91,7 +91,7 @@ class RequestFactory:
                         + ',"provisionDeviceSecret":' + json.dumps(secret) + "}").encode()
 
     def connect(self, device_name: str) -> bytes:
-        return codec.encode_connect(device_name, username=PROVISION_USER, keep_alive=KEEP_ALIVE_S,
+        return client_codec.encode_connect(device_name, username=PROVISION_USER, keep_alive=KEEP_ALIVE_S,
                                     protocol_level=LEVEL)
 
     def request(self, device_name: str) -> bytes:
@@ -304,7 +304,7 @@ async def open_held(host: str, port: int, held: Held, run_id: str, timeout: floa
             try:
                 async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
                     reader, writer = await asyncio.open_connection(host, port)
-                    writer.write(codec.encode_connect(f"bench-{run_id}-hold{i}", username=PROVISION_USER,
+                    writer.write(client_codec.encode_connect(f"bench-{run_id}-hold{i}", username=PROVISION_USER,
                                                       keep_alive=HOLD_KEEP_ALIVE_S, protocol_level=LEVEL))
                     check_connack(await read_packet(reader, "CONNACK"))
             except TimeoutError:
@@ -351,7 +351,7 @@ async def probe(host: str, port: int, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
-            writer.write(codec.encode_connect("bench-probe", username=PROVISION_USER, protocol_level=LEVEL))
+            writer.write(client_codec.encode_connect("bench-probe", username=PROVISION_USER, protocol_level=LEVEL))
             check_connack(await read_packet(reader, "CONNACK"))
             writer.write(_DISCONNECT)
     except TimeoutError:
@@ -371,10 +371,8 @@ def raise_fd_limit() -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the (soft, hard) now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
@@ -484,9 +482,9 @@ def render_human(result: dict, profile_note: str) -> str:
         *(f"                {line}" for line in errors[1:]),
     ]
     if hold["requested"]:
-        line = (f"  held          {hold['opened']} of {hold['requested']} idle connections opened in {hold['open_s']:.1f} s"
-                f" (keep-alive {hold['keep_alive_s']} s); {hold['alive_at_end']} of {hold['opened']}"
-                " still open at the end (PINGRESP)")
+        line = (f"  held          {hold['opened']} of {hold['requested']} idle connections opened in"
+                f" {hold['open_s']:.1f} s (keep-alive {hold['keep_alive_s']} s);"
+                f" {hold['alive_at_end']} of {hold['opened']} still open at the end (PINGRESP)")
         lines.append(line)
         if hold["open_errors"]:
             lines.append(f"                not opened: {counts(hold['open_errors'])}")

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .tls import generate_dev_certificate
+from provisioning_common.devcerts import generate_dev_certificate
 
 
 def main(argv: list[str] | None = None) -> int:

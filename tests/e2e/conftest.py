@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import uuid
@@ -31,15 +32,11 @@ async def _drop_namespace(rabbitmq_url: str, names: list[str]) -> None:
     async with conn:
         for name in names:
             channel = await conn.channel()
-            try:
+            with contextlib.suppress(Exception):  # not declared in this module: the channel closes
                 await channel.queue_delete(name)
-            except Exception:
-                pass
             channel = await conn.channel()
-            try:
+            with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
-            except Exception:
-                pass
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -136,7 +133,7 @@ def _drop_database(env: Env) -> None:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(server certificate, server key, CA certificate devices trust) for the MQTT TLS listener."""
-    from mqtt_gateway.tls import generate_dev_certificate
+    from provisioning_common.devcerts import generate_dev_certificate
 
     return generate_dev_certificate(tmp_path_factory.mktemp("mqtt-tls"))
 

@@ -154,16 +154,17 @@ def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
 
 
 async def raw_provision(port: int, payload: bytes, *, timeout: float = 10.0) -> bytes:
-    """Provision over plain asyncio streams with our codec (no paho: paho's select() loop cannot
+    """Provision over plain asyncio streams with our packet encoders (no paho: paho's select() loop cannot
     handle file descriptors above 1024, which a test holding thousands of sockets has)."""
     import asyncio
 
-    from mqtt_gateway import codec
+    from provisioning_common import mqtt_client_packets as client_codec
+    from provisioning_common import mqtt_packets as codec
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(codec.encode_connect(f"raw-{uuid.uuid4().hex[:8]}", username="provision"))
-        writer.write(codec.encode_subscribe(1, [("/provision/response", 1)]))
+        writer.write(client_codec.encode_connect(f"raw-{uuid.uuid4().hex[:8]}", username="provision"))
+        writer.write(client_codec.encode_subscribe(1, [("/provision/response", 1)]))
         writer.write(codec.encode_publish("/provision/request", payload, qos=1, packet_id=2))
         async with asyncio.timeout(timeout):
             while True:

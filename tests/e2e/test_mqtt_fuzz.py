@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from devstack import Stack
 from mqtt_gateway import codec
+from provisioning_common import mqtt_client_packets as client_codec
 from provisioning_common.proto import transport_pb2 as pb
 
 from . import mqtt_clients as mc
@@ -115,7 +116,8 @@ class Generator:
         return self.short()
 
     def short(self) -> str:
-        return "".join(self.r.choice(string.ascii_letters + string.digits + "-_.") for _ in range(self.r.randrange(1, 20)))
+        alphabet = string.ascii_letters + string.digits + "-_."
+        return "".join(self.r.choice(alphabet) for _ in range(self.r.randrange(1, 20)))
 
     def value(self, depth: int = 0) -> Any:
         r = self.r
@@ -298,19 +300,19 @@ class Generator:
         props = {0x11: r.randrange(1 << 32), 0x21: r.randrange(1, 65535)} if level == 5 and r.random() < 0.3 else None
         username = r.choice(["provision", "provision", None, self.short(), "x" * r.choice([1, 300, 65535])])
         try:
-            connect = codec.encode_connect(
+            connect = client_codec.encode_connect(
                 r.choice(["", "provision", self.short()]), username=username,
                 password=r.choice([None, b"", r.randbytes(r.randrange(1, 50))]),
                 keep_alive=r.choice([0, 1, 60, 65535]), clean_session=r.random() < 0.9, protocol_level=level,
                 will_topic=r.choice([None, None, "will/t", "/provision/request", "#"]), will_payload=r.randbytes(5),
                 will_qos=r.choice([0, 1, 2, 3]), properties=props)
         except ValueError:
-            connect = codec.encode_connect("c", username="provision", protocol_level=level)
+            connect = client_codec.encode_connect("c", username="provision", protocol_level=level)
         seq = [connect]
         for _ in range(r.randrange(5)):
             kind = r.randrange(8)
             if kind == 0:
-                seq.append(codec.encode_subscribe(r.randrange(1, 65535), [(r.choice(
+                seq.append(client_codec.encode_subscribe(r.randrange(1, 65535), [(r.choice(
                     ["/provision/response", "#", "+/x", "", "/provision/response\x00"]), r.randrange(4))],
                     protocol_level=level))
             elif kind in (1, 2, 3):
@@ -320,13 +322,13 @@ class Generator:
                     r.choice(["/provision/request", "/provision/request", "v1/devices/me/telemetry", "a/+/b", ""]),
                     payload, qos=qos, packet_id=r.randrange(1, 65535) if qos else None, protocol_level=level))
             elif kind == 4:
-                seq.append(codec.encode_pingreq())
+                seq.append(client_codec.encode_pingreq())
             elif kind == 5:
-                seq.append(codec.encode_unsubscribe(r.randrange(1, 65535), ["/provision/response"], level))
+                seq.append(client_codec.encode_unsubscribe(r.randrange(1, 65535), ["/provision/response"], level))
             elif kind == 6:
                 seq.append(codec.encode_puback(r.randrange(1, 65535), protocol_level=level))
             else:
-                seq.append(codec.encode_disconnect_client())
+                seq.append(client_codec.encode_disconnect_client())
         data = b"".join(seq)
         how = r.randrange(8)
         if how == 0:
@@ -364,9 +366,9 @@ async def _provision_once(port: int, payload: bytes, *, level: int, qos: int, so
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
-        writer.write(codec.encode_connect(f"fz-{uuid.uuid4().hex[:8]}", username="provision", keep_alive=0,
+        writer.write(client_codec.encode_connect(f"fz-{uuid.uuid4().hex[:8]}", username="provision", keep_alive=0,
                                           protocol_level=level)
-                     + codec.encode_subscribe(1, [("/provision/response", 1)], protocol_level=level)
+                     + client_codec.encode_subscribe(1, [("/provision/response", 1)], protocol_level=level)
                      + codec.encode_publish("/provision/request", payload, qos=qos, packet_id=2 if qos else None,
                                             protocol_level=level))
         try:
@@ -388,11 +390,11 @@ async def _telemetry_once(port: int, token: str, payload: bytes, *, level: int, 
     """A provisioned device publishes telemetry: "accepted" (PUBACK / PINGRESP after it), "closed", "hang"."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
-        writer.write(codec.encode_connect(f"dev-{uuid.uuid4().hex[:8]}", username=token, keep_alive=0,
+        writer.write(client_codec.encode_connect(f"dev-{uuid.uuid4().hex[:8]}", username=token, keep_alive=0,
                                           protocol_level=level)
                      + codec.encode_publish("v1/devices/me/telemetry", payload, qos=qos,
                                             packet_id=3 if qos else None, protocol_level=level)
-                     + codec.encode_pingreq())
+                     + client_codec.encode_pingreq())
         try:
             async with asyncio.timeout(HANG_S):
                 while True:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from devstack import Stack
 from mqtt_gateway import codec
+from provisioning_common import mqtt_client_packets as client_codec
 from provisioning_common.proto import transport_pb2 as pb
 
 from tests.pki import issue, pem_body, write_client_files
@@ -195,7 +196,7 @@ def test_provision_session_publishing_elsewhere_is_disconnected(env: Env, stack:
 )
 def test_unknown_token_is_refused_then_closed(env: Env, stack: Stack, level: int, connack: bytes) -> None:
     """CONNACK "not authorized" as ThingsBoard sends it (5; MQTT 5: 0x87), then the server closes."""
-    packet = codec.encode_connect(f"c-{level}", username=f"unknown-{uuid.uuid4().hex}", protocol_level=level)
+    packet = client_codec.encode_connect(f"c-{level}", username=f"unknown-{uuid.uuid4().hex}", protocol_level=level)
     sock = mc.raw_connect(env.mqtt_port, packet)
     try:
         assert mc.read_until_closed(sock) == connack
@@ -231,8 +232,8 @@ def test_malformed_packets_close_only_their_connection(env: Env, stack: Stack, p
         b"\x10\xff\xff\xff\xff\x7f",  # remaining length longer than 4 bytes
         b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02i",  # truncated CONNECT (declares 14, sends 13)
         b"\x30\x05\x00\x01a",  # PUBLISH before CONNECT
-        codec.encode_connect("c", username="provision") + b"\x30\x04\x00\x02a#",  # wildcard in a topic name
-        codec.encode_connect("c", username="provision") + b"\x32\x05\x00\x01a\x00\x00",  # QoS 1 with packet id 0
+        client_codec.encode_connect("c", username="provision") + b"\x30\x04\x00\x02a#",  # wildcard in a topic name
+        client_codec.encode_connect("c", username="provision") + b"\x32\x05\x00\x01a\x00\x00",  # QoS 1 with packet id 0
         b"\x10" + b"\xff\xff\x7f" + b"x" * 10,  # declares ~2 MB: over the packet size limit
     ]
     for packet in bad_packets:
@@ -258,7 +259,7 @@ def test_unsupported_protocol_level_gets_connack_1(env: Env, stack: Stack) -> No
 
 
 def test_keep_alive_is_enforced(env: Env, stack: Stack) -> None:
-    sock = mc.raw_connect(env.mqtt_port, codec.encode_connect("idle", username="provision", keep_alive=1))
+    sock = mc.raw_connect(env.mqtt_port, client_codec.encode_connect("idle", username="provision", keep_alive=1))
     try:
         started = time.monotonic()
         assert mc.read_until_closed(sock, timeout=10) == b"\x20\x02\x00\x00"
@@ -268,13 +269,13 @@ def test_keep_alive_is_enforced(env: Env, stack: Stack) -> None:
 
 
 def test_pingreq_keeps_the_session_alive(env: Env, stack: Stack) -> None:
-    sock = mc.raw_connect(env.mqtt_port, codec.encode_connect("pinger", username="provision", keep_alive=1))
+    sock = mc.raw_connect(env.mqtt_port, client_codec.encode_connect("pinger", username="provision", keep_alive=1))
     try:
         sock.settimeout(5)
         assert sock.recv(4) == b"\x20\x02\x00\x00"
         for _ in range(3):
             time.sleep(0.8)
-            sock.sendall(codec.encode_pingreq())
+            sock.sendall(client_codec.encode_pingreq())
             assert sock.recv(2) == b"\xd0\x00"
     finally:
         sock.close()
@@ -291,7 +292,7 @@ def test_connect_timeout_closes_silent_connections(env: Env, stack: Stack) -> No
 async def test_thousands_of_idle_connections_do_not_block_provisioning(
     env: Env, stack: Stack, profile: dict
 ) -> None:
-    connect = codec.encode_connect("idle", username="provision", keep_alive=120)
+    connect = client_codec.encode_connect("idle", username="provision", keep_alive=120)
     writers = []
     try:
         for _ in range(2000):
@@ -325,7 +326,8 @@ def test_mosquitto_rr_provisions(env: Env, stack: Stack, profile: dict) -> None:
 
 def test_core_missing_gives_a_failure_answer_not_silence(env: Env, stack: Stack) -> None:
     lonely = Env(env.infra, database=env.database, namespace=f"e2e-mqtt-nocore-{uuid.uuid4().hex[:6]}.")
-    gateway = Stack(lonely.variables(PROVISION_TIMEOUT_S="1", BUS_REPLY_GRACE_S="0.5", MQTTS_PORT="0"), ["mqtt_gateway"]).start()
+    variables = lonely.variables(PROVISION_TIMEOUT_S="1", BUS_REPLY_GRACE_S="0.5", MQTTS_PORT="0")
+    gateway = Stack(variables, ["mqtt_gateway"]).start()
     try:
         started = time.monotonic()
         message = mc.provision(lonely.mqtt_port, {"provisionDeviceKey": "k", "provisionDeviceSecret": "s"})
@@ -371,7 +373,7 @@ def test_mqtt_basic_username_and_password_with_any_client_id(env: Env, stack: St
 
 
 def test_qos2_publish_is_refused_without_a_puback(env: Env, stack: Stack) -> None:
-    connect = codec.encode_connect("q2", username="provision", protocol_level=5)
+    connect = client_codec.encode_connect("q2", username="provision", protocol_level=5)
     publish = codec.encode_publish("/provision/request", b"{}", qos=2, packet_id=7, protocol_level=5)
     sock = mc.raw_connect(env.mqtt_port, connect + publish)
     try:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from devstack import Stack, free_port
 from mqtt_gateway import codec
+from provisioning_common import mqtt_client_packets as client_codec
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, tb_request
@@ -124,7 +125,7 @@ async def _mosquitto_rr(port: int, request: dict[str, Any], version: str) -> dic
 
 async def _ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """Whether the session still answers a PINGREQ."""
-    writer.write(codec.encode_pingreq())
+    writer.write(client_codec.encode_pingreq())
     try:
         return await asyncio.wait_for(reader.readexactly(2), 10) == b"\xd0\x00"
     except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
@@ -151,8 +152,8 @@ async def test_idle_and_half_sent_connections_are_closed_while_devices_provision
 ) -> None:
     profile = admin.create_profile()
     port = env.mqtt_port
-    ka0 = codec.encode_connect("idle", username="provision", keep_alive=0)
-    ka60 = codec.encode_connect("quiet", username="provision", keep_alive=60)
+    ka0 = client_codec.encode_connect("idle", username="provision", keep_alive=0)
+    ka60 = client_codec.encode_connect("quiet", username="provision", keep_alive=60)
     half_publish = codec.encode_publish("/provision/request", b"{" + b" " * 300 + b"}", qos=1, packet_id=1)[:40]
 
     # Sessions that must survive: keep-alive 60 (1.5 x 60 s applies, not the idle deadline), and a
@@ -194,7 +195,7 @@ async def test_idle_and_half_sent_connections_are_closed_while_devices_provision
         # One bound for all (well below OTHER_TIMERS_S): closed within it means closed by the deadlines.
         waits = {kind: asyncio.gather(*(_until_closed(r, OTHER_TIMERS_S / 4) for r, _ in conns))
                  for kind, conns in junk.items()}
-        results = dict(zip(waits, await asyncio.gather(*waits.values())))
+        results = dict(zip(waits, await asyncio.gather(*waits.values()), strict=True))
         still_open = {kind: sum(r is None for r in rs) for kind, rs in results.items()}
         assert still_open == dict.fromkeys(junk, 0), still_open
         # Closed without a word: no provision answer, no CONNACK to a half CONNECT.
@@ -228,7 +229,7 @@ async def test_connection_cap_refuses_cleanly_and_warns_once(env: Env, stack: St
     gateway, plain, tls_port = await asyncio.to_thread(
         _extra_gateway, env, MQTT_MAX_CONNECTIONS=str(cap), MQTT_IDLE_TIMEOUT_S=str(OTHER_TIMERS_S))
     context = _tls_context(env)
-    connect = codec.encode_connect("holder", username="provision", keep_alive=0)
+    connect = client_codec.encode_connect("holder", username="provision", keep_alive=0)
     holders: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         # Plain and TLS connections count together.
@@ -237,9 +238,10 @@ async def test_connection_cap_refuses_cleanly_and_warns_once(env: Env, stack: St
 
         # Over the cap: CONNACK "server unavailable" in the client's protocol level, then closed.
         refusals = {
-            "3.1.1": (codec.encode_connect("x", username="provision", protocol_level=4), CONNACK_UNAVAILABLE_311),
-            "3.1": (codec.encode_connect("x", username="provision", protocol_level=3), CONNACK_UNAVAILABLE_311),
-            "5": (codec.encode_connect("x", username="provision", protocol_level=5), CONNACK_UNAVAILABLE_5),
+            "3.1.1": (client_codec.encode_connect("x", username="provision", protocol_level=4),
+                      CONNACK_UNAVAILABLE_311),
+            "3.1": (client_codec.encode_connect("x", username="provision", protocol_level=3), CONNACK_UNAVAILABLE_311),
+            "5": (client_codec.encode_connect("x", username="provision", protocol_level=5), CONNACK_UNAVAILABLE_5),
         }
         for level, (packet, expected) in refusals.items():
             for _ in range(20):
@@ -302,7 +304,7 @@ async def test_out_of_descriptors_is_logged_once_and_the_listener_keeps_serving(
     gateway, plain, _ = await asyncio.to_thread(
         _extra_gateway, env, MQTTS_PORT="0", MQTT_IDLE_TIMEOUT_S=str(OTHER_TIMERS_S))
     pid = gateway["mqtt_gateway"].proc.pid  # type: ignore[union-attr]
-    connect = codec.encode_connect("fd", username="provision", keep_alive=0)
+    connect = client_codec.encode_connect("fd", username="provision", keep_alive=0)
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)

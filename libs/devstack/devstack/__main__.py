@@ -85,7 +85,7 @@ def up() -> int:
         print(f"error: port {port} is already in use; set {var} to a free port", file=sys.stderr)
         return 1
     if not os.environ.get("MQTT_TLS_CERT_FILE") or not os.environ.get("MQTT_TLS_KEY_FILE"):
-        from mqtt_gateway.tls import generate_dev_certificate
+        from provisioning_common.devcerts import generate_dev_certificate
 
         cert, key, public = generate_dev_certificate(DEV_TLS_DIR)
         env["MQTT_TLS_CERT_FILE"], env["MQTT_TLS_KEY_FILE"] = str(cert), str(key)

@@ -28,7 +28,8 @@ _READY_LINE = "ready"
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def port_in_use(host: str, port: int, *, udp: bool = False) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,13 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-try:
-    from mqtt_gateway import codec
-except ModuleNotFoundError:  # the editable install predates services/mqtt_gateway (re-run pip install -e .)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "services"))
-    from mqtt_gateway import codec
-
+from mqtt_gateway import codec
 from mqtt_gateway.codec import (
     Connect,
     Disconnect,
@@ -44,6 +37,7 @@ from mqtt_gateway.codec import (
     decode_remaining_length,
     read_packet,
 )
+from provisioning_common import mqtt_client_packets as client_codec
 
 BIG = 1 << 22
 FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,15 +124,17 @@ def test_known_server_packets() -> None:
 
 
 def test_known_client_packets() -> None:
-    assert codec.encode_connect("c", username="u") == b"\x10\x10\x00\x04MQTT\x04\x82\x00\x3c\x00\x01c\x00\x01u"
-    assert codec.encode_connect("c", protocol_level=3, clean_session=False, keep_alive=0) == (
+    assert client_codec.encode_connect("c", username="u") == b"\x10\x10\x00\x04MQTT\x04\x82\x00\x3c\x00\x01c\x00\x01u"
+    assert client_codec.encode_connect("c", protocol_level=3, clean_session=False, keep_alive=0) == (
         b"\x10\x0f\x00\x06MQIsdp\x03\x00\x00\x00\x00\x01c"
     )
-    assert codec.encode_connect("c", protocol_level=5) == b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x01c"
-    assert codec.encode_subscribe(1, [("/provision/response", 1)]) == b"\x82\x18\x00\x01" + s("/provision/response") + b"\x01"
-    assert codec.encode_unsubscribe(2, ["x"]) == b"\xa2\x05\x00\x02\x00\x01x"
-    assert codec.encode_pingreq() == b"\xc0\x00"
-    assert codec.encode_disconnect_client() == b"\xe0\x00"
+    assert client_codec.encode_connect("c", protocol_level=5) == b"\x10\x0e\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x01c"
+    assert client_codec.encode_subscribe(1, [("/provision/response", 1)]) == (
+        b"\x82\x18\x00\x01" + s("/provision/response") + b"\x01"
+    )
+    assert client_codec.encode_unsubscribe(2, ["x"]) == b"\xa2\x05\x00\x02\x00\x01x"
+    assert client_codec.encode_pingreq() == b"\xc0\x00"
+    assert client_codec.encode_disconnect_client() == b"\xe0\x00"
 
 
 def test_known_bytes_decode() -> None:
@@ -213,13 +209,13 @@ def test_encoder_argument_errors() -> None:
 def test_round_trip_session(loop: asyncio.AbstractEventLoop, level: int) -> None:
     """A whole provisioning conversation as one byte stream: read_packet consumes exactly one packet."""
     stream = (
-        codec.encode_connect("dev-1", username="provision", password=b"pw", keep_alive=30, protocol_level=level)
-        + codec.encode_subscribe(1, [("/provision/response", 1), ("a/+/#", 0)], protocol_level=level)
+        client_codec.encode_connect("dev-1", username="provision", password=b"pw", keep_alive=30, protocol_level=level)
+        + client_codec.encode_subscribe(1, [("/provision/response", 1), ("a/+/#", 0)], protocol_level=level)
         + codec.encode_publish("/provision/request", b'{"a":1}', qos=1, packet_id=2, protocol_level=level)
         + codec.encode_puback(7, protocol_level=level)
-        + codec.encode_pingreq()
-        + codec.encode_unsubscribe(3, ["/provision/response"], protocol_level=level)
-        + codec.encode_disconnect_client()
+        + client_codec.encode_pingreq()
+        + client_codec.encode_unsubscribe(3, ["/provision/response"], protocol_level=level)
+        + client_codec.encode_disconnect_client()
     )
     name = "MQIsdp" if level == 3 else "MQTT"
 
@@ -244,7 +240,7 @@ def test_round_trip_session(loop: asyncio.AbstractEventLoop, level: int) -> None
 
 
 def test_round_trip_v5_properties() -> None:
-    data = codec.encode_connect(
+    data = client_codec.encode_connect(
         "c",
         username="u",
         password=b"p",
@@ -317,7 +313,7 @@ def connect_cases(draw: Callable[..., Any]) -> Case:
     will_qos = draw(st.integers(0, 2)) if will else 0
     will_retain = draw(st.booleans()) if will else False
     wprops = draw(will_props) if will and level == 5 else {}
-    data = codec.encode_connect(
+    data = client_codec.encode_connect(
         client_id, username=username, password=password, keep_alive=keep_alive, clean_session=clean,
         protocol_level=level, will_topic=will_topic, will_payload=will_payload or b"", will_qos=will_qos,
         will_retain=will_retain, properties=props, will_properties=wprops,
@@ -352,20 +348,20 @@ def other_cases(draw: Callable[..., Any]) -> Case:
     pid = draw(packet_ids)
     if kind == "sub":
         topics = draw(st.lists(st.tuples(topic_filters, st.integers(0, 2)), min_size=1, max_size=4))
-        return codec.encode_subscribe(pid, topics, protocol_level=level), level, Subscribe(pid, topics)
+        return client_codec.encode_subscribe(pid, topics, protocol_level=level), level, Subscribe(pid, topics)
     if kind == "unsub":
         filters = draw(st.lists(topic_filters, min_size=1, max_size=4))
-        return codec.encode_unsubscribe(pid, filters, protocol_level=level), level, Unsubscribe(pid, filters)
+        return client_codec.encode_unsubscribe(pid, filters, protocol_level=level), level, Unsubscribe(pid, filters)
     if kind == "puback":
         reason = draw(st.integers(0, 255)) if level == 5 else 0
         return codec.encode_puback(pid, reason_code=reason, protocol_level=level), level, PubAck(pid, reason)
     if kind == "ping":
-        return codec.encode_pingreq(), level, PingReq()
+        return client_codec.encode_pingreq(), level, PingReq()
     if kind == "disc":
         if level == 5:
             reason = draw(st.integers(0, 255))
             return codec.encode_disconnect(reason), level, Disconnect(reason)
-        return codec.encode_disconnect_client(), level, Disconnect()
+        return client_codec.encode_disconnect_client(), level, Disconnect()
     body = pid.to_bytes(2, "big")
     return raw(0x62, body), level, OtherPacket(PacketType.PUBREL, 2, body)
 
@@ -385,7 +381,9 @@ def test_valid_packets_round_trip(loop: asyncio.AbstractEventLoop, case: Case) -
 
 @FAST
 @given(case=cases, data=st.data())
-def test_truncated_packets_raise_incomplete_read(loop: asyncio.AbstractEventLoop, case: Case, data: st.DataObject) -> None:
+def test_truncated_packets_raise_incomplete_read(
+    loop: asyncio.AbstractEventLoop, case: Case, data: st.DataObject
+) -> None:
     packet, level, _ = case
     cut = data.draw(st.integers(0, len(packet) - 1))
     with pytest.raises(asyncio.IncompleteReadError):
@@ -550,13 +548,17 @@ MALFORMED: list[tuple[str, bytes, int | None, type[ProtocolError], int | None]] 
     ("other-name", raw(0x10, connect_body(b"HTTP", 4, 0x02, OK_PAYLOAD)), None, UnsupportedProtocol, 0x84),
     # CONNECT flags
     ("reserved-flag", raw(0x10, connect_body(MQTT, 4, 0x03, OK_PAYLOAD)), None, ProtocolError, 0x81),
-    ("password-without-user-4", raw(0x10, connect_body(MQTT, 4, 0x42, OK_PAYLOAD + s("pw"))), None, ProtocolError, 0x81),
-    ("password-without-user-3", raw(0x10, connect_body(b"MQIsdp", 3, 0x42, OK_PAYLOAD + s("pw"))), None, ProtocolError, 0x81),
+    ("password-without-user-4",
+     raw(0x10, connect_body(MQTT, 4, 0x42, OK_PAYLOAD + s("pw"))), None, ProtocolError, 0x81),
+    ("password-without-user-3",
+     raw(0x10, connect_body(b"MQIsdp", 3, 0x42, OK_PAYLOAD + s("pw"))), None, ProtocolError, 0x81),
     ("will-qos-without-will", raw(0x10, connect_body(MQTT, 4, 0x0A, OK_PAYLOAD)), None, ProtocolError, 0x81),
     ("will-retain-without-will", raw(0x10, connect_body(MQTT, 4, 0x22, OK_PAYLOAD)), None, ProtocolError, 0x81),
     ("will-qos-3", raw(0x10, connect_body(MQTT, 4, 0x1E, OK_PAYLOAD + s("w") + s("x"))), None, ProtocolError, 0x81),
-    ("will-topic-wildcard", raw(0x10, connect_body(MQTT, 4, 0x06, OK_PAYLOAD + s("w/#") + s("x"))), None, ProtocolError, None),
-    ("will-topic-empty", raw(0x10, connect_body(MQTT, 4, 0x06, OK_PAYLOAD + s("") + s("x"))), None, ProtocolError, None),
+    ("will-topic-wildcard",
+     raw(0x10, connect_body(MQTT, 4, 0x06, OK_PAYLOAD + s("w/#") + s("x"))), None, ProtocolError, None),
+    ("will-topic-empty",
+     raw(0x10, connect_body(MQTT, 4, 0x06, OK_PAYLOAD + s("") + s("x"))), None, ProtocolError, None),
     # client identifier
     ("empty-id-not-clean-4", raw(0x10, connect_body(MQTT, 4, 0x00, s(""))), None, IdentifierRejected, 0x85),
     ("empty-id-not-clean-5", raw(0x10, connect_body(MQTT, 5, 0x00, s(""))), None, IdentifierRejected, 0x85),
@@ -566,7 +568,8 @@ MALFORMED: list[tuple[str, bytes, int | None, type[ProtocolError], int | None]] 
     ("client-id-bad-utf8", raw(0x10, connect_body(MQTT, 4, 0x02, s(b"\xff\xfe"))), None, ProtocolError, 0x81),
     ("client-id-nul", raw(0x10, connect_body(MQTT, 4, 0x02, s(b"a\x00b"))), None, ProtocolError, 0x81),
     ("client-id-overlong-nul", raw(0x10, connect_body(MQTT, 4, 0x02, s(b"a\xc0\x80"))), None, ProtocolError, 0x81),
-    ("username-surrogate", raw(0x10, connect_body(MQTT, 4, 0x82, OK_PAYLOAD + s(b"\xed\xa0\x80"))), None, ProtocolError, 0x81),
+    ("username-surrogate",
+     raw(0x10, connect_body(MQTT, 4, 0x82, OK_PAYLOAD + s(b"\xed\xa0\x80"))), None, ProtocolError, 0x81),
     ("topic-surrogate", raw(0x30, s(b"a\xed\xb0\x80")), 4, ProtocolError, 0x81),
     ("topic-nul", raw(0x30, s(b"a\x00")), 4, ProtocolError, 0x81),
     ("topic-plus", raw(0x30, s("a/+/b")), 4, ProtocolError, None),
@@ -606,22 +609,28 @@ MALFORMED: list[tuple[str, bytes, int | None, type[ProtocolError], int | None]] 
     ("unsubscribe-truncated", raw(0xA2, b"\x00\x01\x00\x05ab"), 4, ProtocolError, 0x81),
     # v5 properties
     ("prop-unknown", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x02\x7f\x00")), None, ProtocolError, 0x81),
-    ("prop-wrong-packet", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x03\x23\x00\x01")), None, ProtocolError, 0x81),
+    ("prop-wrong-packet",
+     raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x03\x23\x00\x01")), None, ProtocolError, 0x81),
     ("prop-server-only", raw(0x30, s("t") + b"\x02\x24\x01"), 5, ProtocolError, 0x81),
     ("prop-sub-id-in-publish", raw(0x30, s("t") + b"\x02\x0b\x01"), 5, ProtocolError, 0x81),
-    ("prop-repeated", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x06\x21\x00\x01\x21\x00\x02")), None, ProtocolError, 0x82),
-    ("prop-receive-max-0", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x03\x21\x00\x00")), None, ProtocolError, 0x82),
+    ("prop-repeated",
+     raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x06\x21\x00\x01\x21\x00\x02")), None, ProtocolError, 0x82),
+    ("prop-receive-max-0",
+     raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x03\x21\x00\x00")), None, ProtocolError, 0x82),
     ("prop-bool-2", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x02\x17\x02")), None, ProtocolError, 0x82),
     ("prop-topic-alias-0", raw(0x30, s("") + b"\x03\x23\x00\x00"), 5, ProtocolError, 0x82),
-    ("prop-auth-data-no-method", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x04\x16\x00\x01x")), None, ProtocolError, 0x82),
+    ("prop-auth-data-no-method",
+     raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x04\x16\x00\x01x")), None, ProtocolError, 0x82),
     ("prop-length-beyond-body", raw(0x30, s("t") + b"\x09\x01\x01"), 5, ProtocolError, 0x81),
     ("prop-value-beyond-block", raw(0x30, s("t") + b"\x02\x02\x00\x00\x00\x00\x00"), 5, ProtocolError, 0x81),
     ("prop-string-beyond-block", raw(0x30, s("t") + b"\x03\x03\x00\x05hello"), 5, ProtocolError, 0x81),
-    ("prop-varint-too-long", raw(0x82, b"\x00\x01\x06\x0b\x80\x80\x80\x80\x01" + s("t") + b"\x00"), 5, ProtocolError, 0x81),
+    ("prop-varint-too-long",
+     raw(0x82, b"\x00\x01\x06\x0b\x80\x80\x80\x80\x01" + s("t") + b"\x00"), 5, ProtocolError, 0x81),
     ("prop-sub-id-0", raw(0x82, b"\x00\x01\x02\x0b\x00" + s("t") + b"\x00"), 5, ProtocolError, 0x82),
     ("prop-missing-block", raw(0x30, s("t")), 5, ProtocolError, 0x81),
     ("prop-user-bad-utf8", raw(0x30, s("t") + b"\x07\x26" + s("k") + s(b"\xff")), 5, ProtocolError, 0x81),
-    ("prop-will-in-connect-block", raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x05\x18\x00\x00\x00\x01")), None, ProtocolError, 0x81),
+    ("prop-will-in-connect-block",
+     raw(0x10, connect_body(MQTT, 5, 0x02, OK_PAYLOAD, b"\x05\x18\x00\x00\x00\x01")), None, ProtocolError, 0x81),
     ("prop-varint-truncated", raw(0x82, b"\x00\x01\x02\x0b\x80"), 5, ProtocolError, 0x81),
     ("prop-varint-beyond-block", raw(0x82, b"\x00\x01\x02\x0b\x80\x01" + s("t") + b"\x00"), 5, ProtocolError, 0x81),
     ("prop-byte-beyond-block", raw(0x30, s("t") + b"\x01\x01" + b"\x01"), 5, ProtocolError, 0x81),
@@ -631,7 +640,9 @@ MALFORMED: list[tuple[str, bytes, int | None, type[ProtocolError], int | None]] 
 ]
 
 
-@pytest.mark.parametrize(("packet", "level", "error", "reason"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+@pytest.mark.parametrize(
+    ("packet", "level", "error", "reason"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
 def test_malformed_packets_are_rejected(
     loop: asyncio.AbstractEventLoop, packet: bytes, level: int | None, error: type[ProtocolError], reason: int | None
 ) -> None:
@@ -644,13 +655,16 @@ def test_malformed_packets_are_rejected(
 
 
 ACCEPTED: list[tuple[str, bytes, int | None, Packet]] = [
-    ("empty-id-clean-4", raw(0x10, connect_body(MQTT, 4, 0x02, s(""))), None, Connect("MQTT", 4, "", True, 60, None, None)),
-    ("empty-id-clean-5", raw(0x10, connect_body(MQTT, 5, 0x02, s(""))), None, Connect("MQTT", 5, "", True, 60, None, None)),
+    ("empty-id-clean-4",
+     raw(0x10, connect_body(MQTT, 4, 0x02, s(""))), None, Connect("MQTT", 4, "", True, 60, None, None)),
+    ("empty-id-clean-5",
+     raw(0x10, connect_body(MQTT, 5, 0x02, s(""))), None, Connect("MQTT", 5, "", True, 60, None, None)),
     ("long-id-3", raw(0x10, connect_body(b"MQIsdp", 3, 0x00, s("x" * 40))), None,
      Connect("MQIsdp", 3, "x" * 40, False, 60, None, None)),
     ("password-without-user-5", raw(0x10, connect_body(MQTT, 5, 0x42, OK_PAYLOAD + s("pw"))), None,
      Connect("MQTT", 5, "cid", True, 60, None, b"pw")),
-    ("topic-alias-empty-topic", raw(0x30, s("") + b"\x03\x23\x00\x07" + b"hi"), 5, Publish("", b"hi", properties={0x23: 7})),
+    ("topic-alias-empty-topic",
+     raw(0x30, s("") + b"\x03\x23\x00\x07" + b"hi"), 5, Publish("", b"hi", properties={0x23: 7})),
     ("user-props-repeat", raw(0x30, s("t") + b"\x0e\x26" + s("k") + s("1") + b"\x26" + s("k") + s("2")), 5,
      Publish("t", b"", properties={0x26: [("k", "1"), ("k", "2")]})),
     ("pubrel", raw(0x62, b"\x00\x05"), 5, OtherPacket(PacketType.PUBREL, 2, b"\x00\x05")),
@@ -663,7 +677,9 @@ ACCEPTED: list[tuple[str, bytes, int | None, Packet]] = [
 
 
 @pytest.mark.parametrize(("packet", "level", "expected"), [c[1:] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])
-def test_edge_cases_accepted(loop: asyncio.AbstractEventLoop, packet: bytes, level: int | None, expected: Packet) -> None:
+def test_edge_cases_accepted(
+    loop: asyncio.AbstractEventLoop, packet: bytes, level: int | None, expected: Packet
+) -> None:
     assert dec(packet, level) == expected
     assert read(loop, packet, level) == expected
 
@@ -711,7 +727,8 @@ class CaptureServer:
                     level = packet.protocol_level
                     writer.write(codec.encode_connack(0, protocol_level=level))
                 elif isinstance(packet, Subscribe):
-                    writer.write(codec.encode_suback(packet.packet_id, [q for _, q in packet.topics], protocol_level=level or 4))
+                    granted = [q for _, q in packet.topics]
+                    writer.write(codec.encode_suback(packet.packet_id, granted, protocol_level=level or 4))
                 elif isinstance(packet, Publish) and packet.packet_id is not None:
                     writer.write(codec.encode_puback(packet.packet_id, protocol_level=level or 4))
                 elif isinstance(packet, PingReq):
@@ -812,6 +829,8 @@ async def test_mosquitto_pub_packets_decode(version: str, level: int) -> None:
         properties=connect.properties,
     )
     assert isinstance(publish, Publish)
-    assert publish == Publish("/provision/request", b"{}", qos=1, packet_id=publish.packet_id, properties=publish.properties)
+    assert publish == Publish(
+        "/provision/request", b"{}", qos=1, packet_id=publish.packet_id, properties=publish.properties
+    )
     assert publish.packet_id
     assert isinstance(disconnect, Disconnect)

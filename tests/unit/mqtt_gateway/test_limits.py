@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from mqtt_gateway.limits import (
     EpisodeLog,
     effective_connection_cap,
 )
+from provisioning_common import mqtt_client_packets as client_codec
 
 # --- read deadlines ----------------------------------------------------------------------------------
 
@@ -50,7 +52,7 @@ async def test_packet_arriving_in_pieces_within_the_deadline_is_read() -> None:
 async def test_idle_deadline_does_not_cut_a_packet_that_started_in_time() -> None:
     """The idle deadline is for the first byte only; the rest has the packet deadline."""
     reader = asyncio.StreamReader()
-    data = codec.encode_pingreq()
+    data = client_codec.encode_pingreq()
     loop = asyncio.get_running_loop()
     loop.call_later(0.02, reader.feed_data, data[:1])
     loop.call_later(0.15, reader.feed_data, data[1:])  # after the idle deadline, within the packet one
@@ -201,10 +203,8 @@ def _count_greeted(socks: list[socket.socket]) -> int:
     greeted = 0
     for sock in socks:
         sock.setblocking(False)
-        try:
+        with contextlib.suppress(OSError):  # nothing yet (still in the backlog) or reset
             greeted += sock.recv(2) == b"hi"
-        except OSError:  # nothing yet (still in the backlog) or reset
-            pass
     return greeted
 
 

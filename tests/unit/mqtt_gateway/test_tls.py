@@ -28,12 +28,12 @@ from mqtt_gateway.tls import (
     Connection,
     PlainConnection,
     TlsConnection,
-    generate_dev_certificate,
     make_server_context,
     start_plain_server,
     start_tls_server,
 )
 from OpenSSL import SSL
+from provisioning_common.devcerts import generate_dev_certificate
 
 HOST = "127.0.0.1"
 TIMEOUT = 5.0
@@ -530,7 +530,7 @@ def _half_closing_client(port: int, ctx: ssl.SSLContext, payload: bytes) -> byte
                 flush()
                 chunk = sock.recv(65536)
                 if not chunk:
-                    raise ConnectionError("closed during the handshake")
+                    raise ConnectionError("closed during the handshake") from None
                 incoming.write(chunk)
         flush()
         tls.write(payload)
