@@ -18,7 +18,8 @@ import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from provisioning_common.bus import CREDENTIALS_SERVICE, Bus, RpcError
+from provisioning_common import health
+from provisioning_common.bus import Bus, RpcError
 from provisioning_common.certificates import (
     CertificateRefused,
     check_ca,
@@ -28,6 +29,7 @@ from provisioning_common.certificates import (
     tb_sha3,
     to_pem,
 )
+from provisioning_common.contract import PREPARE
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DB_UNAVAILABLE
 from provisioning_common.db.migrate import create_pool
@@ -35,7 +37,6 @@ from provisioning_common.dialects.limits import field_problem
 from provisioning_common.models import (
     CredentialsType,
     PrepareCredentialsRequest,
-    PrepareCredentialsResult,
     ProvisionStrategy,
     SuppliedCredentials,
 )
@@ -202,7 +203,7 @@ def create_app(settings: Settings) -> FastAPI:
         state["pool"] = await create_pool(
             settings.database_url.get_secret_value(), min_size=1, max_size=settings.db_pool_max
         )
-        state["bus"] = await Bus.connect(settings)
+        state["bus"] = await Bus.connect(settings, "admin_api")
         yield
         await state["bus"].close()
         await state["pool"].close()
@@ -330,11 +331,8 @@ def create_app(settings: Settings) -> FastAPI:
         await _profile_or_404_as_400(body.device_profile_id)
         ctype, supplied = _supplied(body.credentials)
         try:
-            reply = await state["bus"].call(
-                CREDENTIALS_SERVICE, "prepare",
-                PrepareCredentialsRequest(credentials_type=ctype, credentials=supplied),
-                PrepareCredentialsResult,
-            )
+            bus: Bus = state["bus"]
+            reply = await bus.call(PREPARE, PrepareCredentialsRequest(credentials_type=ctype, credentials=supplied))
         except RpcError:
             raise _error(503, "credentials service unavailable") from None
         if not reply.ok or reply.prepared is None:
@@ -406,18 +404,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(api)
 
-    @app.get("/live")
-    async def live() -> Response:
-        """Liveness: the event loop answers (readiness, /health, also needs Postgres)."""
-        return JSONResponse({"status": "UP"})
-
-    @app.get("/health")
-    async def health() -> Response:
-        try:
-            await pool().fetchval("SELECT 1")
-        except Exception:
-            return JSONResponse({"status": "DOWN"}, status_code=503)
-        return JSONResponse({"status": "UP"})
+    # Readiness: Postgres answers (the bus is only needed to create a device); liveness: the event loop answers.
+    health.mount(app, health.pool_check(pool))
 
     return app
 

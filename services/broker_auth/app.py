@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response
-from provisioning_common import device_auth
+from provisioning_common import device_auth, health
 from provisioning_common.bus import Bus
 from provisioning_common.device_auth import Presented
 from provisioning_common.settings import Settings
@@ -158,15 +158,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             params.get("variable_map.client_id") or params.get("client_id"),
         ))
 
-    @app.get("/live")
-    async def live() -> Response:
-        """Liveness: the event loop answers (readiness, /health, also needs the broker)."""
-        return Response(b'{"status":"UP"}', media_type=JSON)
-
-    @app.get("/health")
-    async def health() -> Response:
-        ok = session.connected
-        return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
-                        media_type=JSON)
+    # Readiness: the bus is connected (every login asks the credentials service); liveness: the event loop answers.
+    health.mount(app, health.bus_check(session))
 
     return app

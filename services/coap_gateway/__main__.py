@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from provisioning_common import runtime
-from provisioning_common.bus import Bus
-from provisioning_common.health import bus_check, start_if_configured
-from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi
 
 from .server import CoapGateway
 
-log = logging.getLogger("coap_gateway")
 
-
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def start(context: runtime.Context) -> runtime.Running:
+    settings = context.settings
     if not settings.coap_port:
         # COAP_PORT=0 disables the listener, as MQTT_PORT=0 does; never "a random port".
-        runtime.announce_ready("coap_gateway", "; listener disabled (COAP_PORT=0)")
-        await stop.wait()
-        return
+        return runtime.Running(ready="; listener disabled (COAP_PORT=0)")
     # aiocoap logs every duplicate datagram and stray ACK at INFO: noise at thousands of requests per second.
     logging.getLogger("coap-server").setLevel(max(logging.WARNING, logging.getLogger().level))
-    bus = await Bus.connect(settings)
-    gateway = CoapGateway(TransportApi(bus, settings), settings)
+    gateway = CoapGateway(TransportApi(await context.bus(), settings), settings)
     await gateway.start()
-    runtime.announce_ready("coap_gateway", f"on udp {settings.coap_port}")
-    # /live also asks the UDP listener itself (a CoAP ping): a listener that stopped reading is dead.
-    health = await start_if_configured(settings, bus_check(bus), live=(gateway.listener_answers,))
-    await stop.wait()
-    if health is not None:
-        health.close()
-    await gateway.stop(drain_timeout=settings.provision_timeout_s)
-    await bus.close()
+    return runtime.Running(
+        # /live also asks the UDP listener itself (a CoAP ping): a listener that stopped reading is dead.
+        live=(gateway.listener_answers,),
+        stop=[lambda: gateway.stop(drain_timeout=settings.provision_timeout_s)],
+        ready=f"on udp {settings.coap_port}",
+    )
 
 
 if __name__ == "__main__":
@@ -45,4 +35,4 @@ if __name__ == "__main__":
     # uvloop closes it: one client that vanished before its answer (ICMP port unreachable) and the listener
     # read nothing more, silently. udp6 is the transport to keep (pktinfo: answers from the address asked;
     # ICMP errors end retransmissions to vanished clients, as RFC 7252 wants); the loop is what changes.
-    runtime.run("coap_gateway", main, stdlib_loop=True)
+    runtime.run_service("coap_gateway", start, stdlib_loop=True)

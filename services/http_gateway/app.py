@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from provisioning_common import health
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.dialects import render_error
 from provisioning_common.models import AuthenticateRequest, Dialect, Transport
@@ -48,12 +49,13 @@ class ProvisionFastPath:
             await _respond(send, 413, self._too_large)
             return
         client = scope.get("client")
-        outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=client[0] if client else "")
+        source = client[0] if client else ""
+        outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=source)
         extra = [(b"retry-after", b"1")] if outcome.kind is OutcomeKind.UNAVAILABLE else []
         await _respond(send, _STATUS[outcome.kind], outcome.body, extra)
 
 
-async def read_body(scope: dict[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
+async def read_body(scope: Mapping[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
     """The whole body, or None as soon as it is known to exceed ``limit`` bytes."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
@@ -63,7 +65,8 @@ async def read_body(scope: dict[str, Any], receive: Callable[..., Any], limit: i
         message = await receive()
         if message["type"] == "http.disconnect":
             return b""
-        body += message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        body += chunk
         if len(body) > limit:
             return None
         if not message.get("more_body"):
@@ -106,15 +109,7 @@ def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
             return Response(status_code=503, headers={"Retry-After": "1"})
         return Response(status_code=200)
 
-    @app.get("/health")
-    async def health() -> Response:
-        ok = session.connected
-        return Response(b'{"status":"UP"}' if ok else b'{"status":"DOWN"}', status_code=200 if ok else 503,
-                        media_type=JSON)
-
-    @app.get("/live")
-    async def live() -> Response:
-        """Liveness: the event loop answers (readiness, /health, also needs the broker)."""
-        return Response(b'{"status":"UP"}', media_type=JSON)
+    # Readiness: the bus is connected; liveness: the event loop answers.
+    health.mount(app, health.bus_check(session))
 
     return ProvisionFastPath(app, api, settings.max_body_bytes, too_large)

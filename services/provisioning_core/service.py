@@ -28,15 +28,21 @@ import uuid
 
 import asyncpg
 from provisioning_common.bus import (
-    CORE_SERVICE,
-    CREDENTIALS_SERVICE,
     Bus,
     DeadlineExceeded,
-    Handler,
     RpcError,
     RpcTimeout,
     Unavailable,
     current_deadline,
+)
+from provisioning_common.contract import (
+    ABANDON,
+    ISSUE_CERTIFICATE,
+    PREPARE,
+    PROVISION,
+    PROVISION_X509_CHAIN,
+    VERIFY_CHAIN,
+    Handler,
 )
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
@@ -50,14 +56,12 @@ from provisioning_common.models import (
     IssueCertificateRequest,
     IssueCertificateResult,
     PrepareCredentialsRequest,
-    PrepareCredentialsResult,
     PreparedCredentials,
     ProvisionRequest,
     ProvisionResult,
     ProvisionStatus,
     ProvisionStrategy,
     VerifyChainRequest,
-    VerifyChainResult,
     X509ChainProvisionRequest,
 )
 from provisioning_common.secretbox import InvalidToken, SecretBox
@@ -67,7 +71,6 @@ from .profile_cache import ProfileCache
 from .rate_limit import FailureLimiter
 from .token_pool import TokenPool
 
-SERVICE = CORE_SERVICE
 PROVISIONED = "provisioned"
 _NAME_ALPHABET = string.ascii_letters + string.digits
 
@@ -105,12 +108,13 @@ class ProvisioningCore:
         self._replay_secret = box.derive_key(b"provision-replay-key")
         self._db = DatabaseGuard(log).run
 
-    def handlers(self) -> dict[str, Handler]:
-        return {
-            "provision": Handler(ProvisionRequest, self.provision),
-            "provision_x509_chain": Handler(X509ChainProvisionRequest, self.provision_x509_chain),
-            "abandon": Handler(ProvisionRequest, self.abandon),
-        }
+    def handlers(self) -> list[Handler]:
+        """The entry points, one per method of :data:`contract.CORE`."""
+        return [
+            PROVISION.handler(self.provision),
+            PROVISION_X509_CHAIN.handler(self.provision_x509_chain),
+            ABANDON.handler(self.abandon),
+        ]
 
     def replay_key(self, req: ProvisionRequest) -> str:
         """The id under which this request's answer is kept and replayed.
@@ -244,14 +248,9 @@ class ProvisioningCore:
             elif not req.credentials.any_given():
                 prepared = await self._tokens.take(token_length)
             else:
-                reply = await self._bus.call(
-                    CREDENTIALS_SERVICE,
-                    "prepare",
-                    PrepareCredentialsRequest(
-                        credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
-                    ),
-                    PrepareCredentialsResult,
-                )
+                reply = await self._bus.call(PREPARE, PrepareCredentialsRequest(
+                    credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
+                ))
                 if not reply.ok or reply.prepared is None:
                     return ProvisionResult.failure(_failure_message(reply.error_message))
                 prepared = reply.prepared
@@ -314,18 +313,13 @@ class ProvisioningCore:
             return IssueCertificateResult(ok=False, error_message="This device profile does not issue certificates")
         if not req.credentials.csr:
             return IssueCertificateResult(ok=False, error_message="X509_CSR requires a csr (PEM)")
-        return await self._bus.call(
-            CREDENTIALS_SERVICE,
-            "issue_certificate",
-            IssueCertificateRequest(
-                csr=req.credentials.csr,
-                device_name=name,
-                signing_certificate=profile.signing_certificate_pem,
-                signing_key_enc=profile.signing_key_enc,
-                validity_days=profile.issued_validity_days,
-            ),
-            IssueCertificateResult,
-        )
+        return await self._bus.call(ISSUE_CERTIFICATE, IssueCertificateRequest(
+            csr=req.credentials.csr,
+            device_name=name,
+            signing_certificate=profile.signing_certificate_pem,
+            signing_key_enc=profile.signing_key_enc,
+            validity_days=profile.issued_validity_days,
+        ))
 
     async def provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         """ThingsBoard's X.509 chain strategy (spec §8): create, rotate, or refuse on a TLS connect."""
@@ -333,9 +327,7 @@ class ProvisioningCore:
 
     async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         try:
-            verified = await self._bus.call(
-                CREDENTIALS_SERVICE, "verify_chain", VerifyChainRequest(chain=req.chain), VerifyChainResult
-            )
+            verified = await self._bus.call(VERIFY_CHAIN, VerifyChainRequest(chain=req.chain))
         except RpcError as exc:
             log.warning("credentials service unavailable: %s", exc)
             return ProvisionResult.failure()

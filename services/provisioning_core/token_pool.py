@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 
-from provisioning_common.bus import CREDENTIALS_SERVICE, Bus
-from provisioning_common.models import MintTokensRequest, MintTokensResult, PreparedCredentials
+from provisioning_common.bus import Bus
+from provisioning_common.contract import MINT_TOKENS
+from provisioning_common.models import MintTokensRequest, PreparedCredentials
 
 
 class TokenPool:
@@ -41,14 +43,9 @@ class TokenPool:
         async with self._locks[length]:
             if len(self._tokens[length]) >= self._batch // 4:
                 return  # someone else refilled while we waited
-            result = await self._bus.call(
-                CREDENTIALS_SERVICE, "mint_tokens", MintTokensRequest(count=self._batch, token_length=length),
-                MintTokensResult,
-            )
+            result = await self._bus.call(MINT_TOKENS, MintTokensRequest(count=self._batch, token_length=length))
             self._tokens[length].extend(result.tokens)
 
     async def _refill_quietly(self, length: int) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the next take() retries and reports
             await self._refill(length)
-        except Exception:  # the next take() retries and reports
-            pass

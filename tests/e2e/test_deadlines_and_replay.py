@@ -21,8 +21,9 @@ import asyncpg
 import httpx
 import pytest
 from devstack import Stack
-from provisioning_common.bus import CORE_SERVICE, DEADLINE_HEADER, Bus, RpcError
-from provisioning_common.models import ProvisionRequest, ProvisionResult, Transport
+from provisioning_common.bus import DEADLINE_HEADER, Bus, RpcError
+from provisioning_common.contract import CORE, PROVISION
+from provisioning_common.models import ProvisionRequest, Transport
 from provisioning_common.settings import Settings
 
 from .conftest import Env, tb_request
@@ -113,10 +114,10 @@ async def test_an_answer_nobody_can_receive_is_undone(
     async with connection:
         channel = await connection.channel()
         await channel.default_exchange.publish(
-            aio_pika.Message(request.model_dump_json().encode(), type="provision", correlation_id="c1",
+            aio_pika.Message(request.model_dump_json().encode(), type=PROVISION.name, correlation_id="c1",
                              message_id=request.request_id, reply_to=f"{env.namespace}gone-{uuid.uuid4().hex}",
                              headers={DEADLINE_HEADER: f"{time.time() + TIMEOUT_S:.6f}"}),
-            routing_key=f"{env.namespace}{CORE_SERVICE}",
+            routing_key=f"{env.namespace}{CORE.name}",
         )
     await wait_for_line(stack, "provisioning_core", "its answer reached nobody")
     assert await db.fetchval("SELECT count(*) FROM devices WHERE name = $1", name) == 0
@@ -135,13 +136,13 @@ async def test_a_request_that_arrives_after_its_deadline_is_not_processed(
     request = ProvisionRequest(provision_key=profile["provisionDeviceKey"],
                                provision_secret=profile["provisionDeviceSecret"],
                                device_name=name, transport=Transport.HTTP)
-    bus = await Bus.connect(Settings(rabbitmq_url=env.infra.rabbitmq_url, bus_namespace=env.namespace))
+    bus = await Bus.connect(Settings(rabbitmq_url=env.infra.rabbitmq_url, bus_namespace=env.namespace), "e2e-tests")
     try:
         with pytest.raises(RpcError, match="deadline"):
-            await bus.call(CORE_SERVICE, "provision", request, ProvisionResult, deadline=time.time() - 0.01)
+            await bus.call(PROVISION, request, deadline=time.time() - 0.01)
         # Positive signal that the core is serving: a fresh request right after is answered.
         fresh = request.model_copy(update={"device_name": f"{name}-fresh"})
-        assert (await bus.call(CORE_SERVICE, "provision", fresh, ProvisionResult)).status.value == "SUCCESS"
+        assert (await bus.call(PROVISION, fresh)).status.value == "SUCCESS"
     finally:
         await bus.close()
     assert await db.fetchval("SELECT count(*) FROM devices WHERE name = $1", name) == 0
@@ -193,10 +194,10 @@ async def test_a_caller_fails_at_once_when_its_connection_drops(env: Env, stack:
     proxied = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl()
     # A namespace where nobody serves: the call would wait its whole (long) time-out.
     bus = await Bus.connect(Settings(rabbitmq_url=proxied, bus_namespace=f"e2e-cut-{uuid.uuid4().hex[:6]}.",
-                                     provision_timeout_s=60))
+                                     provision_timeout_s=60), "e2e-tests")
     try:
         request = ProvisionRequest(provision_key="k", provision_secret="s", transport=Transport.HTTP)
-        call = asyncio.create_task(bus.call(CORE_SERVICE, "provision", request, ProvisionResult))
+        call = asyncio.create_task(bus.call(PROVISION, request))
         # Positive signal first: the request sits in the core's (unserved) queue, so the call has published it
         # and is now waiting for its answer.
         async with await aio_pika.connect(env.infra.rabbitmq_url) as watcher:
@@ -204,7 +205,7 @@ async def test_a_caller_fails_at_once_when_its_connection_drops(env: Env, stack:
             while True:
                 channel = await watcher.channel()
                 with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):  # not declared yet
-                    queue = await channel.declare_queue(f"{bus._settings.bus_namespace}{CORE_SERVICE}", passive=True)
+                    queue = await channel.declare_queue(f"{bus._settings.bus_namespace}{CORE.name}", passive=True)
                     if queue.declaration_result.message_count:
                         break
                     await channel.close()
@@ -223,4 +224,4 @@ async def test_a_caller_fails_at_once_when_its_connection_drops(env: Env, stack:
         with contextlib.suppress(Exception):
             conn = await aio_pika.connect(env.infra.rabbitmq_url)
             async with conn:
-                await (await conn.channel()).queue_delete(f"{bus._settings.bus_namespace}{CORE_SERVICE}")
+                await (await conn.channel()).queue_delete(f"{bus._settings.bus_namespace}{CORE.name}")

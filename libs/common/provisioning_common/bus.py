@@ -1,10 +1,13 @@
 """RPC and events over RabbitMQ: the one place that knows about correlation ids and reply queues.
 
-A caller (:meth:`Bus.call`) publishes a pydantic model to a service's durable queue with
+Every method is declared once in :mod:`.contract` (service, name, request and reply models). A
+caller (:meth:`Bus.call`) publishes the request to the method's service's durable queue with
 ``reply_to`` = this process's own reply queue and a fresh ``correlation_id``, then awaits the
-matching reply. A service (:meth:`Bus.serve`) consumes its queue with a prefetch window,
-validates each body into the handler's model, and replies before it acks, so a crash between
-the two redelivers the request (at-least-once; handlers are idempotent by ``message_id``).
+matching reply, validated into the declared reply model. A service (:meth:`Bus.serve`) consumes its
+queue with a prefetch window, validates each body into the declared request model, and replies
+before it acks, so a crash between the two redelivers the request (at-least-once; handlers are
+idempotent by ``message_id``). Each process connects under its own service name, which the
+broker's management UI shows.
 
 Deadlines (like nameko's call context, in headers): every request carries an absolute
 ``x-deadline`` (Unix time). The serving side refuses a request already past it, runs the
@@ -23,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq.exceptions
@@ -43,6 +46,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
+from .contract import Handler, OneWay, Rpc, Service
 from .models import RpcFailure
 from .outage import OutageLog
 from .settings import Settings
@@ -73,10 +77,6 @@ def remaining(default: float) -> float:
     deadline = _deadline.get()
     return default if deadline is None else deadline - time.time()
 
-# Queue and exchange names (prefixed with BUS_NAMESPACE): the bus-level contract between services.
-CORE_SERVICE = "provisioning_core"
-CREDENTIALS_SERVICE = "credentials"
-TELEMETRY_EXCHANGE = "device.telemetry"
 
 
 class RpcError(RuntimeError):
@@ -113,14 +113,6 @@ OUTBOX_MAX = 10_000
 UndeliveredHook = Callable[[BaseModel, BaseModel], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class Handler(Generic[Req]):
-    """One RPC entry point of a service: validates the body into ``model`` and awaits ``func``."""
-
-    model: type[Req]
-    func: Callable[[Req], Awaitable[BaseModel]]
-
-
 class Bus:
     """One robust connection per process: a confirmed publishing channel and a private reply queue."""
 
@@ -148,10 +140,11 @@ class Bus:
             connection.reconnect_callbacks.add(self._on_reconnected)
 
     @classmethod
-    async def connect(cls, settings: Settings) -> Bus:
+    async def connect(cls, settings: Settings, service_name: str) -> Bus:
+        """Connect as ``service_name`` (the connection name RabbitMQ's management UI shows)."""
         connection = await aio_pika.connect_robust(
             settings.rabbitmq_url.get_secret_value(),
-            client_properties={"connection_name": "provisioning"},
+            client_properties={"connection_name": service_name},
             reconnect_interval=settings.bus_reconnect_interval_s,
         )
         bus = cls(settings, connection)
@@ -213,16 +206,14 @@ class Bus:
 
     async def call(
         self,
-        service: str,
-        method: str,
-        payload: BaseModel,
-        response_model: type[Resp],
+        rpc: Rpc[Req, Resp],
+        payload: Req,
         *,
         timeout: float | None = None,
         message_id: str | None = None,
         deadline: float | None = None,
     ) -> Resp:
-        """Send ``payload`` to ``service.method`` and return its validated reply.
+        """Send ``payload`` to ``rpc`` and return its reply, validated into ``rpc.reply``.
 
         The request's deadline is ``deadline`` (Unix time) if given; inside a handler it is the
         handled request's own deadline (shortened to ``timeout`` if that is sooner); otherwise now
@@ -234,6 +225,7 @@ class Bus:
         deadline passed), :class:`Unavailable` when the service reports a dependency down, and
         :class:`RpcError` when the remote failed or the bus is unreachable.
         """
+        service, method = rpc.service.name, rpc.name
         now = time.time()
         inherited = _deadline.get()
         if deadline is None:
@@ -285,10 +277,10 @@ class Bus:
             if failure.code == CODE_UNAVAILABLE:
                 raise Unavailable(failure.error)
             raise RpcError(failure.error)
-        return response_model.model_validate_json(reply.body)
+        return rpc.reply.model_validate_json(reply.body)
 
-    def send_reliably(self, service: str, method: str, payload: BaseModel) -> None:
-        """Queue a one-way message to ``service.method`` that must arrive even across a broker outage.
+    def send_reliably(self, message: OneWay[Req], payload: Req) -> None:
+        """Queue a one-way ``message`` that must arrive even across a broker outage.
 
         It is published persistent, with publisher confirms, by a background task that retries
         until the broker takes it (no reply, no deadline: the handler's answer is dropped). Used to
@@ -298,7 +290,7 @@ class Bus:
         if len(self._outbox) >= OUTBOX_MAX:
             self._outbox.popleft()
             self._outbox_overflow.failed(f"more than {OUTBOX_MAX} one-way messages waiting; dropping the oldest")
-        self._outbox.append((service, method, payload.model_dump_json().encode()))
+        self._outbox.append((message.service.name, message.name, payload.model_dump_json().encode()))
         self._outbox_wakeup.set()
         if self._outbox_task is None or self._outbox_task.done():
             self._outbox_task = asyncio.create_task(self._drain_outbox(), context=contextvars.Context())
@@ -357,9 +349,12 @@ class Bus:
     # --- service side ------------------------------------------------------------------
 
     async def serve(
-        self, service: str, handlers: dict[str, Handler[Any]], *, on_undelivered: UndeliveredHook | None = None
+        self, service: Service, handlers: Iterable[Handler], *, on_undelivered: UndeliveredHook | None = None
     ) -> None:
-        """Consume ``service``'s queue and dispatch each message to ``handlers[message.type]``.
+        """Consume ``service``'s queue and dispatch each message to the handler of its method.
+
+        ``handlers`` must serve exactly the methods the contract declares for ``service``, else
+        :class:`~.contract.ContractError` is raised before anything is consumed.
 
         Uses its own channel so that its prefetch window does not throttle this process's calls.
         Replies are published mandatory with publisher confirms: a reply the broker cannot route
@@ -367,15 +362,16 @@ class Bus:
         ``on_undelivered`` instead of being logged, body and all, by the AMQP library. A reply lost
         with our own connection leaves its request unacked, so it is redelivered and replayed.
         """
+        entry_points = service.entry_points(handlers)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self._settings.bus_prefetch)
-        queue = await self._declare_service_queue(service, channel)
+        queue = await self._declare_service_queue(service.name, channel)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._in_flight += 1
             self._idle.clear()
             try:
-                await self._handle(channel, handlers, service, message, on_undelivered)
+                await self._handle(channel, entry_points, service.name, message, on_undelivered)
             finally:
                 self._in_flight -= 1
                 if self._in_flight == 0:
@@ -387,7 +383,7 @@ class Bus:
     async def _handle(
         self,
         channel: AbstractChannel,
-        handlers: dict[str, Handler[Any]],
+        handlers: dict[str, Handler],
         service: str,
         message: AbstractIncomingMessage,
         on_undelivered: UndeliveredHook | None,
@@ -395,6 +391,7 @@ class Bus:
         handler = handlers.get(message.type or "")
         headers: dict[str, Any] = {}
         request: BaseModel | None = None
+        reply: BaseModel | None = None
         deadline = _header_deadline(message)
         token = _deadline.set(deadline)
         try:
@@ -402,11 +399,15 @@ class Bus:
                 raise RpcError(f"{service} has no method {message.type!r}")
             if deadline is not None and time.time() >= deadline:
                 raise DeadlineExceeded(f"{service}.{message.type}: deadline passed before it was handled")
-            request = handler.model.model_validate_json(message.body)
+            request = handler.method.request.model_validate_json(message.body)
             # Not cancelled at the deadline: a write cancelled mid-commit would leave its outcome
             # unknown. Handlers check the deadline themselves, and the database refuses to commit
             # past it, so a late handler ends with a clear "too late" (or undoes what it did).
-            reply: BaseModel = await handler.func(request)
+            answer = await handler.func(request)
+            if handler.replies:
+                if not isinstance(answer, BaseModel):
+                    raise TypeError(f"{handler.method} returned {type(answer).__name__}")
+                reply = answer
         except ValidationError as exc:
             reply, headers = RpcFailure(error=f"invalid {message.type} request: {exc.error_count()} errors"), {
                 ERROR_HEADER: 1
@@ -425,7 +426,7 @@ class Bus:
             reply, headers = RpcFailure(error=f"{type(exc).__name__}"), {ERROR_HEADER: 1}
         finally:
             _deadline.reset(token)
-        if message.reply_to:
+        if message.reply_to and reply is not None:  # None: a one-way method was handled
             try:
                 await channel.default_exchange.publish(
                     aio_pika.Message(
@@ -453,10 +454,8 @@ class Bus:
     async def stop_consuming(self, drain_timeout: float = 10.0) -> None:
         """Stop taking new requests and wait (bounded) for the ones in progress to be answered."""
         for queue, tag in self._consumers:
-            try:
+            with contextlib.suppress(Exception):  # the connection is already gone
                 await queue.cancel(tag)
-            except Exception:  # pragma: no cover - connection already gone
-                pass
         self._consumers.clear()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
@@ -479,7 +478,7 @@ def _header_deadline(message: AbstractIncomingMessage) -> float | None:
     if raw is None:
         return None
     try:
-        return float(raw.decode() if isinstance(raw, bytes) else raw)
+        return float(raw.decode() if isinstance(raw, bytes) else str(raw))
     except (TypeError, ValueError):
         return None
 

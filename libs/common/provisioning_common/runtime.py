@@ -1,13 +1,37 @@
-"""Process start-up shared by every service: logging, uvloop, and a stop event set by SIGTERM/SIGINT."""
+"""Process start-up shared by every service: logging, uvloop, a stop event set by SIGTERM/SIGINT, and
+:func:`run_service`, the one lifecycle of the services without an HTTP port of their own.
+
+A bus-only service's ``__main__`` only says what it is (like a nameko service class; the runner is
+nameko's ``ServiceRunner``)::
+
+    async def start(context: Context) -> Running:
+        service = CredentialsService(await context.pool(), box)
+        return Running(serve=CREDENTIALS, handlers=service.handlers())
+
+    runtime.run_service("credentials", start)
+
+and :func:`run_service` does the rest, in this order: connect what ``start`` asks for (the bus under
+the service's name, the Postgres pool), start the service, consume its RPC queue, open the
+``HEALTH_PORT`` listener (readiness: bus connected, pool answers, the service's own checks),
+announce "<service> ready", wait for SIGTERM; then close the listener, stop the background tasks,
+stop consuming and let the requests in flight finish (bounded), run the service's stop hooks (a
+gateway drains its listeners), and close the bus and the pool.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from . import health
+from .bus import Bus, UndeliveredHook
+from .contract import Handler, Service
 from .settings import Settings, get_settings
 
 #: Start-up and shutdown lines are logged whatever LOG_LEVEL says: orchestration (devstack, an
@@ -22,9 +46,9 @@ def setup_logging(settings: Settings, service: str) -> None:
     lifecycle.setLevel(logging.INFO)
     lifecycle.propagate = False
     if not lifecycle.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(log_format))
-        lifecycle.addHandler(handler)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(log_format))
+        lifecycle.addHandler(stream)
     # aiormq logs connection URLs at debug level, and returned or unexpected messages (bodies with
     # tokens) at error level; aio_pika logs every reconnect attempt. The Bus logs one line per
     # outage instead (provisioning_common.outage), so only their real errors pass, without bodies.
@@ -106,3 +130,109 @@ def serve_http(app: object, port: int, settings: Settings, *, access_log: bool =
         access_log=access_log,
         timeout_graceful_shutdown=int(settings.provision_timeout_s + settings.bus_reply_grace_s) + 5,
     )
+
+
+# --- the bus-only services' lifecycle -----------------------------------------------------------
+
+
+class Context:
+    """What a service's ``start`` gets: the settings, and connections opened when first asked for
+    (and closed by the runner, last opened first closed, after the service stopped)."""
+
+    def __init__(self, name: str, settings: Settings, resources: contextlib.AsyncExitStack) -> None:
+        self.name = name
+        self.settings = settings
+        self._resources = resources
+        self._bus: Bus | None = None
+        self._pool: Any = None
+        #: Readiness checks of what was opened (bus connected, pool answering).
+        self.checks: list[health.Check] = []
+
+    async def bus(self) -> Bus:
+        """The process's bus connection, named after the service."""
+        if self._bus is None:
+            self._bus = await Bus.connect(self.settings, self.name)
+            self._resources.push_async_callback(self._bus.close)
+            self.checks.append(health.bus_check(self._bus))
+        return self._bus
+
+    async def pool(self) -> Any:
+        """The Postgres pool (``DB_POOL_MIN``..``DB_POOL_MAX`` connections), after pending migrations."""
+        if self._pool is None:
+            from .db.migrate import create_pool
+
+            settings = self.settings
+            self._pool = await create_pool(
+                settings.database_url.get_secret_value(), min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            )
+            self._resources.push_async_callback(self._pool.close)
+            self.checks.append(health.pool_check(self._pool))
+        return self._pool
+
+
+@dataclass
+class Running:
+    """A started service, as its ``start`` returns it: what the runner serves, checks and stops."""
+
+    #: The RPC service whose queue is consumed, with ``handlers`` (one per declared method).
+    serve: Service | None = None
+    handlers: Sequence[Handler] = ()
+    on_undelivered: UndeliveredHook | None = None
+    #: Readiness checks besides the bus and the pool, and liveness checks (see :mod:`.health`).
+    checks: tuple[health.Check, ...] = ()
+    live: tuple[health.Check, ...] = ()
+    #: Run as tasks until the service stops (then cancelled, first).
+    background: Sequence[Coroutine[Any, Any, None]] = ()
+    #: Awaited in order once nothing new is consumed (a gateway closes and drains its listeners).
+    stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    #: The detail of the "<service> ready" line; by default "on queue <queue>" for an RPC service.
+    #: None: the service logs that line itself (when it really is ready, e.g. once subscribed).
+    ready: str | None = ""
+
+
+Start = Callable[[Context], Awaitable[Running]]
+
+#: How long a stopping service waits for the RPC requests it holds (then they are redelivered).
+DRAIN_TIMEOUT_S = 10.0
+
+
+def run_service(name: str, start: Start, *, stdlib_loop: bool = False) -> None:
+    """Run a bus-only service until SIGTERM (see the module's docstring); ``stdlib_loop`` as in :func:`run`."""
+
+    async def main(settings: Settings, stop: asyncio.Event) -> None:
+        await serve_until(name, start, settings, stop)
+
+    run(name, main, stdlib_loop=stdlib_loop)
+
+
+async def serve_until(name: str, start: Start, settings: Settings, stop: asyncio.Event) -> None:
+    """The lifecycle of :func:`run_service` on a running loop, until ``stop`` is set."""
+    async with contextlib.AsyncExitStack() as resources:
+        context = Context(name, settings, resources)
+        service = await start(context)
+        try:
+            served: Bus | None = None
+            if service.serve is not None:
+                served = await context.bus()
+                await served.serve(service.serve, service.handlers, on_undelivered=service.on_undelivered)
+            listener = await health.start_if_configured(settings, *context.checks, *service.checks, live=service.live)
+        except BaseException:
+            for coroutine in service.background:
+                coroutine.close()  # never started
+            raise
+        tasks = [asyncio.create_task(coroutine) for coroutine in service.background]
+        ready = service.ready
+        if ready == "" and service.serve is not None:
+            ready = f"on queue {settings.queue(service.serve.name)}"
+        if ready is not None:
+            announce_ready(name, ready)
+        await stop.wait()
+        if listener is not None:
+            listener.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if served is not None:
+            await served.stop_consuming(DRAIN_TIMEOUT_S)
+        for hook in service.stop:
+            await hook()

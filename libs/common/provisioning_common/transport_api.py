@@ -15,7 +15,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from .bus import CORE_SERVICE, CREDENTIALS_SERVICE, TELEMETRY_EXCHANGE, Bus, RpcError, RpcTimeout, outcome_unknown
+from .bus import Bus, RpcError, RpcTimeout, outcome_unknown
+from .contract import ABANDON, AUTHENTICATE, PROVISION, PROVISION_X509_CHAIN, TELEMETRY_EXCHANGE
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
 from .models import (
@@ -95,9 +96,7 @@ class TransportApi:
         try:
             # The core must commit by now + PROVISION_TIMEOUT_S; we wait BUS_REPLY_GRACE_S longer for
             # its answer, so "timed out" is only ever said when nothing was (or will be) written.
-            result = await self._bus.call(
-                CORE_SERVICE, "provision", request, ProvisionResult, message_id=request.request_id
-            )
+            result = await self._bus.call(PROVISION, request, message_id=request.request_id)
         except RpcError as exc:
             # Timed out, a dependency down, or the bus gone: one WARNING per outage, "retry later" to each.
             self._core_outage.failed(type(exc).__name__ if isinstance(exc, RpcTimeout) else str(exc))
@@ -105,22 +104,25 @@ class TransportApi:
                 # The core may have written the device and its answer never reached us (the broker
                 # died with it, or it came too late): the device is about to hear "timed out", so
                 # ask the core to undo that work - now, or once the broker is back.
-                self._bus.send_reliably(CORE_SERVICE, "abandon", request)
-            return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, render_error(request.dialect, MSG_TIMEOUT))
+                self._bus.send_reliably(ABANDON, request)
+            unavailable = render_error(request.dialect, MSG_TIMEOUT)
+            return ProvisionOutcome(OutcomeKind.UNAVAILABLE, request.dialect, unavailable)
         if self._core_outage.down:
             self._core_outage.recovered()
         return ProvisionOutcome(OutcomeKind.ANSWERED, request.dialect, render_result(request.dialect, result), result)
 
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
         """Ask the credentials service who owns these credentials. Raises RpcError when unreachable."""
-        return await self._bus.call(CREDENTIALS_SERVICE, "authenticate", request, AuthenticateResult)
+        return await self._bus.call(AUTHENTICATE, request)
 
-    async def provision_x509_chain(self, chain: list[str], *, transport: Transport, source_address: str = "") -> ProvisionResult:
+    async def provision_x509_chain(
+        self, chain: list[str], *, transport: Transport, source_address: str = ""
+    ) -> ProvisionResult:
         """A TLS client presented a chain (base64 DER, leaf first) whose leaf is unknown: let the core
         apply the X509_CERTIFICATE_CHAIN strategy. Bus failures become FAILURE."""
         request = X509ChainProvisionRequest(chain=chain[:10], transport=transport, source_address=source_address)
         try:
-            return await self._bus.call(CORE_SERVICE, "provision_x509_chain", request, ProvisionResult)
+            return await self._bus.call(PROVISION_X509_CHAIN, request)
         except RpcError as exc:
             log.warning("x509 chain provisioning unavailable: %s", exc)
             return ProvisionResult.failure(MSG_TIMEOUT)
@@ -158,17 +160,18 @@ class BusSession:
         return self._api
 
     @property
-    def connected(self) -> bool:
+    def is_connected(self) -> bool:
+        """Readiness (``health.bus_check``): connected once the application started, and while the bus is."""
         return self.bus is not None and self.bus.is_connected
 
     def lifespan(self, service: str, detail: str = "") -> Callable[[Any], AbstractAsyncContextManager[None]]:
-        """A FastAPI ``lifespan`` that connects, announces ``service`` ready, and closes on shutdown."""
+        """A FastAPI ``lifespan`` that connects as ``service``, announces it ready, and closes on shutdown."""
         from .runtime import announce_ready
 
         @contextlib.asynccontextmanager
         async def lifespan(_: Any) -> AsyncIterator[None]:
             if self.bus is None:
-                self.bus = await Bus.connect(self._settings)
+                self.bus = await Bus.connect(self._settings, service)
                 self._api = TransportApi(self.bus, self._settings)
             announce_ready(service, detail)
             yield

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import httpx
 from broker_auth.app import create_app
+from provisioning_common.bus import RpcTimeout
+from provisioning_common.contract import AUTHENTICATE, Rpc
+from provisioning_common.models import AuthenticateRequest, AuthenticateResult
 from provisioning_common.settings import Settings
 
 
@@ -25,12 +28,12 @@ class _Bus:
     def __init__(self, known: bool | None) -> None:
         self.known = known
 
-    async def call(self, service, method, payload, response_model, **_):  # type: ignore[no-untyped-def]
-        from provisioning_common.bus import RpcTimeout
-
+    async def call(self, rpc: Rpc[AuthenticateRequest, AuthenticateResult], payload: AuthenticateRequest,
+                   **_: object) -> AuthenticateResult:
+        assert rpc is AUTHENTICATE
         if self.known is None:
             raise RpcTimeout("credentials.authenticate did not answer")
-        return response_model(authenticated=self.known, device_id="d" if self.known else None)
+        return rpc.reply(authenticated=self.known, device_id="d" if self.known else None)
 
 
 async def _ask(known: bool | None) -> tuple[httpx.Response, httpx.Response]:

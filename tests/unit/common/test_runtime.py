@@ -1,12 +1,19 @@
-"""The ready line is logged whatever LOG_LEVEL says: devstack and operators wait for it."""
+"""The ready line is logged whatever LOG_LEVEL says: devstack and operators wait for it; the one
+lifecycle of the bus-only services (start, serve, health, ready, then drain and close in order)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 
 import pytest
 from provisioning_common import runtime
+from provisioning_common.contract import ContractError, Service
 from provisioning_common.settings import Settings
+from pydantic import BaseModel
+
+from .fake_broker import connect, install
 
 
 def test_ready_line_survives_a_quiet_log_level(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,3 +65,86 @@ def test_library_records_keep_bodies_and_tracebacks_out_of_the_log(capsys: pytes
     assert "plain aiormq error" in err  # the library's own errors still pass
     assert "Failed to restore the pool connection floor (ConnectionRefusedError)" in err
     assert "Traceback" not in err
+
+
+class Ping(BaseModel):
+    text: str
+
+
+RUNNER = Service("unit_runner")
+ECHO = RUNNER.rpc("echo", Ping, Ping)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _get(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n".encode())
+    status = (await reader.read()).split(b"\r\n", 1)[0]
+    writer.close()
+    return status
+
+
+async def test_the_runner_serves_checks_announces_then_stops_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    broker, named = install(monkeypatch)
+    events: list[str] = []
+    monkeypatch.setattr(runtime, "announce_ready", lambda name, detail="": events.append(f"{name} ready {detail}"))
+    broker_up = True
+
+    async def echo(request: Ping) -> Ping:
+        return request
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            events.append("background cancelled")
+
+    async def stopped() -> None:
+        events.append(f"stop hook ({broker.closed} connections closed)")
+
+    async def broker_check() -> bool:
+        return broker_up
+
+    async def start(context: runtime.Context) -> runtime.Running:
+        return runtime.Running(serve=RUNNER, handlers=[ECHO.handler(echo)], checks=(broker_check,),
+                               background=[forever()], stop=[stopped])
+
+    port, stop = _free_port(), asyncio.Event()
+    settings = Settings(bus_namespace="unit.", health_port=port, bind_host="127.0.0.1")
+    service = asyncio.create_task(runtime.serve_until("unit_runner", start, settings, stop))
+    while not events:
+        await asyncio.sleep(0.01)
+    assert events == ["unit_runner ready on queue unit.unit_runner"]
+    assert named["client_properties"] == {"connection_name": "unit_runner"}
+    client = await connect("unit_client")
+    assert await client.call(ECHO, Ping(text="hi")) == Ping(text="hi")
+    assert await _get(port, "/health") == b"HTTP/1.1 200 OK"
+    broker_up = False
+    assert await _get(port, "/health") == b"HTTP/1.1 503 Service Unavailable"
+    assert await _get(port, "/live") == b"HTTP/1.1 200 OK"
+    stop.set()
+    await asyncio.wait_for(service, 5)
+    # Background tasks end first, the service's stop hooks run with the bus still open, the bus closes last.
+    assert events[1:] == ["background cancelled", "stop hook (0 connections closed)"]
+    assert broker.closed == 1 and "unit.unit_runner" not in broker.consumers
+    with pytest.raises(OSError):
+        await _get(port, "/health")
+
+
+async def test_a_service_that_does_not_serve_its_contract_does_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    broker, _ = install(monkeypatch)
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async def start(context: runtime.Context) -> runtime.Running:
+        return runtime.Running(serve=RUNNER, handlers=[], background=[forever()])
+
+    with pytest.raises(ContractError, match="unit_runner does not serve echo"):
+        await runtime.serve_until("unit_runner", start, Settings(bus_namespace="unit."), asyncio.Event())
+    assert broker.closed == 1  # what was opened is closed

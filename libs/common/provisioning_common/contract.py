@@ -1,0 +1,181 @@
+"""The bus contract: every service, RPC method and exchange, declared once.
+
+Callers and servers take a method from here, never restate it (like a nameko ``@rpc`` entry point
+and its ``ServiceRpc`` proxy naming the same thing)::
+
+    result = await bus.call(PROVISION, request)            # -> ProvisionResult, to mypy as well
+    bus.send_reliably(ABANDON, request)                     # one-way: no reply
+    await bus.serve(CORE, [PROVISION.handler(core.provision), ...])
+
+A :class:`Service` is a queue (its name, prefixed with ``BUS_NAMESPACE``); :meth:`Rpc.handler` only
+accepts a function of the declared request and reply types (checked by mypy), and
+:meth:`Service.entry_points` - which ``Bus.serve`` calls before it consumes anything - refuses a
+handler of another service, a method served twice, a method left unserved, and a handler whose
+annotations contradict its declaration (for code mypy does not see).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from pydantic import BaseModel
+
+from .models import (
+    AuthenticateRequest,
+    AuthenticateResult,
+    IssueCertificateRequest,
+    IssueCertificateResult,
+    MintTokensRequest,
+    MintTokensResult,
+    PrepareCredentialsRequest,
+    PrepareCredentialsResult,
+    ProvisionRequest,
+    ProvisionResult,
+    VerifyChainRequest,
+    VerifyChainResult,
+    X509ChainProvisionRequest,
+)
+
+Req = TypeVar("Req", bound=BaseModel)
+Resp = TypeVar("Resp", bound=BaseModel)
+
+
+class ContractError(TypeError):
+    """A service's handlers do not match its declared methods (raised at start, before consuming)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Service:
+    """A service's request queue and the methods it must serve; declare methods with :meth:`rpc`
+    and :meth:`one_way`."""
+
+    name: str
+    methods: dict[str, Method] = field(default_factory=dict, repr=False)
+
+    def rpc(self, name: str, request: type[Req], reply: type[Resp]) -> Rpc[Req, Resp]:
+        return self._declare(Rpc(self, name, request, reply))
+
+    def one_way(self, name: str, request: type[Req]) -> OneWay[Req]:
+        return self._declare(OneWay(self, name, request))
+
+    def _declare(self, method: M) -> M:
+        if method.name in self.methods:
+            raise ContractError(f"{self.name}.{method.name} is declared twice")
+        self.methods[method.name] = method
+        return method
+
+    def entry_points(self, handlers: Iterable[Handler]) -> dict[str, Handler]:
+        """``handlers`` by method name, once checked to serve exactly this service's methods."""
+        served: dict[str, Handler] = {}
+        for handler in handlers:
+            method = handler.method
+            if method.service is not self:
+                raise ContractError(f"{method} is not a method of {self.name}")
+            if method.name in served:
+                raise ContractError(f"{method} has two handlers")
+            _check_annotations(handler)
+            served[method.name] = handler
+        missing = sorted(set(self.methods) - set(served))
+        if missing:
+            raise ContractError(f"{self.name} does not serve {', '.join(missing)}")
+        return served
+
+
+@dataclass(frozen=True, eq=False)
+class Rpc(Generic[Req, Resp]):
+    """A request/reply method: ``await bus.call(rpc, request)`` returns a ``reply``."""
+
+    service: Service
+    name: str
+    request: type[Req]
+    reply: type[Resp]
+
+    def handler(self, func: Callable[[Req], Awaitable[Resp]]) -> Handler:
+        return Handler(self, func)
+
+    def __str__(self) -> str:
+        return f"{self.service.name}.{self.name}"
+
+
+@dataclass(frozen=True, eq=False)
+class OneWay(Generic[Req]):
+    """A method without reply (``bus.send_reliably``); whatever its handler returns is dropped."""
+
+    service: Service
+    name: str
+    request: type[Req]
+
+    def handler(self, func: Callable[[Req], Awaitable[object]]) -> Handler:
+        return Handler(self, func)
+
+    def __str__(self) -> str:
+        return f"{self.service.name}.{self.name}"
+
+
+Method: TypeAlias = Rpc[Any, Any] | OneWay[Any]
+M = TypeVar("M", bound=Method)
+
+
+@dataclass(frozen=True)
+class Handler:
+    """One served method; made by :meth:`Rpc.handler` / :meth:`OneWay.handler`, which type-check ``func``."""
+
+    method: Method
+    func: Callable[[Any], Awaitable[object]]
+
+    @property
+    def replies(self) -> bool:
+        return isinstance(self.method, Rpc)
+
+
+def _check_annotations(handler: Handler) -> None:
+    """Refuse a handler whose own annotations say it takes another request or returns another reply.
+
+    What mypy checks statically, for code it does not see (tests, an untyped wrapper). A handler
+    without annotations, or annotated with type variables, passes: there is nothing to contradict.
+    """
+    method, func = handler.method, handler.func
+    try:
+        signature = inspect.signature(func)
+        signature.bind(None)
+    except TypeError:
+        raise ContractError(f"the handler of {method} must take one argument, the request") from None
+    except ValueError:  # no signature (a builtin): nothing to check
+        return
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+        return
+    parameters = list(signature.parameters.values())
+    takes = hints.get(parameters[0].name) if parameters else None
+    if isinstance(takes, type) and not issubclass(method.request, takes):
+        raise ContractError(f"the handler of {method} takes {takes.__name__}, not {method.request.__name__}")
+    returns = hints.get("return")
+    if isinstance(method, Rpc) and isinstance(returns, type) and not issubclass(returns, method.reply):
+        raise ContractError(f"the handler of {method} returns {returns.__name__}, not {method.reply.__name__}")
+
+
+# --- the services -----------------------------------------------------------------------------
+
+#: provisioning-core: the provisioning rules (every transport's request ends here).
+CORE = Service("provisioning_core")
+PROVISION = CORE.rpc("provision", ProvisionRequest, ProvisionResult)
+#: A TLS client presented a chain whose leaf is unknown: the X509_CERTIFICATE_CHAIN strategy.
+PROVISION_X509_CHAIN = CORE.rpc("provision_x509_chain", X509ChainProvisionRequest, ProvisionResult)
+#: A gateway answered "timed out" without the core's answer: undo what the request committed.
+ABANDON = CORE.one_way("abandon", ProvisionRequest)
+
+#: credentials: hashing, minting and checking device credentials, and the device CA.
+CREDENTIALS = Service("credentials")
+PREPARE = CREDENTIALS.rpc("prepare", PrepareCredentialsRequest, PrepareCredentialsResult)
+MINT_TOKENS = CREDENTIALS.rpc("mint_tokens", MintTokensRequest, MintTokensResult)
+VERIFY_CHAIN = CREDENTIALS.rpc("verify_chain", VerifyChainRequest, VerifyChainResult)
+ISSUE_CERTIFICATE = CREDENTIALS.rpc("issue_certificate", IssueCertificateRequest, IssueCertificateResult)
+AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, AuthenticateResult)
+
+#: Topic exchange of device telemetry (routing key: the device id), published by the gateways.
+TELEMETRY_EXCHANGE = "device.telemetry"
