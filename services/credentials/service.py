@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
 from provisioning_common.certificates import name_hash, to_pem
-from provisioning_common.contract import AUTHENTICATE, ISSUE_CERTIFICATE, MINT_TOKENS, PREPARE, VERIFY_CHAIN, Handler
+from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.models import (
     AuthenticateRequest,
@@ -38,6 +38,8 @@ from . import hashing, x509_ca
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
+SERVICE = CREDENTIALS_SERVICE
+
 _DENIED = AuthenticateResult(authenticated=False)
 
 
@@ -51,7 +53,7 @@ class _Stored:
     device_name: str
     credentials_type: CredentialsType
     secret_hash: str | None
-    public: dict
+    public: dict[str, Any]
 
 
 def minted_token(length: int) -> PreparedCredentials:
@@ -112,20 +114,18 @@ class CredentialsService:
         self._box = box
         self._guard = DatabaseGuard(logging.getLogger(__name__))
 
-    def handlers(self) -> list[Handler]:
-        """The entry points, one per method of :data:`contract.CREDENTIALS`."""
-        return [
-            PREPARE.handler(self.prepare),
-            MINT_TOKENS.handler(self.mint_tokens),
-            VERIFY_CHAIN.handler(self._guarded(self.verify_chain)),
-            ISSUE_CERTIFICATE.handler(self.issue_certificate),
-            AUTHENTICATE.handler(self._guarded(self.authenticate)),
-        ]
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "prepare": Handler(PrepareCredentialsRequest, self.prepare),
+            "mint_tokens": Handler(MintTokensRequest, self.mint_tokens),
+            "verify_chain": Handler(VerifyChainRequest, self._guarded(self.verify_chain)),
+            "issue_certificate": Handler(IssueCertificateRequest, self.issue_certificate),
+            "authenticate": Handler(AuthenticateRequest, self._guarded(self.authenticate)),
+        }
 
     def _guarded(self, func: Callable[[Req], Awaitable[Resp]]) -> Callable[[Req], Awaitable[Resp]]:
         """A handler that reads Postgres: an outage answers "unavailable" instead of a traceback."""
 
-        @functools.wraps(func)  # keeps func's annotations, which Bus.serve checks against the contract
         async def guarded(req: Req) -> Resp:
             return await self._guard.run(func(req))
 
@@ -147,22 +147,18 @@ class CredentialsService:
         except Exception:
             return VerifyChainResult(ok=False, error_message="presented certificates do not parse")
         issuers = list({name_hash(cert.issuer) for cert in chain})
-        candidates = await self._pool.fetch(
-            "SELECT id, certificate_pem FROM device_profiles"
-            " WHERE provision_strategy = 'X509_CERTIFICATE_CHAIN' AND ca_subject_hash = ANY($1::text[])",
-            issuers,
-        )
+        candidates = await repository.chain_profiles_by_ca_subject(self._pool, issuers)
         error = "no device profile holds the CA of this chain"
         for candidate in candidates:
             try:
-                leaf = await asyncio.to_thread(x509_ca.verify_chain, chain, candidate["certificate_pem"])
+                leaf = await asyncio.to_thread(x509_ca.verify_chain, chain, candidate.certificate_pem)
             except x509_ca.CertificateRefused as exc:
                 error = str(exc)
                 continue
             body = base64.b64encode(leaf.public_bytes(Encoding.DER)).decode()
             return VerifyChainResult(
                 ok=True,
-                profile_id=str(candidate["id"]),
+                profile_id=str(candidate.id),
                 leaf_common_name=x509_ca.common_name(leaf),
                 leaf_body=body,
                 leaf_credentials_id=hashing.tb_sha3(body),
@@ -195,16 +191,12 @@ class CredentialsService:
         )
 
     async def _lookup(self, credentials_id: str) -> _Stored | None:
-        row = await self._pool.fetchrow(
-            "SELECT c.device_id, d.name, c.credentials_type, c.secret_hash, c.public_value"
-            " FROM device_credentials c JOIN devices d ON d.id = c.device_id WHERE c.credentials_id = $1",
-            credentials_id,
-        )
+        row = await repository.credentials_by_id(self._pool, credentials_id)
         if row is None:
             return None
-        public = json.loads(row["public_value"]) if row["public_value"] else {}
-        return _Stored(str(row["device_id"]), row["name"], CredentialsType(row["credentials_type"]),
-                       row["secret_hash"], public)
+        public = json.loads(row.public_value) if row.public_value else {}
+        return _Stored(str(row.device_id), row.device_name, CredentialsType(row.credentials_type),
+                       row.secret_hash, public)
 
     @staticmethod
     def _ok(stored: _Stored) -> AuthenticateResult:
@@ -236,9 +228,12 @@ class CredentialsService:
         """ThingsBoard's MQTT_BASIC check (spec §9), including its fallback to a token as username."""
         if not req.username:
             stored = await self._lookup(hashing.tb_sha3(req.client_id))
-            if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
-                if await self._basic_match(stored, req) == "VALID":
-                    return self._ok(stored)
+            if (
+                stored
+                and stored.credentials_type is CredentialsType.MQTT_BASIC
+                and await self._basic_match(stored, req) == "VALID"
+            ):
+                return self._ok(stored)
             return _DENIED
         stored = await self._lookup(hashing.tb_sha3(req.client_id, req.username))
         if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:

@@ -299,7 +299,9 @@ def created_result(
     )
 
 
-def claimed_result(device: NamedDevice, name: str, credentials_value: str | dict[str, Any]) -> ProvisionResult:
+def claimed_result(
+    device: NamedDevice, name: str, credentials_value: str | dict[str, Any] | None
+) -> ProvisionResult:
     """SUCCESS for a claimed pre-provisioned device: its **existing** credentials (spec §6)."""
     return ProvisionResult(
         status=ProvisionStatus.SUCCESS,
@@ -383,13 +385,22 @@ def verified_identity(verified: VerifyChainResult) -> Refusal | X509Identity:
     )
 
 
-def x509_device_name(profile: ProfileRow | None, common_name: str | None) -> Refusal | str:
-    """The device name for a chain reaching ``profile`` (spec §8.4): an X509_CERTIFICATE_CHAIN profile's
-    pattern applied to the leaf CN (default ``(.*)``); any other profile, or no name -> FAILURE."""
+@dataclass(frozen=True)
+class X509Target:
+    """The chain's profile (an X509_CERTIFICATE_CHAIN one) and the device name its leaf CN gives."""
+
+    profile: ProfileRow
+    name: str
+
+
+def x509_target(profile: ProfileRow | None, common_name: str | None) -> Refusal | X509Target:
+    """The device a chain reaching ``profile`` is about (spec §8.4): an X509_CERTIFICATE_CHAIN profile's
+    pattern (default ``(.*)``) applied to the leaf CN; any other profile -> FAILURE, no name -> FAILURE
+    with our reason."""
     if profile is None or profile.provision_strategy != ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
         return failure()
     name = name_from_common_name(profile.certificate_regex or "(.*)", common_name)
-    return name if name else failure(MSG_CN_MISMATCH)
+    return X509Target(profile, name) if name else failure(MSG_CN_MISMATCH)
 
 
 def decide_x509_device(

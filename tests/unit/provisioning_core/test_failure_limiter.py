@@ -1,41 +1,9 @@
-"""provisioning_core helpers: Java's String.trim() and the failed-secret limiter."""
+"""The failed-secret limiter (spec "Our deviations": failed secrets are rate-limited per provision key and
+per source address). Java's trim and names from certificate CNs are in test_names.py."""
 
 from __future__ import annotations
 
-import pytest
 from provisioning_core.rate_limit import FailureLimiter
-from provisioning_core.service import java_trim
-
-# --- java_trim ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("  name  ", "name"),
-        ("\t\n\r\x0b\x0cname\x00\x1f ", "name"),
-        ("\x00\x01\x02 \x20", ""),
-        ("in ner\tspace", "in ner\tspace"),
-        ("!x!", "!x!"),  # U+0021 is the first character kept
-        ("", ""),
-    ],
-)
-def test_java_trim_strips_chars_up_to_u0020(value: str, expected: str) -> None:
-    assert java_trim(value) == expected
-
-
-@pytest.mark.parametrize(
-    "value",
-    ["\u00a0name\u00a0", "\u2003name\u2003", "\u3000name", "name\u2028", "\x7fname\x7f", "\x85name\x85", "\ufeffname"],
-)
-def test_java_trim_keeps_non_ascii_and_del_whitespace(value: str) -> None:
-    # Unlike str.strip(), Java's trim() only removes chars <= U+0020.
-    assert java_trim(value) == value
-
-
-def test_java_trim_mixed() -> None:
-    assert java_trim(" \u00a0 name \u00a0 ") == "\u00a0 name \u00a0"
-
 
 # --- FailureLimiter -----------------------------------------------------------------------------------
 
@@ -143,24 +111,3 @@ def test_blocked_does_not_count_as_failure() -> None:
         assert not limiter.blocked("key", "src")
     limiter.record_failure("key", "src")
     assert limiter.blocked("key", "src")
-
-
-# --- device names from X.509 common names ---------------------------------------------------------
-
-from provisioning_core.service import _name_from_common_name  # noqa: E402
-
-
-@pytest.mark.parametrize(
-    ("pattern", "common_name", "expected"),
-    [
-        (r"^(sensor-[0-9]+)\.example\.com$", "sensor-12.example.com", "sensor-12"),
-        (r"^(sensor-[0-9]+)\.example\.com$", "other.example.com", None),
-        ("(.*)", "  padded  ", "padded"),
-        ("(.*)", "x" * 255, "x" * 255),
-        ("(.*)", "x" * 256, None),  # longer than a device name may be
-        ("(.*)", "nul\x00inside", None),  # Postgres cannot store it
-        ("(.*)", None, None),
-    ],
-)
-def test_device_name_from_common_name(pattern: str, common_name: str | None, expected: str | None) -> None:
-    assert _name_from_common_name(pattern, common_name) == expected
