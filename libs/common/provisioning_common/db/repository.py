@@ -1,4 +1,4 @@
-"""Every SQL statement of provisioning-core and credentials, and the device writes the admin API shares.
+"""Every SQL statement of provisioning-core, credentials and the admin API (each in its own section).
 
 One typed function per query; rows come back as small frozen dataclasses, never as ``asyncpg.Record``.
 Both the core and the admin API create devices with credentials; doing it in one function keeps the
@@ -315,21 +315,213 @@ async def chain_profiles_by_ca_subject(
     return [ChainProfile(**dict(row)) for row in rows]
 
 
-DEVICE_SELECT = (
+# =====================================================================================================
+# --- admin API: device profiles and devices as an operator manages them (services/admin_api) ----------
+# =====================================================================================================
+# The admin API's own statements. Rows come back as ProfileRecord / DeviceRecord; the JSON shapes are the
+# admin API's business (services/admin_api/routers). Devices are written with insert_device (above).
+
+
+class ProfileConflict(Exception):
+    """A uniqueness rule refused a profile; ``what`` is ``provision_key`` or ``name``."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class ProfileInUse(Exception):
+    """Devices still reference the profile, so it cannot be deleted."""
+
+
+@dataclass(frozen=True)
+class ProfileFields:
+    """Every column an operator writes for a profile (validated by the admin API before it gets here)."""
+
+    name: str
+    provision_strategy: str
+    provision_key: str | None
+    provision_secret: str | None
+    certificate_pem: str | None
+    certificate_regex: str | None
+    ca_subject_hash: str | None
+    signing_certificate_pem: str | None
+    #: The signing CA's private key, encrypted (Fernet); never leaves the database in clear.
+    signing_key_enc: str | None
+    allow_create_by_x509: bool
+    issued_validity_days: int
+
+
+@dataclass(frozen=True)
+class ProfileRecord(ProfileFields):
+    """A stored profile: what was written, and the id and creation time the database keeps."""
+
+    id: uuid.UUID
+    created_at: datetime.datetime
+
+
+_PROFILE_FIELDS = (
+    "name", "provision_strategy", "provision_key", "provision_secret", "certificate_pem", "certificate_regex",
+    "ca_subject_hash", "signing_certificate_pem", "signing_key_enc", "allow_create_by_x509", "issued_validity_days",
+)
+_PROFILE_RECORD = ", ".join(("id", "created_at", *_PROFILE_FIELDS))
+
+
+def _profile_record(row: Any) -> ProfileRecord:
+    return ProfileRecord(**{name: row[name] for name in ("id", "created_at", *_PROFILE_FIELDS)})
+
+
+def _field_values(fields: ProfileFields) -> list[Any]:
+    return [getattr(fields, name) for name in _PROFILE_FIELDS]
+
+
+async def _write_profile(conn: asyncpg.Connection | asyncpg.Pool, sql: str, *args: Any) -> Any:
+    try:
+        return await conn.fetchrow(sql, *args)
+    except asyncpg.UniqueViolationError as exc:
+        raise ProfileConflict("provision_key" if "provision_key" in (exc.constraint_name or "") else "name") from None
+
+
+async def insert_profile(
+    conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID, fields: ProfileFields
+) -> ProfileRecord:
+    """Store a new profile. Raises :class:`ProfileConflict` when its name or provision key is taken."""
+    placeholders = ", ".join(f"${i}" for i in range(1, len(_PROFILE_FIELDS) + 2))
+    row = await _write_profile(
+        conn,
+        f"INSERT INTO device_profiles (id, {', '.join(_PROFILE_FIELDS)}) VALUES ({placeholders})"
+        f" RETURNING {_PROFILE_RECORD}",
+        profile_id, *_field_values(fields),
+    )
+    return _profile_record(row)
+
+
+async def update_profile(
+    conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID, fields: ProfileFields
+) -> ProfileRecord | None:
+    """Replace a profile's fields; None when there is no such profile. Raises :class:`ProfileConflict`."""
+    placeholders = ", ".join(f"${i}" for i in range(2, len(_PROFILE_FIELDS) + 2))
+    row = await _write_profile(
+        conn,
+        f"UPDATE device_profiles SET ({', '.join(_PROFILE_FIELDS)}, updated_at) = ({placeholders}, now())"
+        f" WHERE id = $1 RETURNING {_PROFILE_RECORD}",
+        profile_id, *_field_values(fields),
+    )
+    return None if row is None else _profile_record(row)
+
+
+async def profile_record(conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID) -> ProfileRecord | None:
+    row = await conn.fetchrow(f"SELECT {_PROFILE_RECORD} FROM device_profiles WHERE id = $1", profile_id)
+    return None if row is None else _profile_record(row)
+
+
+async def profile_exists(conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM device_profiles WHERE id = $1", profile_id))
+
+
+async def list_profiles(
+    conn: asyncpg.Connection | asyncpg.Pool, *, limit: int, offset: int
+) -> tuple[list[ProfileRecord], int]:
+    """One page of profiles (oldest first) and how many there are in all."""
+    rows = await conn.fetch(
+        f"SELECT {_PROFILE_RECORD}, count(*) OVER () AS total FROM device_profiles"
+        " ORDER BY created_at, id LIMIT $1 OFFSET $2",
+        limit, offset,
+    )
+    # Past the last page there is no row to carry the total.
+    total = rows[0]["total"] if rows else await conn.fetchval("SELECT count(*) FROM device_profiles")
+    return [_profile_record(row) for row in rows], int(total)
+
+
+async def delete_profile(conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID) -> bool:
+    """Whether a profile was deleted. Raises :class:`ProfileInUse` while devices reference it."""
+    try:
+        status = await conn.execute("DELETE FROM device_profiles WHERE id = $1", profile_id)
+    except asyncpg.ForeignKeyViolationError:
+        raise ProfileInUse from None
+    return not str(status).endswith(" 0")
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A device as the admin API lists it (its credentials' type; never their value)."""
+
+    id: uuid.UUID
+    name: str
+    profile_id: uuid.UUID
+    device_key: str
+    gateway: bool
+    provision_state: str | None
+    created_at: datetime.datetime
+    credentials_type: str | None
+
+
+_DEVICE_RECORD = (
     "SELECT d.id, d.name, d.profile_id, d.device_key, d.gateway, d.provision_state, d.created_at,"
-    " c.credentials_type, c.credentials_id FROM devices d LEFT JOIN device_credentials c ON c.device_id = d.id"
+    " c.credentials_type FROM devices d LEFT JOIN device_credentials c ON c.device_id = d.id"
 )
 
 
-def device_row_to_dict(row: Any) -> dict[str, Any]:
-    """The admin API's JSON shape of a device."""
-    return {
-        "id": str(row["id"]),
-        "name": row["name"],
-        "deviceProfileId": str(row["profile_id"]),
-        "deviceKey": row["device_key"],
-        "gateway": row["gateway"],
-        "provisionState": row["provision_state"],
-        "credentialsType": row["credentials_type"],
-        "createdTime": int(row["created_at"].timestamp() * 1000),
-    }
+def _device_record(row: Any) -> DeviceRecord:
+    return DeviceRecord(**dict(row))
+
+
+async def create_device(
+    pool: asyncpg.Pool,
+    *,
+    device_id: uuid.UUID,
+    name: str,
+    profile_id: uuid.UUID,
+    device_key: str,
+    prepared: PreparedCredentials,
+    value_enc: bytes,
+) -> DeviceRecord:
+    """A pre-provisioned device (not yet claimed by its device) with its credentials, the value encrypted
+    until the device collects it. Raises :class:`DeviceConflict` as :func:`insert_device` does."""
+    async with pool.acquire() as conn:
+        await insert_device(
+            conn, device_id=device_id, name=name, profile_id=profile_id, device_key=device_key, gateway=False,
+            provision_state=None, prepared=prepared, value_enc=value_enc,
+        )
+        record = await device_record(conn, device_id)
+    assert record is not None  # written just now, on this connection
+    return record
+
+
+async def device_record(conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID) -> DeviceRecord | None:
+    row = await conn.fetchrow(f"{_DEVICE_RECORD} WHERE d.id = $1", device_id)
+    return None if row is None else _device_record(row)
+
+
+async def list_devices(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    profile_id: uuid.UUID | None,
+    name_contains: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[DeviceRecord], int]:
+    """One page of devices (oldest first), optionally of one profile and/or whose name contains a text
+    (case-insensitive, taken literally: ``%`` and ``_`` match themselves), and how many match in all."""
+    where: list[str] = []
+    args: list[Any] = []
+    if profile_id is not None:
+        args.append(profile_id)
+        where.append(f"d.profile_id = ${len(args)}")
+    if name_contains:
+        escaped = name_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        args.append(f"%{escaped}%")
+        where.append(f"d.name ILIKE ${len(args)}")
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM devices d{clause}", *args)
+    rows = await conn.fetch(
+        f"{_DEVICE_RECORD}{clause} ORDER BY d.created_at, d.id LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
+        *args, limit, offset,
+    )
+    return [_device_record(row) for row in rows], int(total)
+
+
+async def delete_device(conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID) -> bool:
+    """Whether a device was deleted (its credentials go with it)."""
+    status = await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
+    return not str(status).endswith(" 0")
