@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,8 +14,8 @@ from typing import Any, TypeVar
 import asyncpg
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from provisioning_common.bus import CREDENTIALS_SERVICE, Handler
 from provisioning_common.certificates import name_hash, to_pem
+from provisioning_common.contract import AUTHENTICATE, ISSUE_CERTIFICATE, MINT_TOKENS, PREPARE, VERIFY_CHAIN, Handler
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.models import (
@@ -37,8 +38,6 @@ from . import hashing, x509_ca
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-SERVICE = CREDENTIALS_SERVICE
 
 _DENIED = AuthenticateResult(authenticated=False)
 
@@ -114,18 +113,20 @@ class CredentialsService:
         self._box = box
         self._guard = DatabaseGuard(logging.getLogger(__name__))
 
-    def handlers(self) -> dict[str, Handler]:
-        return {
-            "prepare": Handler(PrepareCredentialsRequest, self.prepare),
-            "mint_tokens": Handler(MintTokensRequest, self.mint_tokens),
-            "verify_chain": Handler(VerifyChainRequest, self._guarded(self.verify_chain)),
-            "issue_certificate": Handler(IssueCertificateRequest, self.issue_certificate),
-            "authenticate": Handler(AuthenticateRequest, self._guarded(self.authenticate)),
-        }
+    def handlers(self) -> list[Handler]:
+        """The entry points, one per method of :data:`contract.CREDENTIALS`."""
+        return [
+            PREPARE.handler(self.prepare),
+            MINT_TOKENS.handler(self.mint_tokens),
+            VERIFY_CHAIN.handler(self._guarded(self.verify_chain)),
+            ISSUE_CERTIFICATE.handler(self.issue_certificate),
+            AUTHENTICATE.handler(self._guarded(self.authenticate)),
+        ]
 
     def _guarded(self, func: Callable[[Req], Awaitable[Resp]]) -> Callable[[Req], Awaitable[Resp]]:
         """A handler that reads Postgres: an outage answers "unavailable" instead of a traceback."""
 
+        @functools.wraps(func)  # keeps func's annotations, which Bus.serve checks against the contract
         async def guarded(req: Req) -> Resp:
             return await self._guard.run(func(req))
 

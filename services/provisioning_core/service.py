@@ -28,15 +28,21 @@ import uuid
 
 import asyncpg
 from provisioning_common.bus import (
-    CORE_SERVICE,
-    CREDENTIALS_SERVICE,
     Bus,
     DeadlineExceeded,
-    Handler,
     RpcError,
     RpcTimeout,
     Unavailable,
     current_deadline,
+)
+from provisioning_common.contract import (
+    ABANDON,
+    ISSUE_CERTIFICATE,
+    PREPARE,
+    PROVISION,
+    PROVISION_X509_CHAIN,
+    VERIFY_CHAIN,
+    Handler,
 )
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
@@ -45,12 +51,10 @@ from provisioning_common.models import (
     IssueCertificateRequest,
     IssueCertificateResult,
     PrepareCredentialsRequest,
-    PrepareCredentialsResult,
     ProvisionRequest,
     ProvisionResult,
     ProvisionStatus,
     VerifyChainRequest,
-    VerifyChainResult,
     X509ChainProvisionRequest,
 )
 from provisioning_common.secretbox import InvalidToken, SecretBox
@@ -60,8 +64,6 @@ from . import rules
 from .profile_cache import ProfileCache
 from .rate_limit import FailureLimiter
 from .token_pool import TokenPool
-
-SERVICE = CORE_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,13 @@ class ProvisioningCore:
         self._replay_secret = box.derive_key(b"provision-replay-key")
         self._db = DatabaseGuard(log).run
 
-    def handlers(self) -> dict[str, Handler]:
-        return {
-            "provision": Handler(ProvisionRequest, self.provision),
-            "provision_x509_chain": Handler(X509ChainProvisionRequest, self.provision_x509_chain),
-            "abandon": Handler(ProvisionRequest, self.abandon),
-        }
+    def handlers(self) -> list[Handler]:
+        """The entry points, one per method of :data:`contract.CORE`."""
+        return [
+            PROVISION.handler(self.provision),
+            PROVISION_X509_CHAIN.handler(self.provision_x509_chain),
+            ABANDON.handler(self.abandon),
+        ]
 
     def replay_key(self, req: ProvisionRequest) -> str:
         """The id under which this request's answer is kept and replayed (:func:`rules.replay_key`)."""
@@ -203,14 +206,9 @@ class ProvisioningCore:
             elif source is rules.CredentialsSource.GENERATED_TOKEN:
                 prepared = await self._tokens.take(token_length)
             else:
-                reply = await self._bus.call(
-                    CREDENTIALS_SERVICE,
-                    "prepare",
-                    PrepareCredentialsRequest(
-                        credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
-                    ),
-                    PrepareCredentialsResult,
-                )
+                reply = await self._bus.call(PREPARE, PrepareCredentialsRequest(
+                    credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
+                ))
                 if not reply.ok or reply.prepared is None:
                     return rules.prepare_failure(reply.error_message).result()
                 prepared = reply.prepared
@@ -265,18 +263,13 @@ class ProvisioningCore:
         Called once :func:`rules.issue_refusal` found the profile's signing CA and the request's CSR.
         """
         assert profile.signing_certificate_pem is not None and profile.signing_key_enc is not None
-        return await self._bus.call(
-            CREDENTIALS_SERVICE,
-            "issue_certificate",
-            IssueCertificateRequest(
-                csr=req.credentials.csr,
-                device_name=name,
-                signing_certificate=profile.signing_certificate_pem,
-                signing_key_enc=profile.signing_key_enc,
-                validity_days=profile.issued_validity_days,
-            ),
-            IssueCertificateResult,
-        )
+        return await self._bus.call(ISSUE_CERTIFICATE, IssueCertificateRequest(
+            csr=req.credentials.csr,
+            device_name=name,
+            signing_certificate=profile.signing_certificate_pem,
+            signing_key_enc=profile.signing_key_enc,
+            validity_days=profile.issued_validity_days,
+        ))
 
     async def provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         """ThingsBoard's X.509 chain strategy (spec §8): create, rotate, or refuse on a TLS connect."""
@@ -284,9 +277,7 @@ class ProvisioningCore:
 
     async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         try:
-            verified = await self._bus.call(
-                CREDENTIALS_SERVICE, "verify_chain", VerifyChainRequest(chain=req.chain), VerifyChainResult
-            )
+            verified = await self._bus.call(VERIFY_CHAIN, VerifyChainRequest(chain=req.chain))
         except RpcError as exc:
             log.warning("credentials service unavailable: %s", exc)
             return ProvisionResult.failure()
