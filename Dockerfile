@@ -1,21 +1,25 @@
 # One image for every service: `docker run IMAGE <package>` runs `python -m <package>`
 # (http_gateway, admin_api, mqtt_gateway, coap_gateway, provisioning_core, credentials;
 # provisioning_common.db migrate and mqtt_gateway.devcert are the one-shot steps).
-# Base image pinned by tag; bump both stages together.
+# Base image pinned by tag (the newest 3.11 patch release); bump both stages together.
 
-FROM python:3.11.11-slim-bookworm AS builder
+FROM python:3.11.16-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+# The dependencies first (their layer is rebuilt only when the lock changes): exactly the versions of
+# requirements/runtime.txt (make lock), each file checked against the lock's hashes. Wheels only:
+# every one ships manylinux wheels for amd64 and arm64, so neither stage needs a compiler.
+COPY requirements ./requirements
+RUN /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/runtime.txt
 COPY pyproject.toml ./
 COPY libs ./libs
 COPY services ./services
-# Wheels only: every dependency ships manylinux wheels for amd64 and arm64, so neither this
-# stage nor the final one needs a compiler. pip itself is not needed at run time.
-RUN /opt/venv/bin/pip install --only-binary=:all: . \
+# Then the project itself, resolving nothing. pip itself is not needed at run time.
+RUN /opt/venv/bin/pip install --no-deps --only-binary=:all: . \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
-FROM python:3.11.11-slim-bookworm
+FROM python:3.11.16-slim-bookworm
 LABEL org.opencontainers.image.title="iot-provisioning" \
       org.opencontainers.image.description="ThingsBoard-compatible IoT device self-provisioning services"
 # A fixed numeric uid/gid, so that Kubernetes' runAsNonRoot can verify it; /tls is where the

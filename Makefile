@@ -5,13 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The locked dependencies, with hashes (make lock writes both): the runtime ones plus the test extra
+# for the venv, the runtime ones alone for the Dockerfile.
+LOCK := requirements/test.txt
+RUNTIME_LOCK := requirements/runtime.txt
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command "make lock" --quiet
 
-.PHONY: up test unit e2e install bench proto clean
+.PHONY: up test unit e2e install lint lock lock-upgrade bench proto clean
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions (pip refuses any file whose hash the lock does not list), then the
+# project itself without resolving anything; a changed lock or pyproject.toml reinstalls.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) requirements/check.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,13 +32,33 @@ up: $(STAMP)
 
 ## Unit tests plus end-to-end tests against real RabbitMQ and Postgres.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
+
+## The gates configured in pyproject.toml: ruff (lint) and mypy (strict on libs/ and services/).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .; ruff=$$?; $(VENV)/bin/mypy; exit $$(( ruff || $$? ))
+
+## Re-resolve the lock after a change to pyproject.toml's dependencies (pins that still fit are kept).
+lock: $(VENV)/bin/uv
+	$(UV_COMPILE) --extra test -o $(LOCK)
+	$(UV_COMPILE) --constraint $(LOCK) -o $(RUNTIME_LOCK)
+
+## Move every locked dependency to its newest release that pyproject.toml allows.
+lock-upgrade: $(VENV)/bin/uv
+	$(UV_COMPILE) --extra test --upgrade -o $(LOCK)
+	$(UV_COMPILE) --constraint $(LOCK) -o $(RUNTIME_LOCK)
+
+# uv comes from the lock (test extra); a venv that cannot install the lock yet (a dependency added
+# to pyproject.toml and not locked) still gets uv, so that make lock can repair it.
+$(VENV)/bin/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet 'uv>=0.13'
 
 unit: $(STAMP)
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit --durations=20 $(PYTEST_ARGS)
 
 e2e: $(STAMP)
-	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/e2e --durations=20 $(PYTEST_ARGS)
 
 ## HTTP load against a running `make up` stack.
 bench: $(STAMP)
