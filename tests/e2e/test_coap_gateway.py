@@ -451,7 +451,9 @@ async def test_gateway_without_core_answers_5_03_within_the_timeout(
     coap: aiocoap.Context, env: Env, stack: Stack
 ) -> None:
     lonely = Env(env.infra, database=env.database, namespace=f"e2e-coap-nocore-{uuid.uuid4().hex[:6]}.")
-    gateway = await asyncio.to_thread(Stack(lonely.variables(PROVISION_TIMEOUT_S="1", BUS_REPLY_GRACE_S="0.5"), ["coap_gateway"]).start)
+    gateway = await asyncio.to_thread(
+        Stack(lonely.variables(PROVISION_TIMEOUT_S="1", BUS_REPLY_GRACE_S="0.5"), ["coap_gateway"]).start
+    )
     try:
         started = time.monotonic()
         tb = await coap_request(coap, lonely, "/api/v1/provision",

@@ -176,7 +176,7 @@ async def test_http_gateway_finishes_requests_in_flight_refuses_new_ones_and_exi
         assert code == 0, gateway.output[-3000:]
         assert time.monotonic() - released < 10
         assert [r.status_code for r in responses] == [200] * len(names)
-        await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names, responses)})
+        await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names, responses, strict=False)})
 
 
 async def test_mqtt_gateway_answers_sessions_in_flight_refuses_new_ones_and_exits_0(env: Env) -> None:
@@ -194,7 +194,7 @@ async def test_mqtt_gateway_answers_sessions_in_flight_refuses_new_ones_and_exit
         answers = await asyncio.gather(*tasks)
         code, _ = await wait_exit(stack["mqtt_gateway"], PROVISION_TIMEOUT_S + 5)
         assert code == 0, stack["mqtt_gateway"].output[-3000:]
-        await assert_provisioned_once(env, profile, dict(zip(names, answers)))
+        await assert_provisioned_once(env, profile, dict(zip(names, answers, strict=False)))
 
 
 async def test_coap_gateway_answers_requests_in_flight_refuses_new_ones_with_5_03_and_exits_0(env: Env) -> None:
@@ -227,7 +227,9 @@ async def test_coap_gateway_answers_requests_in_flight_refuses_new_ones_with_5_0
         code, _ = await wait_exit(gateway, PROVISION_TIMEOUT_S + 5)
         assert code == 0, gateway.output[-3000:]
         assert all(r.code.is_successful() for r in responses), responses
-        await assert_provisioned_once(env, profile, {n: json.loads(r.payload) for n, r in zip(names, responses)})
+        await assert_provisioned_once(
+            env, profile, {n: json.loads(r.payload) for n, r in zip(names, responses, strict=False)}
+        )
 
 
 # --- provisioning-core -------------------------------------------------------------------------
@@ -266,7 +268,7 @@ async def test_core_finishes_and_acks_what_it_holds_then_exits_0(env: Env, two_c
         assert code == 0, first.output[-3000:]
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200] * len(tasks)
-    await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names + later, responses)})
+    await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names + later, responses, strict=False)})
     assert "still in flight" not in first.output
     # Each device was written by one core, once; the first core wrote its share before it exited.
     assert _provisioned(first) >= 1
@@ -294,5 +296,5 @@ async def test_core_past_its_drain_bound_exits_0_and_its_requests_are_redelivere
         # core answered the ones the first held (redelivered), and each device exists once.
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200] * len(names)
-    await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names, responses)})
+    await assert_provisioned_once(env, profile, {n: r.json() for n, r in zip(names, responses, strict=False)})
     assert second.proc.poll() is None

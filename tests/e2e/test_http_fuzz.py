@@ -296,7 +296,8 @@ async def test_http_fuzz_finds_no_5xx_and_no_traceback(env: Env, stack: Stack, a
     # And a device provisions normally afterwards.
     async with httpx.AsyncClient(base_url=env.http_url, timeout=15) as client:
         response = await client.post("/api/v1/provision", json={
-            "provisionDeviceKey": profile["provisionDeviceKey"], "provisionDeviceSecret": profile["provisionDeviceSecret"],
+            "provisionDeviceKey": profile["provisionDeviceKey"],
+            "provisionDeviceSecret": profile["provisionDeviceSecret"],
             "deviceName": f"after-fuzz-{uuid.uuid4().hex[:8]}"})
     assert response.status_code == 200 and response.json()["status"] == "SUCCESS", response.text
     assert list(response.json()) == ["credentialsValue", "credentialsType", "status"]

@@ -319,7 +319,9 @@ async def test_bad_thingsboard_requests_get_400_in_its_dialect(
 def test_bad_innoway_request_gets_400_in_its_dialect(http: httpx.Client) -> None:
     response = http.post("/api/provision", json={"provision_key": "k", "device_name": "n"})
     assert response.status_code == 400
-    assert response.json() == {"status": "FAILURE", "error_msg": "Failed to find the field provision_secret in JSON body!"}
+    assert response.json() == {
+        "status": "FAILURE", "error_msg": "Failed to find the field provision_secret in JSON body!"
+    }
 
 
 def test_oversize_body_is_refused(http: httpx.Client) -> None:
@@ -380,7 +382,8 @@ def test_pre_provisioned_refusals(http: httpx.Client, admin: Admin) -> None:
     assert provision(http, tb_request(pre, deviceName=foreign["name"])).content == FAILURE
     assert provision(http, tb_request(pre, deviceName="never-created")).content == FAILURE
     assert provision(http, tb_request(pre)).content == FAILURE
-    assert provision(http, tb_request(pre, deviceName=foreign["name"], provisionDeviceSecret="bad")).content == NOT_FOUND
+    bad_secret = tb_request(pre, deviceName=foreign["name"], provisionDeviceSecret="bad")
+    assert provision(http, bad_secret).content == NOT_FOUND
     # The foreign device is still unprovisioned.
     assert admin.http.get(f"/api/devices/{foreign['id']}").json()["provisionState"] is None
 

@@ -248,7 +248,9 @@ def test_mqtt311_device_asks_on_its_client_id_topic_in_either_dialect(
 ) -> None:
     device = Device(broker, mqtt.MQTTv311)
     try:
-        device.publish(f"provision/request/{device.client_id}", tb_request(profile, deviceName=f"b3-{uuid.uuid4().hex[:8]}"))
+        device.publish(
+            f"provision/request/{device.client_id}", tb_request(profile, deviceName=f"b3-{uuid.uuid4().hex[:8]}")
+        )
         [tb] = device.wait_for(1)
         device.publish(f"provision/request/{device.client_id}", {
             "provision_key": profile["provisionDeviceKey"], "provision_secret": profile["provisionDeviceSecret"],
@@ -276,7 +278,9 @@ def test_answers_stay_private_and_forged_or_unroutable_requests_get_nothing(
     spy.client.subscribe([("provision/request/#", 1), ("#", 1)])
     victim = Device(broker, mqtt.MQTTv311)
     try:
-        victim.publish(f"provision/request/{victim.client_id}", tb_request(profile, deviceName=f"pv-{uuid.uuid4().hex[:8]}"))
+        victim.publish(
+            f"provision/request/{victim.client_id}", tb_request(profile, deviceName=f"pv-{uuid.uuid4().hex[:8]}")
+        )
         victim.wait_for(1)
         # Someone else's request topic is not writable, so no answer can be provoked for the victim;
         # an MQTT 5 request whose Response Topic points outside provision/response/ is ignored, as is
@@ -507,7 +511,8 @@ def test_emqx_http_authenticator_shape(auth_url: str, http: httpx.Client, profil
 
         provisioning = ask(clientid="dev-42", username="provision", password="anything")
         assert provisioning["result"] == "allow" and provisioning["is_superuser"] is False
-        assert {"permission": "allow", "action": "subscribe", "topic": "eq provision/response/dev-42"} in provisioning["acl"]
+        subscribe_own = {"permission": "allow", "action": "subscribe", "topic": "eq provision/response/dev-42"}
+        assert subscribe_own in provisioning["acl"]
         assert provisioning["acl"][-1] == {"permission": "deny", "action": "all", "topic": "#"}
         for bad_id in ("a/b", "#", "a+", "star*", ""):
             assert ask(clientid=bad_id, username="provision", password="x")["result"] == "deny"
@@ -521,7 +526,8 @@ def test_emqx_http_authenticator_shape(auth_url: str, http: httpx.Client, profil
         # EMQX may also be configured to send a form body.
         form = client.post("/emqx/auth", data={"clientid": "c1", "username": token, "password": ""})
         assert form.json()["result"] == "allow"
-        assert client.post("/emqx/auth", content=b"[1]", headers={"content-type": "application/json"}).status_code == 400
+        not_an_object = client.post("/emqx/auth", content=b"[1]", headers={"content-type": "application/json"})
+        assert not_an_object.status_code == 400
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -531,15 +537,15 @@ def test_rabbitmq_auth_backend_http_shape(
     token = _token_device(http, profile)
     with httpx.Client(base_url=auth_url, timeout=10) as client:
         def ask(path: str, **params: str) -> str:
-            if method == "GET":
-                response = client.get(path, params=params)
-            else:
-                response = client.post(path, data=params)  # application/x-www-form-urlencoded
+            # POST sends application/x-www-form-urlencoded.
+            response = client.get(path, params=params) if method == "GET" else client.post(path, data=params)
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
             return response.text
 
         # /auth/user: RabbitMQ 3.13+/4.x send username, password, vhost, client_id (MQTT) and ssl.
-        assert ask("/auth/user", username="provision", password="x", vhost="/", client_id="dev-7", ssl="false") == "allow"
+        assert ask(
+            "/auth/user", username="provision", password="x", vhost="/", client_id="dev-7", ssl="false"
+        ) == "allow"
         assert ask("/auth/user", username="provision", password="x", vhost="/", client_id="dev*") == "deny"
         assert ask("/auth/user", username=token, password="", vhost="/", client_id="c2") == "allow"
         assert ask("/auth/user", username="any", password=token, vhost="/", client_id="c2") == "allow"

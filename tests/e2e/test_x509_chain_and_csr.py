@@ -247,7 +247,8 @@ def test_admin_validates_signing_pairs(admin: Admin) -> None:
         return admin.http.post("/api/device-profiles", json={"name": f"s-{uuid.uuid4().hex[:6]}",
                                                              "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES", **fields})
     mismatch = post(signingCertificatePem=ca.pem, signingKeyPem=other.key_pem)
-    assert mismatch.status_code == 400 and mismatch.json()["message"] == "signingKeyPem does not match signingCertificatePem"
+    assert mismatch.status_code == 400
+    assert mismatch.json()["message"] == "signingKeyPem does not match signingCertificatePem"
     assert post(signingCertificatePem=ca.pem).status_code == 400
     leaf = issue("leaf", ca)
     assert "not a CA" in post(signingCertificatePem=leaf.pem, signingKeyPem=leaf.key_pem).json()["message"]

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -107,10 +107,8 @@ def process_tree(roots: Iterable[int]) -> list[int]:
 
 def signal_pids(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
@@ -322,10 +320,8 @@ _LIVE: dict[int, _Instance] = {}
 
 def _stop_all_at_exit() -> None:
     for instance in list(_LIVE.values()):
-        try:
+        with suppress(Exception):  # best effort at interpreter exit
             instance.stop()
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
 
 
 atexit.register(_stop_all_at_exit)
@@ -487,8 +483,7 @@ class PrivateRabbitMQ(_Instance):
             ensure_port_free(port)
         began = time.monotonic()
         env = self._environment()
-        out = open(self.output_file, "ab")
-        try:
+        with open(self.output_file, "ab") as out:
             # Our own epmd in the foreground, so its PID is ours (the node would otherwise spawn a
             # daemonised one we would have to hunt for).
             self._epmd = subprocess.Popen(
@@ -505,8 +500,6 @@ class PrivateRabbitMQ(_Instance):
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
             self._register()
-        finally:
-            out.close()
         try:
             self._wait_accepting(began + timeout)
         except BaseException:

@@ -395,7 +395,8 @@ class FaultReport:
             "c_duplicates": len(self.duplicates), "c_extra_devices": len(self.extra_devices),
             "c_shared_tokens": self.shared_tokens,
             "d_secrets_in_logs": self.secrets_in_logs, "d_secret_lines": self.secret_lines_in_logs,
-            "e_tracebacks": self.tracebacks, "e_examples": self.traceback_examples[:6], "f_services": self.service_problems, "settle_s": round(self.settle_seconds, 1), "notes": self.notes,
+            "e_tracebacks": self.tracebacks, "e_examples": self.traceback_examples[:6],
+            "f_services": self.service_problems, "settle_s": round(self.settle_seconds, 1), "notes": self.notes,
         }
 
     def assert_ok(self) -> None:
@@ -464,7 +465,7 @@ def traceback_summaries(outputs: Mapping[str, str], limit: int = 10) -> list[str
             before = before.split(": ", 1)[-1] if ": " in before else before
             exception = ""
             for follow in lines[i + 1:]:
-                if follow.startswith("Traceback") or follow.startswith("During handling") or follow.startswith("The above"):
+                if follow.startswith(("Traceback", "During handling", "The above")):
                     continue
                 if follow and not follow.startswith(" "):
                     exception = follow
@@ -476,7 +477,9 @@ def traceback_summaries(outputs: Mapping[str, str], limit: int = 10) -> list[str
 _WORDS = re.compile(r"[A-Za-z0-9]{8,}")
 
 
-def scan_logs(outputs: Mapping[str, str], secrets_to_find: Iterable[str]) -> tuple[dict[str, int], dict[str, int], list[str]]:
+def scan_logs(
+    outputs: Mapping[str, str], secrets_to_find: Iterable[str]
+) -> tuple[dict[str, int], dict[str, int], list[str]]:
     """(distinct secrets found per service, lines holding one per service, a few redacted example lines).
 
     Alphanumeric secrets (tokens, passwords, provision secrets here) are looked up as whole words
@@ -546,7 +549,9 @@ async def check_no_stuck_devices(
                 report.committed_but_told_otherwise.append(name)
             else:
                 report.committed_untold.append(name)
-    report.committed_told_by_kind = dict(Counter(load.outcomes[n].kind.value for n in report.committed_but_told_otherwise))
+    report.committed_told_by_kind = dict(
+        Counter(load.outcomes[n].kind.value for n in report.committed_but_told_otherwise)
+    )
 
     # (b) the device's one retry: the same request, now that everything is back.
     to_retry = [load.requests[name] for name, o in load.outcomes.items() if o.kind is not Kind.SUCCESS]

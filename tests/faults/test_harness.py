@@ -97,20 +97,24 @@ async def test_private_postgres_stall_resume_and_restart(postgres: PrivatePostgr
         assert await conn.fetchval("SELECT count(*) FROM harness") == 1  # committed rows survive kill -9
     finally:
         await conn.close()
-    print(f"private Postgres initdb {postgres.initdb_seconds:.1f}s, starts {[round(s, 2) for s in postgres.start_times]}"
+    starts = [round(s, 2) for s in postgres.start_times]
+    print(f"private Postgres initdb {postgres.initdb_seconds:.1f}s, starts {starts}"
           f" (last after kill -9: {seconds:.2f}s)")
 
 
 def test_instances_are_gone_after_their_fixtures_end() -> None:
     """The fixtures' own bodies, ended by a failing test: every PID, port and directory is gone."""
     recorded: dict[str, tuple[list[int], list[int], Path]] = {}
-    with pytest.raises(RuntimeError, match="the test failed"):
-        with private_rabbitmq() as rabbit, private_postgres() as postgres:
-            postgres.pause()  # even a frozen server is cleaned up
-            recorded = {"rabbit": (rabbit.pids(), rabbit.ports(), rabbit.base_dir),
-                        "postgres": (postgres.pids(), postgres.ports(), postgres.base_dir)}
-            assert all(pids for pids, _, _ in recorded.values())
-            raise RuntimeError("the test failed")
+    with (
+        pytest.raises(RuntimeError, match="the test failed"),
+        private_rabbitmq() as rabbit,
+        private_postgres() as postgres,
+    ):
+        postgres.pause()  # even a frozen server is cleaned up
+        recorded = {"rabbit": (rabbit.pids(), rabbit.ports(), rabbit.base_dir),
+                    "postgres": (postgres.pids(), postgres.ports(), postgres.base_dir)}
+        assert all(pids for pids, _, _ in recorded.values())
+        raise RuntimeError("the test failed")
     for name, (pids, ports, base_dir) in recorded.items():
         assert not [pid for pid in pids if is_running(pid)], name
         assert not [port for port in ports if port_accepts(port)], name

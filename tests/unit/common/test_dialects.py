@@ -1,4 +1,7 @@
-"""Wire dialects: request parsing and response rendering (thingsboard-provisioning.md §1-§2, innoway-provisioning.md)."""
+"""Wire dialects: request parsing and response rendering.
+
+See thingsboard-provisioning.md §1-§2 and innoway-provisioning.md.
+"""
 
 from __future__ import annotations
 

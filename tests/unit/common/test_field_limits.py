@@ -60,7 +60,8 @@ def pb_payload(field: str, value: str) -> bytes:
     msg.provisionDeviceCredentialsMsg.provisionDeviceSecret = "secret"
     creds = msg.credentialsDataProto
     target = {
-        "provisionDeviceKey": msg.provisionDeviceCredentialsMsg, "provisionDeviceSecret": msg.provisionDeviceCredentialsMsg,
+        "provisionDeviceKey": msg.provisionDeviceCredentialsMsg,
+        "provisionDeviceSecret": msg.provisionDeviceCredentialsMsg,
         "deviceName": msg, "token": creds.validateDeviceTokenRequestMsg, "hash": creds.validateDeviceX509CertRequestMsg,
         "clientId": creds.validateBasicMqttCredRequestMsg, "userName": creds.validateBasicMqttCredRequestMsg,
         "password": creds.validateBasicMqttCredRequestMsg,
@@ -218,7 +219,9 @@ async def test_transport_api_counts_malformed_requests_per_source() -> None:
     for _ in range(3):
         outcome = await api.provision(bad, transport=Transport.HTTP, source_address="10.0.0.1")
         assert outcome.kind is OutcomeKind.BAD_REQUEST
-        assert json.loads(outcome.body) == {"errorMsg": "Field deviceName contains a NUL character", "status": "FAILURE"}
+        assert json.loads(outcome.body) == {
+            "errorMsg": "Field deviceName contains a NUL character", "status": "FAILURE"
+        }
     blocked = await api.provision(bad, transport=Transport.HTTP, source_address="10.0.0.1")
     assert blocked.kind is OutcomeKind.ANSWERED
     assert blocked.body == b'{"errorMsg":"' + MSG_TOO_MANY_FAILURES.encode() + b'","status":"FAILURE"}'

@@ -124,7 +124,10 @@ def test_certificate_body_accepts_bare_base64(self_signed_cert: SelfSignedCert) 
 
 @pytest.mark.parametrize(
     "bad",
-    ["testHash", "", "not base64 at all!", "MIIB", "AAAA" * 20, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----"],
+    [
+        "testHash", "", "not base64 at all!", "MIIB", "AAAA" * 20,
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----",
+    ],
 )
 def test_certificate_body_rejects_non_certificates(bad: str) -> None:
     with pytest.raises(ValueError, match="X.509"):
