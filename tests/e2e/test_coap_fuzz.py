@@ -22,6 +22,7 @@ aiocoap's encoder refuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -417,10 +418,8 @@ async def well_formed_requests(port: int, findings: Findings, requests: list[tup
                 except TimeoutError:
                     if mid.to_bytes(2, "big") in endpoint.acked:
                         # ACKed empty: the separate answer comes within PROVISION_TIMEOUT_S (5 s here).
-                        try:
+                        with contextlib.suppress(TimeoutError):
                             answer = await asyncio.wait_for(asyncio.shield(waiter), 15.0)
-                        except TimeoutError:
-                            pass
                         break
             endpoint.waiters.pop(token, None)
             if answer is None:
