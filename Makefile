@@ -30,9 +30,12 @@ install: $(STAMP)
 up: $(STAMP)
 	$(PY) -m devstack up
 
-## Unit tests plus end-to-end tests against real RabbitMQ and Postgres.
-test: $(STAMP)
-	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
+## The gates (ruff, mypy strict), then unit, end-to-end, fault and deployment tests against real
+## RabbitMQ and Postgres; prints the slowest tests and the suite's wall time.
+test: lint
+	@start=$$(date +%s); $(PY) -m pytest --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	echo "suite wall time: $$(( $$(date +%s) - start )) s"; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; exit $$rc
 
 ## The gates configured in pyproject.toml: ruff (lint) and mypy (strict on libs/ and services/).
 lint: $(STAMP)
