@@ -415,6 +415,13 @@ class Bus:
         except DeadlineExceeded:
             reply, headers = RpcFailure(error="deadline exceeded", code=CODE_DEADLINE), {ERROR_HEADER: 1}
         except Unavailable as exc:
+            if handler is not None and not handler.replies:
+                # A one-way message (an abandon) that a dependency outage kept from being done:
+                # nobody waits for it, so try again once the outage may be over instead of losing it.
+                await asyncio.sleep(self._settings.bus_reconnect_interval_s)
+                with contextlib.suppress(Exception):  # the channel is gone: the broker redelivers it anyway
+                    await message.nack(requeue=True)
+                return
             reply, headers = RpcFailure(error=str(exc), code=CODE_UNAVAILABLE), {ERROR_HEADER: 1}
         except RpcError as exc:
             reply, headers = RpcFailure(error=str(exc)), {ERROR_HEADER: 1}

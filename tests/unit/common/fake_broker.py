@@ -17,7 +17,8 @@ from provisioning_common.settings import Settings
 class Delivered:
     """What a consumer gets (the attributes of aio_pika's incoming message that the Bus reads)."""
 
-    def __init__(self, message: Any) -> None:
+    def __init__(self, message: Any, broker: Broker | None = None, routing_key: str = "") -> None:
+        self.message, self.broker, self.routing_key = message, broker, routing_key
         self.body, self.type, self.headers = message.body, message.type, message.headers
         self.reply_to, self.correlation_id, self.message_id = (
             message.reply_to, message.correlation_id, message.message_id)
@@ -25,6 +26,12 @@ class Delivered:
 
     async def ack(self) -> None:
         self.acked = True
+
+    async def nack(self, requeue: bool = True) -> None:
+        """Like RabbitMQ: a requeued message is delivered again."""
+        if self.broker is not None and requeue:
+            self.broker.requeued += 1
+            self.broker.deliver(self.routing_key, self.message)
 
 
 class Broker:
@@ -34,13 +41,14 @@ class Broker:
         self.declared: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = 0  # connections closed
+        self.requeued = 0
 
     def deliver(self, routing_key: str, message: Any) -> None:
         consumer = self.consumers.get(routing_key)
         if consumer is None:
             self.waiting.setdefault(routing_key, []).append(message)
             return
-        task = asyncio.create_task(consumer(Delivered(message)))
+        task = asyncio.create_task(consumer(Delivered(message, self, routing_key)))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -69,6 +69,37 @@ async def test_call_returns_the_declared_reply_and_one_way_messages_arrive(broke
     await server.close()
 
 
+async def test_a_one_way_message_kept_from_its_work_by_an_outage_is_delivered_again(
+    broker: tuple[Broker, Any]
+) -> None:
+    """An abandon that finds the database down must not be lost: it is requeued and done later."""
+    from provisioning_common.bus import Unavailable
+
+    attempts: list[str] = []
+
+    async def note(request: Ping) -> None:
+        attempts.append(request.text)
+        if len(attempts) < 3:
+            raise Unavailable("database unavailable")
+
+    server = await connect(ECHO_SERVICE.name, bus_reconnect_interval_s=0.01)
+    client = await connect("unit_client")
+
+    async def echo(request: Ping) -> Pong:
+        return Pong(text=request.text)
+
+    await server.serve(ECHO_SERVICE, [ECHO.handler(echo), NOTE.handler(note)])
+    client.send_reliably(NOTE, Ping(text="abandon me"))
+    for _ in range(500):
+        if len(attempts) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert attempts == ["abandon me"] * 3 and broker[0].requeued == 2
+    await client.close()
+    await server.stop_consuming(1)
+    await server.close()
+
+
 async def test_the_connection_is_named_after_the_service(broker: tuple[Broker, dict[str, Any]]) -> None:
     await connect("provisioning_core")
     assert broker[1]["client_properties"] == {"connection_name": "provisioning_core"}

@@ -21,6 +21,9 @@ DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # A pooled connection left mid-operation by a server that went away ("cannot switch to state
+    # ...; another operation is in progress"), seen when Postgres restarts under load.
+    asyncpg.InternalClientError,
 )
 
 
