@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 
 from provisioning_common import device_auth
@@ -45,6 +46,8 @@ RESPONSE_TOPIC = GATEWAY_RESPONSE_TOPIC
 ACCEPTED = 0
 _REFUSED_PROTOCOL = {3: 0x01, 4: 0x01, 5: 0x84}
 _REFUSED_IDENTIFIER = {3: 0x02, 4: 0x02, 5: 0x85}
+#: MQTT 5 CONNACK property: the client identifier the server assigned to an empty one.
+ASSIGNED_CLIENT_IDENTIFIER = 0x12
 _SERVER_UNAVAILABLE = {3: 0x03, 4: 0x03, 5: 0x88}
 _NOT_AUTHORIZED = {3: 0x05, 4: 0x05, 5: 0x87}
 
@@ -116,8 +119,9 @@ class MqttSession:
                 # The client's level is unknown to us: answer in 3.1.1's format (0x01), as brokers do.
                 self._send(codec.encode_connack(_REFUSED_PROTOCOL[4], protocol_level=4))
                 return
-            except IdentifierRejected:
-                self._send(codec.encode_connack(_REFUSED_IDENTIFIER[4], protocol_level=4))
+            except IdentifierRejected as exc:
+                level = exc.protocol_level if exc.protocol_level in _REFUSED_IDENTIFIER else 4
+                self._send(codec.encode_connack(_REFUSED_IDENTIFIER[level], protocol_level=level))
                 return
             if not isinstance(connect, Connect):  # decode_packet guarantees it; defensive
                 return
@@ -191,7 +195,11 @@ class MqttSession:
                 code = _NOT_AUTHORIZED[self._level]
             self._send(codec.encode_connack(code, protocol_level=self._level))
             return False
-        self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level))
+        properties: dict[int, object] = {}
+        if self._level == 5 and not connect.client_id:
+            # MQTT-3.2.2-16: a server that accepts an empty identifier tells the client the one it assigned.
+            properties[ASSIGNED_CLIENT_IDENTIFIER] = f"auto-{uuid.uuid4().hex}"
+        self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level, properties=properties))
         return True
 
     async def _provision_chain(self, chain: list[str]) -> str | None:

@@ -249,6 +249,57 @@ def test_malformed_packets_close_only_their_connection(env: Env, stack: Stack, p
     assert mc.provision_json(env.mqtt_port, tb_request(profile))["status"] == "SUCCESS"
 
 
+async def test_mqtt5_empty_client_id_without_clean_start_gets_an_assigned_id(
+    env: Env, stack: Stack, profile: dict
+) -> None:
+    """ThingsBoard's Python SDK reconnects with MQTT 5, an empty client id and Clean Start 0. MQTT 5
+    lets the server assign the id (MQTT-3.1.3-6) and say so in CONNACK (Assigned Client Identifier);
+    answering with a 3.1.1-shaped refusal killed paho's network thread. Checked with paho itself."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    name = f"sdk-{uuid.uuid4().hex[:6]}"
+    answer = await asyncio.to_thread(mc.provision_json, env.mqtt_port, tb_request(profile, deviceName=name))
+    connected: asyncio.Future[tuple[int, object]] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+
+    def on_connect(_c: object, _u: object, _flags: object, reason: object, properties: object) -> None:
+        value = getattr(reason, "value", reason)
+        loop.call_soon_threadsafe(lambda: connected.done() or connected.set_result((value, properties)))
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+    client.username_pw_set(answer["credentialsValue"])
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", env.mqtt_port, clean_start=False)
+    client.loop_start()
+    try:
+        reason, properties = await asyncio.wait_for(connected, 10)
+        assert reason == 0
+        assigned = getattr(properties, "AssignedClientIdentifier", "")
+        assert assigned.startswith("auto-")
+        info = client.publish("v1/devices/me/telemetry", json.dumps({"t": 1}), qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+        assert info.is_published() and client.is_connected()  # the session works after the CONNACK
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("level", "connack"), [(3, b"\x20\x02\x00\x02"), (4, b"\x20\x02\x00\x02")], ids=["3.1", "3.1.1"]
+)
+def test_empty_client_id_is_refused_where_the_level_forbids_it(
+    env: Env, stack: Stack, level: int, connack: bytes
+) -> None:
+    """3.1 never allows an empty id, 3.1.1 only with a clean session: CONNACK 2 at the client's level."""
+    packet = client_codec.encode_connect("", username="provision", clean_session=level == 3, protocol_level=level)
+    sock = mc.raw_connect(env.mqtt_port, packet)
+    try:
+        assert mc.read_until_closed(sock) == connack
+    finally:
+        sock.close()
+
+
 def test_unsupported_protocol_level_gets_connack_1(env: Env, stack: Stack) -> None:
     packet = b"\x10\x0e\x00\x04MQTT\x07\x02\x00\x3c\x00\x02id"
     sock = mc.raw_connect(env.mqtt_port, packet)

@@ -116,10 +116,13 @@ class UnsupportedProtocol(ProtocolError):
 
 class IdentifierRejected(ProtocolError):
     """CONNECT with a client identifier the spec does not allow (empty where it must not be).
-    Distinct so that the server can answer CONNACK 0x02 (3.1/3.1.1) / 0x85 (5)."""
+    Distinct so that the server can answer CONNACK 0x02 (3.1/3.1.1) / 0x85 (5) at the client's level."""
 
-    def __init__(self, message: str, reason_code: int = CLIENT_IDENTIFIER_NOT_VALID) -> None:
+    def __init__(
+        self, message: str, reason_code: int = CLIENT_IDENTIFIER_NOT_VALID, *, protocol_level: int = 4
+    ) -> None:
         super().__init__(message, reason_code)
+        self.protocol_level = protocol_level
 
 
 # --- packets --------------------------------------------------------------------------------------
@@ -591,10 +594,11 @@ def _decode_connect(flags: int, body: bytes) -> Connect:
     if pos != end:
         raise ProtocolError("trailing bytes after CONNECT payload")
     # Last, so that a malformed packet is reported as such rather than as a bad identifier.
-    # 3.1 requires 1..23 characters (we accept longer, as brokers do); 3.1.1 and 5 allow an
-    # empty identifier only for a clean session, since there is no session to resume by it.
-    if not client_id and (level == 3 or not clean):
-        raise IdentifierRejected("empty client identifier")
+    # 3.1 requires 1..23 characters (we accept longer, as brokers do); 3.1.1 allows an empty
+    # identifier only for a clean session (MQTT-3.1.3-7); 5 allows it whatever Clean Start says,
+    # and the server assigns one (MQTT-3.1.3-6; ThingsBoard's SDK reconnects that way).
+    if not client_id and (level == 3 or (level == 4 and not clean)):
+        raise IdentifierRejected("empty client identifier", protocol_level=level)
     return Connect(
         name,
         level,

@@ -561,7 +561,6 @@ MALFORMED: list[tuple[str, bytes, int | None, type[ProtocolError], int | None]] 
      raw(0x10, connect_body(MQTT, 4, 0x06, OK_PAYLOAD + s("") + s("x"))), None, ProtocolError, None),
     # client identifier
     ("empty-id-not-clean-4", raw(0x10, connect_body(MQTT, 4, 0x00, s(""))), None, IdentifierRejected, 0x85),
-    ("empty-id-not-clean-5", raw(0x10, connect_body(MQTT, 5, 0x00, s(""))), None, IdentifierRejected, 0x85),
     ("empty-id-3", raw(0x10, connect_body(b"MQIsdp", 3, 0x02, s(""))), None, IdentifierRejected, 0x85),
     ("empty-id-but-malformed", raw(0x10, connect_body(MQTT, 4, 0x00, s("") + b"x")), None, ProtocolError, 0x81),
     # strings
@@ -659,6 +658,9 @@ ACCEPTED: list[tuple[str, bytes, int | None, Packet]] = [
      raw(0x10, connect_body(MQTT, 4, 0x02, s(""))), None, Connect("MQTT", 4, "", True, 60, None, None)),
     ("empty-id-clean-5",
      raw(0x10, connect_body(MQTT, 5, 0x02, s(""))), None, Connect("MQTT", 5, "", True, 60, None, None)),
+    # MQTT 5 lets the server assign an identifier whatever Clean Start says (ThingsBoard's SDK reconnects so).
+    ("empty-id-not-clean-5",
+     raw(0x10, connect_body(MQTT, 5, 0x00, s(""))), None, Connect("MQTT", 5, "", False, 60, None, None)),
     ("long-id-3", raw(0x10, connect_body(b"MQIsdp", 3, 0x00, s("x" * 40))), None,
      Connect("MQIsdp", 3, "x" * 40, False, 60, None, None)),
     ("password-without-user-5", raw(0x10, connect_body(MQTT, 5, 0x42, OK_PAYLOAD + s("pw"))), None,
