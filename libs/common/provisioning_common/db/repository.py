@@ -186,17 +186,12 @@ async def claim_request_id(
     With ``expire_after_s`` a claim older than that many seconds is forgotten first (content keys
     expire with the replay window; message ids never do).
     """
-    if expire_after_s is not None:
-        await conn.execute(
-            "DELETE FROM provision_requests WHERE request_id = $1"
-            " AND created_at < clock_timestamp() - make_interval(secs => $2)",
-            request_id, expire_after_s,
-        )
     claimed = await conn.fetchval(
-        "INSERT INTO provision_requests (request_id, kind) VALUES ($1, 'claimed') ON CONFLICT DO NOTHING RETURNING 1",
+        "SELECT claim_provision_request($1, 'claimed', NULL, NULL, $2)",
         request_id,
+        None if expire_after_s is None else datetime.timedelta(seconds=expire_after_s),
     )
-    return claimed is not None
+    return bool(claimed)
 
 
 async def record_answer(
