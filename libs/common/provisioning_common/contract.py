@@ -25,8 +25,12 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from pydantic import BaseModel
 
 from .models import (
+    AttributesQuery,
+    AttributesSaved,
+    AttributesSnapshot,
     AuthenticateRequest,
     AuthenticateResult,
+    ClientAttributesUpdate,
     IssueCertificateRequest,
     IssueCertificateResult,
     MintTokensRequest,
@@ -177,5 +181,32 @@ VERIFY_CHAIN = CREDENTIALS.rpc("verify_chain", VerifyChainRequest, VerifyChainRe
 ISSUE_CERTIFICATE = CREDENTIALS.rpc("issue_certificate", IssueCertificateRequest, IssueCertificateResult)
 AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, AuthenticateResult)
 
-#: Topic exchange of device telemetry (routing key: the device id), published by the gateways.
+#: device_api: a provisioned device's attributes in Postgres, for the gateways (served by the
+#: provisioning-core process, on its own queue so that device traffic never queues provisioning).
+DEVICE_API = Service("device_api")
+GET_ATTRIBUTES = DEVICE_API.rpc("get_attributes", AttributesQuery, AttributesSnapshot)
+#: Stores the client attributes a device published, then announces them on ATTRIBUTES_EXCHANGE.
+SAVE_CLIENT_ATTRIBUTES = DEVICE_API.rpc("save_client_attributes", ClientAttributesUpdate, AttributesSaved)
+
+# --- device data on the bus: what the operator's backend consumes and produces (README, "Device data
+# on RabbitMQ"). Every exchange is a durable topic exchange (named with BUS_NAMESPACE in front) and every
+# routing key is the device id; bodies are the device's own JSON, unchanged. ----------------------------
+
+#: Uplink: telemetry a device published (a JSON object or array), from the gateways.
 TELEMETRY_EXCHANGE = "device.telemetry"
+#: Uplink: client attributes a device published (a JSON object), once stored, from device_api.
+ATTRIBUTES_EXCHANGE = "device.attributes"
+#: Uplink: a device's client-side RPC, ``{"method": ..., "params": ...}``, with ``reply_to`` and
+#: ``correlation_id`` set: the backend answers by publishing any JSON to the default exchange with
+#: routing key ``reply_to`` and the same ``correlation_id``; the device receives that body.
+RPC_REQUEST_EXCHANGE = "device.rpc"
+#: Downlink, to devices: the message's AMQP ``type`` says what it is (DOWNLINK_*). The gateway
+#: instance holding the device's session has its queue bound by the device id while the session
+#: lives, so a message published ``mandatory`` comes back unroutable when the device is offline.
+DOWNLINK_EXCHANGE = "device.downlink"
+#: A server-side RPC, ``{"method": ..., "params": ...}``: two-way when ``reply_to`` and
+#: ``correlation_id`` are set (the device's answer is published there), one-way otherwise. An
+#: ``expiration`` (ms) or ``x-deadline`` header (Unix time) bounds how long the device may take.
+DOWNLINK_RPC = "rpc"
+#: Shared attributes changed: ``{"key": value, ...}``, or ``{"deleted": ["key", ...]}``.
+DOWNLINK_ATTRIBUTES = "attributes"

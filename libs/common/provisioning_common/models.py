@@ -230,3 +230,49 @@ class RpcFailure(_Frozen):
     error: str
     #: Machine-readable reason the caller acts on (``deadline_exceeded``, ``unavailable``); None otherwise.
     code: str | None = None
+
+
+# --- the device API after provisioning (attributes; RPC bodies travel as JSON, see contract) --------------
+
+
+class AttributeScope(str, enum.Enum):
+    """ThingsBoard's three attribute scopes: the device writes ``client``, operators ``shared`` (which
+    devices read and are notified of) and ``server`` (which devices never see, e.g. ``provisionState``)."""
+
+    CLIENT = "client"
+    SHARED = "shared"
+    SERVER = "server"
+
+
+#: Longest attribute key (ThingsBoard's key_dictionary column is varchar(255)).
+MAX_ATTRIBUTE_KEY = 255
+
+
+class AttributesQuery(_Frozen):
+    """A device asks for its client and/or shared attributes (ThingsBoard's attribute request).
+
+    ``None``: that scope was not asked for (nothing of it returned); ``[]``: every key of that scope.
+    A request naming neither scope is, as in ThingsBoard, both with every key (the gateway decides).
+    """
+
+    device_id: str
+    client_keys: list[str] | None = Field(default=None, max_length=1000)
+    shared_keys: list[str] | None = Field(default=None, max_length=1000)
+
+
+class AttributesSnapshot(_Frozen):
+    """The attributes found, by key; a scope with nothing found is empty (and left out on the wire)."""
+
+    client: dict[str, Any] = Field(default_factory=dict)
+    shared: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClientAttributesUpdate(_Frozen):
+    """A device publishes client attributes: a JSON object, stored key by key (and announced on the bus)."""
+
+    device_id: str
+    values: dict[str, Any] = Field(max_length=1000)
+
+
+class AttributesSaved(_Frozen):
+    saved: int
