@@ -125,7 +125,8 @@ def _drop_database(env: Env) -> None:
     asyncio.run(
         _drop_namespace(
             env.infra.rabbitmq_url,
-            [f"{env.namespace}{n}" for n in ("provisioning_core", "credentials", "device.telemetry")],
+            [f"{env.namespace}{n}" for n in ("provisioning_core", "credentials", "device_api", "device.telemetry",
+                                                    "device.attributes", "device.rpc", "device.downlink")],
         )
     )
 

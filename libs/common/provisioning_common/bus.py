@@ -101,6 +101,14 @@ def outcome_unknown(exc: RpcError) -> bool:
     return isinstance(exc, ConnectionLost) or type(exc) is RpcTimeout
 
 
+class NoRoute(RpcError):
+    """A ``mandatory`` message came back: no queue is bound for its routing key (nobody listens)."""
+
+
+def type_name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
 class Unavailable(RpcError):
     """A dependency (database, another service) is down; the caller gets a clear "retry later"."""
 
@@ -167,6 +175,14 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self._connection.connected.is_set() and self._channel is not None and not self._channel.is_closed
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    async def open_channel(self) -> AbstractChannel:
+        """Another channel on this connection (restored with it), e.g. for a consumer with its own prefetch."""
+        return await self._connection.channel()
 
     @property
     def channel(self) -> AbstractChannel:
@@ -326,25 +342,120 @@ class Bus:
         if self._outbox:
             log.warning("%d one-way messages (abandoned requests) not sent before stopping", len(self._outbox))
 
+    async def exchange(self, name: str) -> AbstractExchange:
+        """A durable topic exchange of the device-data contract (``contract.*_EXCHANGE``), declared once."""
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self.channel.declare_exchange(self._settings.queue(name), ExchangeType.TOPIC, durable=True)
+            self._exchanges[name] = exchange
+        return exchange
+
     async def publish_event(self, exchange_name: str, routing_key: str, body: bytes) -> None:
         """Publish to a durable topic exchange (declared once), with publisher confirms.
 
+        Not mandatory: an event nobody subscribed to is dropped, as on any topic exchange.
         Raises :class:`RpcError` when the broker cannot take it."""
-        exchange = self._exchanges.get(exchange_name)
-        if exchange is None:
-            exchange = await self.channel.declare_exchange(
-                self._settings.queue(exchange_name), ExchangeType.TOPIC, durable=True
-            )
-            self._exchanges[exchange_name] = exchange
+        await self.publish(exchange_name, routing_key, body, persistent=True)
+
+    async def publish(
+        self,
+        exchange_name: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        type: str | None = None,  # noqa: A002 - the AMQP property's name
+        headers: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        expiration: float | None = None,
+        mandatory: bool = False,
+        persistent: bool = False,
+    ) -> None:
+        """Publish one message to a contract exchange, with publisher confirms.
+
+        ``mandatory``: raise :class:`NoRoute` when no queue is bound for ``routing_key`` (for
+        ``device.downlink``: the device has no session). ``expiration`` (seconds): the broker drops
+        the message if it is still queued then. Raises :class:`RpcError` when the broker cannot take it.
+        """
+        exchange = await self.exchange(exchange_name)
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            type=type,
+            headers=headers or {},
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            expiration=expiration,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
         try:
-            # Not mandatory: an event nobody subscribed to is dropped, as on any topic exchange.
-            await exchange.publish(
-                aio_pika.Message(body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=routing_key,
-                mandatory=False,
-            )
+            await exchange.publish(message, routing_key=routing_key, mandatory=mandatory)
+        except aiormq.exceptions.PublishError:
+            raise NoRoute(f"nothing bound to {exchange_name} for this key") from None
         except Exception as exc:
-            raise RpcError(f"bus unavailable: {type(exc).__name__}") from None
+            raise RpcError(f"bus unavailable: {type_name(exc)}") from None
+
+    async def ask(
+        self,
+        exchange_name: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        timeout: float,
+        type: str | None = None,  # noqa: A002 - the AMQP property's name
+        headers: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Publish a request to a contract exchange and wait for the one answer to it.
+
+        The message carries this process's reply queue as ``reply_to``, a fresh ``correlation_id``,
+        an ``x-deadline`` header and an ``expiration``: whoever handles it (a gateway for a device's
+        server-side RPC, the operator's backend for a client-side RPC) publishes the answer body to
+        the default exchange with routing key ``reply_to`` and the same ``correlation_id`` (:meth:`reply`).
+        Raises :class:`NoRoute` when nothing is bound for ``routing_key``, :class:`RpcTimeout` when no
+        answer came within ``timeout``, :class:`ConnectionLost` when the bus dropped meanwhile.
+        """
+        if timeout <= 0:
+            raise RpcTimeout("no time left")
+        await self._ensure_reply_consumer()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        deadline = time.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.publish(
+                    exchange_name,
+                    routing_key,
+                    body,
+                    type=type,
+                    headers={**(headers or {}), DEADLINE_HEADER: f"{deadline:.6f}"},
+                    reply_to=self._reply_queue_name,
+                    correlation_id=correlation_id,
+                    expiration=timeout,
+                    mandatory=True,
+                )
+                reply = await future
+        except TimeoutError:
+            raise RpcTimeout(f"no answer on {exchange_name} within {timeout:.3g}s") from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        return bytes(reply.body)
+
+    async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
+        """Answer a message that asked (:meth:`ask`, or :meth:`call`'s protocol) on its ``reply_to``.
+
+        Dropped silently when the asker is gone (its reply queue no longer exists): it stopped waiting.
+        Raises :class:`RpcError` when the broker cannot take it."""
+        try:
+            await self.channel.default_exchange.publish(
+                aio_pika.Message(body, content_type="application/json", correlation_id=correlation_id),
+                routing_key=reply_to,
+                mandatory=True,
+            )
+        except aiormq.exceptions.PublishError:
+            return
+        except Exception as exc:
+            raise RpcError(f"bus unavailable: {type_name(exc)}") from None
 
     # --- service side ------------------------------------------------------------------
 

@@ -107,6 +107,24 @@ class Settings(BaseSettings):
     #: (RLIMIT_NOFILE, whose soft value is raised to the hard one).
     http_max_connections: int = Field(default=4096, ge=1)
 
+    #: The device API after provisioning (attributes, RPC; README "Device API"), on every gateway.
+    #: Messages one device session may send (publishes / requests), in ThingsBoard's notation
+    #: ``capacity:seconds[,capacity:seconds...]``; what ``getSessionLimits`` reports. "" = unlimited.
+    device_messages_rate_limit: str = Field(default="100:1,3000:60", pattern=r"^(\s*\d+:\d+\s*(,\s*\d+:\d+\s*)*)?$")
+    #: Server-side RPCs a session holds unanswered at once (ThingsBoard's maxInflightMessages); more are
+    #: refused to the caller as if the device were busy (admin API: 409).
+    device_max_inflight: int = Field(default=100, ge=1, le=10_000)
+    #: A device's client-side RPC waits this long for the backend's answer (ThingsBoard: 60 s).
+    device_client_rpc_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    #: Server-side RPC: the time a device has to answer when the caller names none (ThingsBoard: 10 s),
+    #: and the most a caller may give.
+    device_rpc_default_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    device_rpc_max_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    #: HTTP long polls (``attributes/updates``, ``rpc``): the wait when the device names no ``timeout``
+    #: (ThingsBoard's transport.http.request_timeout, 60 s) and the longest it may name (300 s).
+    http_long_poll_default_s: float = Field(default=60.0, gt=0, le=3600)
+    http_long_poll_max_s: float = Field(default=300.0, gt=0, le=3600)
+
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=16, ge=1)
 

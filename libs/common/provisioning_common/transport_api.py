@@ -15,14 +15,28 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from .bus import Bus, RpcError, RpcTimeout, outcome_unknown
-from .contract import ABANDON, AUTHENTICATE, PROVISION, PROVISION_X509_CHAIN, TELEMETRY_EXCHANGE
+from .bus import Bus, NoRoute, RpcError, RpcTimeout, outcome_unknown
+from .contract import (
+    ABANDON,
+    AUTHENTICATE,
+    GET_ATTRIBUTES,
+    PROVISION,
+    PROVISION_X509_CHAIN,
+    RPC_REQUEST_EXCHANGE,
+    SAVE_CLIENT_ATTRIBUTES,
+    TELEMETRY_EXCHANGE,
+)
+from .device_api import SESSION_LIMITS_METHOD, SessionLimitsInfo
+from .device_link import DeviceLinks
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
 from .models import (
     MSG_TIMEOUT,
+    AttributesQuery,
+    AttributesSnapshot,
     AuthenticateRequest,
     AuthenticateResult,
+    ClientAttributesUpdate,
     Dialect,
     ProvisionResult,
     Transport,
@@ -53,12 +67,18 @@ class ProvisionOutcome:
 
 
 class TransportApi:
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: Bus, settings: Settings, service: str = "gateway") -> None:
         self._bus = bus
         self._settings = settings
+        #: This process's downlink queue: sessions attach here to receive RPCs and attribute updates.
+        self.links = DeviceLinks(bus, service)
         self._core_outage = OutageLog(log, "provisioning")
         # Malformed requests never reach the core's wrong-secret limiter: count them here, per source.
         self._malformed = MalformedRequestLimiter(settings.provision_failures_per_minute)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     @property
     def timeout(self) -> float:
@@ -130,6 +150,45 @@ class TransportApi:
     async def publish_telemetry(self, device_id: str, payload: bytes) -> None:
         """Forward a device's telemetry to the ``device.telemetry`` topic exchange, keyed by device id."""
         await self._bus.publish_event(TELEMETRY_EXCHANGE, device_id, payload)
+
+    # --- the device API after provisioning (provisioning_common.device_api has the payload rules) ---
+
+    async def get_attributes(self, query: AttributesQuery) -> AttributesSnapshot:
+        """A device's client/shared attributes from Postgres (device_api). Raises RpcError when unreachable."""
+        return await self._bus.call(GET_ATTRIBUTES, query, timeout=self._settings.provision_timeout_s)
+
+    async def save_client_attributes(self, device_id: str, values: dict[str, Any]) -> None:
+        """Store client attributes a device published; device_api then announces them on ``device.attributes``.
+        Raises RpcError when unreachable (the device is told, nothing half-stored: one statement)."""
+        await self._bus.call(SAVE_CLIENT_ATTRIBUTES, ClientAttributesUpdate(device_id=device_id, values=values))
+
+    def session_limits(self, *, max_payload_size: int) -> SessionLimitsInfo:
+        """What ``getSessionLimits`` answers: the per-session limits every gateway enforces."""
+        return SessionLimitsInfo(
+            max_payload_size=max_payload_size,
+            max_inflight_messages=self._settings.device_max_inflight,
+            rate_limits={"messages": self._settings.device_messages_rate_limit,
+                         "telemetryMessages": "", "telemetryDataPoints": ""},
+        )
+
+    async def client_rpc(self, device_id: str, call: dict[str, Any], *, max_payload_size: int) -> bytes | None:
+        """A device's client-side RPC (``{"method", "params"}``): the backend's answer body, or None when no
+        backend listens on ``device.rpc`` or it did not answer within DEVICE_CLIENT_RPC_TIMEOUT_S (the
+        device then gets no answer, as from ThingsBoard when no rule chain answers).
+        ``getSessionLimits`` is answered here, never sent to the backend."""
+        if call.get("method") == SESSION_LIMITS_METHOD:
+            return self.session_limits(max_payload_size=max_payload_size).render()
+        body = json.dumps(call, separators=(",", ":")).encode()
+        try:
+            return await self._bus.ask(RPC_REQUEST_EXCHANGE, device_id, body,
+                                       timeout=self._settings.device_client_rpc_timeout_s, type="rpc")
+        except NoRoute:
+            log.debug("client-side RPC %r of %s: no backend bound to %s", call.get("method"), device_id,
+                      RPC_REQUEST_EXCHANGE)
+            return None
+        except RpcError as exc:
+            log.debug("client-side RPC %r of %s: %s", call.get("method"), device_id, type(exc).__name__)
+            return None
 
 
 def is_json_document(payload: bytes) -> bool:
