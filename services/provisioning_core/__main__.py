@@ -1,4 +1,4 @@
-"""``python -m provisioning_core``: serve provision requests until SIGTERM."""
+"""``python -m provisioning_core``: serve provision requests, and the device_api (attributes), until SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 
 from provisioning_common import runtime
-from provisioning_common.contract import CORE
+from provisioning_common.contract import CORE, DEVICE_API
 from provisioning_common.secretbox import SecretBox
 
+from .device_api import DeviceApi
 from .rate_limit import FailureLimiter
 from .service import ProvisioningCore
 
@@ -26,7 +27,11 @@ async def start(context: runtime.Context) -> runtime.Running:
                             profile_ttl_s=settings.profile_cache_ttl_s,
                             replay_window_s=settings.provision_replay_window_s,
                             reply_grace_s=settings.bus_reply_grace_s)
+    # Device traffic (attributes) on its own queue and channel, with at most half of the pool, so
+    # that it never queues provisioning.
+    device_api = DeviceApi(await context.pool(), await context.bus(), max_connections=settings.db_pool_max // 2)
     return runtime.Running(serve=CORE, handlers=core.handlers(), on_undelivered=core.on_undelivered,
+                           also_serve=[(DEVICE_API, device_api.handlers())],
                            background=[purge_forever(core)])
 
 

@@ -178,6 +178,9 @@ class Running:
     serve: Service | None = None
     handlers: Sequence[Handler] = ()
     on_undelivered: UndeliveredHook | None = None
+    #: More RPC services this process serves, each on its own queue and consumer channel (its own
+    #: prefetch window), e.g. provisioning-core's device_api beside its provisioning queue.
+    also_serve: Sequence[tuple[Service, Sequence[Handler]]] = ()
     #: Readiness checks besides the bus and the pool, and liveness checks (see :mod:`.health`).
     checks: tuple[health.Check, ...] = ()
     live: tuple[health.Check, ...] = ()
@@ -215,6 +218,9 @@ async def serve_until(name: str, start: Start, settings: Settings, stop: asyncio
             if service.serve is not None:
                 served = await context.bus()
                 await served.serve(service.serve, service.handlers, on_undelivered=service.on_undelivered)
+            for other, handlers in service.also_serve:
+                served = await context.bus()
+                await served.serve(other, handlers)
             listener = await health.start_if_configured(settings, *context.checks, *service.checks, live=service.live)
         except BaseException:
             for coroutine in service.background:
@@ -224,6 +230,8 @@ async def serve_until(name: str, start: Start, settings: Settings, stop: asyncio
         ready = service.ready
         if ready == "" and service.serve is not None:
             ready = f"on queue {settings.queue(service.serve.name)}"
+            for other, _ in service.also_serve:
+                ready += f", {settings.queue(other.name)}"
         if ready is not None:
             announce_ready(name, ready)
         await stop.wait()

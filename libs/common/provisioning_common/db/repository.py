@@ -520,3 +520,123 @@ async def delete_device(conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid
     """Whether a device was deleted (its credentials go with it)."""
     status = await conn.execute("DELETE FROM devices WHERE id = $1", device_id)
     return not str(status).endswith(" 0")
+
+
+# =====================================================================================================
+# --- device attributes: client, shared and server scopes (device_api in provisioning-core, admin API) --
+# =====================================================================================================
+# Values travel as JSON text (jsonb); keys and values are checked by the callers (device_api's payload
+# rules, the admin API's schemas). The server attribute provisionState is kept by a trigger (migration
+# 0006), never written here.
+
+
+class UnknownDevice(Exception):
+    """No device has this id (never existed, or deleted)."""
+
+
+class InvalidAttributes(Exception):
+    """Postgres refused the values: a string with NUL (``\\u0000``), which jsonb cannot hold."""
+
+
+@dataclass(frozen=True)
+class AttributeRow:
+    scope: str
+    key: str
+    #: The decoded JSON value.
+    value: Any
+    #: Milliseconds since the epoch (ThingsBoard's ``lastUpdateTs``).
+    last_update_ts: int
+
+
+_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
+
+async def get_attributes(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    device_id: uuid.UUID,
+    *,
+    client: list[str] | None = None,
+    shared: list[str] | None = None,
+    server: list[str] | None = None,
+) -> list[AttributeRow]:
+    """A device's attributes of the scopes asked for, by key (``[]``: every key of that scope; None: none
+    of it), ordered by scope and key; one statement. Raises :class:`UnknownDevice`."""
+    client, shared, server = _storable_keys(client), _storable_keys(shared), _storable_keys(server)
+    rows = await conn.fetch(
+        "SELECT a.scope, a.key, a.value::text AS value, a.last_update_ts"
+        " FROM devices d LEFT JOIN device_attributes a ON a.device_id = d.id AND ("
+        "  (a.scope = 'client' AND $2::text[] IS NOT NULL AND (cardinality($2) = 0 OR a.key = ANY($2)))"
+        "  OR (a.scope = 'shared' AND $3::text[] IS NOT NULL AND (cardinality($3) = 0 OR a.key = ANY($3)))"
+        "  OR (a.scope = 'server' AND $4::text[] IS NOT NULL AND (cardinality($4) = 0 OR a.key = ANY($4))))"
+        " WHERE d.id = $1 ORDER BY a.scope, a.key",
+        device_id, client, shared, server,
+    )
+    if not rows:
+        raise UnknownDevice(str(device_id))
+    return [
+        AttributeRow(row["scope"], row["key"], json.loads(row["value"]), row["last_update_ts"])
+        for row in rows
+        if row["scope"] is not None  # the device's own row: it exists, with nothing of what was asked
+    ]
+
+
+def _storable_keys(keys: list[str] | None) -> list[str] | None:
+    """``keys`` without those no row can have (NUL, which Postgres text cannot hold); None when only such
+    keys were named (that scope then yields nothing, instead of everything as ``[]`` would)."""
+    if not keys:
+        return keys
+    kept = [key for key in keys if "\x00" not in key]
+    return kept or None
+
+
+async def list_attributes(
+    conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID, scope: str
+) -> list[AttributeRow]:
+    """Every attribute of one scope of a device, by key. Raises :class:`UnknownDevice`."""
+    return await get_attributes(conn, device_id, **{scope: []})
+
+
+async def save_attributes(
+    conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID, scope: str, values: dict[str, Any]
+) -> int:
+    """Insert or replace ``values`` (key -> JSON value) in one scope, all in one statement stamped with
+    the database's clock; returns how many were written. Raises :class:`UnknownDevice` and
+    :class:`InvalidAttributes`; ``ValueError`` for a value JSON cannot carry (NaN, infinity)."""
+    document = json.dumps(values, allow_nan=False, separators=(",", ":"))
+    try:
+        row = await conn.fetchrow(
+            "WITH device AS (SELECT id FROM devices WHERE id = $1),"
+            " saved AS ("
+            "  INSERT INTO device_attributes (device_id, scope, key, value, last_update_ts)"
+            f"  SELECT device.id, $2, e.key, e.value, {_NOW_MS} FROM device, jsonb_each($3::jsonb) e"
+            "  ON CONFLICT (device_id, scope, key)"
+            "  DO UPDATE SET value = EXCLUDED.value, last_update_ts = EXCLUDED.last_update_ts"
+            "  RETURNING 1)"
+            " SELECT (SELECT count(*) FROM device) AS found, (SELECT count(*) FROM saved) AS saved",
+            device_id, scope, document,
+        )
+    except asyncpg.ForeignKeyViolationError:  # deleted between the look-up and the insert
+        raise UnknownDevice(str(device_id)) from None
+    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
+        raise InvalidAttributes("attribute keys and values must not contain NUL (\\u0000)") from None
+    if not row["found"]:
+        raise UnknownDevice(str(device_id))
+    return int(row["saved"])
+
+
+async def delete_attributes(
+    conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID, scope: str, keys: list[str]
+) -> list[str]:
+    """Delete these keys of one scope; returns the keys that existed (sorted). Raises :class:`UnknownDevice`."""
+    keys = [key for key in keys if "\x00" not in key]
+    row = await conn.fetchrow(
+        "WITH device AS (SELECT id FROM devices WHERE id = $1),"
+        " deleted AS (DELETE FROM device_attributes a USING device"
+        "  WHERE a.device_id = device.id AND a.scope = $2 AND a.key = ANY($3::text[]) RETURNING a.key)"
+        " SELECT (SELECT count(*) FROM device) AS found,"
+        " (SELECT coalesce(array_agg(key ORDER BY key), '{}') FROM deleted) AS keys",
+        device_id, scope, keys,
+    )
+    if not row["found"]:
+        raise UnknownDevice(str(device_id))
+    return list(row["keys"])
