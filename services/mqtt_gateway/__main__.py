@@ -10,7 +10,7 @@ from .server import MqttGateway
 
 async def start(context: runtime.Context) -> runtime.Running:
     settings = context.settings
-    gateway = MqttGateway(TransportApi(await context.bus(), settings), settings)
+    gateway = MqttGateway(TransportApi(await context.bus(), settings, service="mqtt_gateway"), settings)
     await gateway.start()  # logs "mqtt_gateway ready: <ports>"
     return runtime.Running(stop=[lambda: gateway.stop(drain_timeout=settings.provision_timeout_s)], ready=None)
 

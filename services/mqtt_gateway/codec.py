@@ -8,7 +8,7 @@ server's DISCONNECT. What only a client sends (CONNECT, SUBSCRIBE, ...) is in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from provisioning_common.mqtt_packets import (
     CLIENT_IDENTIFIER_NOT_VALID,
@@ -114,12 +114,13 @@ def encode_suback(packet_id: int, return_codes: list[int], *, protocol_level: in
     return encode_packet(0x90, pid, bytes(return_codes))
 
 
-def encode_unsuback(packet_id: int, count: int, *, protocol_level: int = 4) -> bytes:
-    """UNSUBACK. Before level 5 it has no payload; level 5 carries one reason code (0x00 success)
-    per topic filter of the UNSUBSCRIBE."""
+def encode_unsuback(packet_id: int, reason_codes: int | Sequence[int], *, protocol_level: int = 4) -> bytes:
+    """UNSUBACK. Before level 5 it has no payload; level 5 carries one reason code per topic filter of
+    the UNSUBSCRIBE: ``reason_codes`` lists them, or is their number (all 0x00, success)."""
     pid = encode_packet_id(packet_id)
     if protocol_level == 5:
-        return encode_packet(0xB0, pid, b"\x00", bytes(count))
+        codes = bytes(reason_codes) if isinstance(reason_codes, int) else bytes(reason_codes)
+        return encode_packet(0xB0, pid, b"\x00", codes)
     return b"\xb0\x02" + pid
 
 

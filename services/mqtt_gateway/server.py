@@ -144,6 +144,9 @@ class MqttGateway:
                                timeout=drain_timeout + 1)
         for session in list(self._sessions):
             await session.close_gracefully(0)
+        if self._sessions:
+            # Each session releases its device's downlink binding as it ends: let that happen on the bus.
+            await asyncio.wait([asyncio.create_task(s.finished()) for s in self._sessions], timeout=5)
         for server in self._servers:
             await server.wait_closed()
         self.gate.episode.close()

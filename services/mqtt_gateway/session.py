@@ -2,7 +2,8 @@
 
 Behaviour follows ThingsBoard's ``MqttTransportHandler`` (spec §3.2, §7, §9): the provisioning
 rules themselves live in provisioning-core and who may connect in ``provisioning_common.device_auth``
-(shared with broker_auth); this class only speaks MQTT and calls ``TransportApi``.
+(shared with broker_auth); this class only speaks MQTT and calls ``TransportApi``. What an
+authenticated device may do after CONNACK (telemetry, attributes, RPC) is ``device_session``'s.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import NoReturn
 
 from provisioning_common import device_auth
 from provisioning_common.bus import RpcError
 from provisioning_common.device_auth import Presented, Verdict
 from provisioning_common.dialects import render_error
 from provisioning_common.models import MSG_TIMEOUT, Dialect, ProvisionStatus, Transport
-from provisioning_common.mqtt_topics import GATEWAY_REQUEST_TOPIC, GATEWAY_RESPONSE_TOPIC, TELEMETRY_TOPIC
-from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
+from provisioning_common.mqtt_topics import GATEWAY_REQUEST_TOPIC, GATEWAY_RESPONSE_TOPIC
+from provisioning_common.transport_api import OutcomeKind, TransportApi
 
 from . import codec
 from .codec import (
@@ -35,6 +37,7 @@ from .codec import (
     Unsubscribe,
     UnsupportedProtocol,
 )
+from .device_session import NO_SUBSCRIPTION_EXISTED, TOPIC_FILTER_INVALID, Close, DeviceSession
 from .tls import Connection
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ _NOT_AUTHORIZED = {3: 0x05, 4: 0x05, 5: 0x87}
 # MQTT 5 reason codes used on PUBACK / SUBACK / DISCONNECT.
 RC_UNSPECIFIED = 0x80
 RC_IMPLEMENTATION_SPECIFIC = 0x83
-RC_TOPIC_FILTER_INVALID = 0x8F
+RC_TOPIC_FILTER_INVALID = TOPIC_FILTER_INVALID
 RC_TOPIC_NAME_INVALID = 0x90
 RC_PAYLOAD_FORMAT_INVALID = 0x99
 RC_QOS_NOT_SUPPORTED = 0x9B
@@ -74,19 +77,6 @@ class SessionLimits:
     packet_timeout_s: float = 30.0
 
 
-def _is_json_document(payload: bytes) -> bool:
-    """``is_json_document``, also for JSON nested deeper than Python's parser can follow: such a payload
-    raises RecursionError there (found by tests/e2e/test_mqtt_fuzz.py), and is no telemetry we forward."""
-    try:
-        return is_json_document(payload)
-    except RecursionError:
-        return False
-
-
-class _Close(Exception):
-    """End this session (after whatever was already written)."""
-
-
 class MqttSession:
     def __init__(self, conn: Connection, api: TransportApi, limits: SessionLimits) -> None:
         self._conn = conn
@@ -94,7 +84,7 @@ class MqttSession:
         self._limits = limits
         self._level = 4
         self._keep_alive = 0
-        self._device_id: str | None = None
+        self._device: DeviceSession | None = None
         self._provisioning = False
         #: QoS granted on /provision/response, None while not subscribed (ThingsBoard then uses 1).
         self._response_qos: int | None = None
@@ -130,12 +120,14 @@ class MqttSession:
             if not await self._accept(connect):
                 return
             await self._serve()
-        except (_Close, ProtocolError, asyncio.IncompleteReadError, ConnectionError, TimeoutError, EOFError) as exc:
+        except (Close, ProtocolError, asyncio.IncompleteReadError, ConnectionError, TimeoutError, EOFError) as exc:
             log.debug("closing %s: %s", self._conn.peer_address, type(exc).__name__)
         finally:
             await self._finish()
 
     async def _finish(self) -> None:
+        if self._device is not None:
+            await self._device.close()  # always: the downlink binding of this session goes with it
         if self._tasks:
             # Let answers in flight reach the device before the socket goes (bounded by the bus timeout).
             await asyncio.wait(list(self._tasks), timeout=self._api.timeout + 1)
@@ -143,6 +135,10 @@ class MqttSession:
         self._conn.close()
         with contextlib.suppress(Exception):
             await self._conn.wait_closed()
+
+    async def finished(self) -> None:
+        """Returns once the session is over (its device's downlink binding released)."""
+        await self._closed.wait()
 
     async def close_gracefully(self, timeout: float) -> None:
         """Used on shutdown: wait (bounded) for in-flight answers, then close."""
@@ -165,11 +161,31 @@ class MqttSession:
         if data and not self._conn.is_closing:
             self._conn.write(data)
 
-    def _disconnect(self, reason_code: int) -> None:
+    def _disconnect(self, reason_code: int) -> NoReturn:
         """MQTT 5 tells the client why; 3.1/3.1.1 just close."""
         if self._level == 5:
             self._send(codec.encode_disconnect(reason_code, protocol_level=5))
-        raise _Close
+        raise Close
+
+    # ``device_session.Wire``: what the device API writes through.
+
+    @property
+    def level(self) -> int:
+        return self._level
+
+    def send(self, data: bytes) -> None:
+        self._send(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def disconnect(self, reason_code: int) -> NoReturn:
+        self._disconnect(reason_code)
+
+    def abort(self, reason_code: int) -> None:
+        if self._level == 5:
+            self._send(codec.encode_disconnect(reason_code, protocol_level=5))
+        self._conn.close()
 
     def _packet_id(self) -> int:
         self._next_packet_id = self._next_packet_id % 0xFFFF + 1
@@ -184,8 +200,9 @@ class MqttSession:
         decision = await device_auth.decide(presented, self._api.authenticate, self._provision_chain)
         if decision.verdict is Verdict.PROVISIONING:
             self._provisioning = True
-        elif decision.verdict is Verdict.AUTHENTICATED:
-            self._device_id = decision.device_id
+        elif decision.verdict is Verdict.AUTHENTICATED and decision.device_id:
+            if not await self._open_device(decision.device_id, connect):
+                return False
         else:
             if decision.verdict is Verdict.UNAVAILABLE:
                 # ThingsBoard's answer when the credentials check fails (onError): retry later, not a denial.
@@ -200,6 +217,19 @@ class MqttSession:
             # MQTT-3.2.2-16: a server that accepts an empty identifier tells the client the one it assigned.
             properties[ASSIGNED_CLIENT_IDENTIFIER] = f"auto-{uuid.uuid4().hex}"
         self._send(codec.encode_connack(ACCEPTED, protocol_level=self._level, properties=properties))
+        return True
+
+    async def _open_device(self, device_id: str, connect: Connect) -> bool:
+        """Bind the device's downlink before CONNACK, so that a device told it is connected can be reached;
+        a broker that cannot bind it gets ThingsBoard's answer to a failed session open (server unavailable)."""
+        self._device = DeviceSession(self, self._api, device_id, max_packet_bytes=self._limits.max_packet_bytes,
+                                     connect_properties=connect.properties)
+        try:
+            await self._device.open()
+        except RpcError as exc:
+            log.warning("device session not opened: %s", exc)
+            self._send(codec.encode_connack(_SERVER_UNAVAILABLE[self._level], protocol_level=self._level))
+            return False
         return True
 
     async def _provision_chain(self, chain: list[str]) -> str | None:
@@ -222,26 +252,35 @@ class MqttSession:
                 packet = await self._read(self._level, idle_limit)
             except TimeoutError as exc:
                 log.debug("closing %s: %s", self._conn.peer_address, exc)
-                raise _Close from None
+                raise Close from None
+            device = self._device
             if isinstance(packet, PingReq):
                 self._send(codec.encode_pingresp())
             elif isinstance(packet, Publish):
-                await self._on_publish(packet)
+                if packet.qos == 2:
+                    # QoS 2 would be acknowledged with PUBREC, not PUBACK: refuse it outright.
+                    self._disconnect(RC_QOS_NOT_SUPPORTED)
+                if device is not None:
+                    await device.on_publish(packet)
+                else:
+                    await self._on_publish(packet)
             elif isinstance(packet, Subscribe):
-                self._on_subscribe(packet)
+                self._send(device.on_subscribe(packet) if device is not None else self._on_subscribe(packet))
             elif isinstance(packet, Unsubscribe):
-                if self._provisioning and RESPONSE_TOPIC in packet.topics:
-                    self._response_qos = None
-                self._send(codec.encode_unsuback(packet.packet_id, len(packet.topics), protocol_level=self._level))
+                self._send(device.on_unsubscribe(packet) if device is not None else self._on_unsubscribe(packet))
             elif isinstance(packet, Disconnect):
-                raise _Close
+                raise Close
             elif isinstance(packet, PubAck):
-                continue  # acknowledgement of our QoS 1 response
+                if device is not None:
+                    device.on_puback(packet)  # acknowledgement of our QoS 1 publish
+                continue
             else:
                 raise ProtocolError("unexpected packet", 0x82)
             await self._conn.drain()
 
-    def _on_subscribe(self, packet: Subscribe) -> None:
+    # --- the provisioning session (an authenticated device's is device_session's) -------------------
+
+    def _on_subscribe(self, packet: Subscribe) -> bytes:
         refused = RC_TOPIC_FILTER_INVALID if self._level == 5 else RC_UNSPECIFIED
         codes: list[int] = []
         for topic, qos in packet.topics:
@@ -251,32 +290,28 @@ class MqttSession:
                 codes.append(granted)
             else:
                 codes.append(refused)
-        self._send(codec.encode_suback(packet.packet_id, codes, protocol_level=self._level))
+        return codec.encode_suback(packet.packet_id, codes, protocol_level=self._level)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> bytes:
+        """ThingsBoard's provisioning session: 0x00 for /provision/response when subscribed, 0x11 (no
+        subscription existed) otherwise (MQTT 5 only carries the codes)."""
+        codes: list[int] = []
+        for topic in packet.topics:
+            if topic == RESPONSE_TOPIC and self._response_qos is not None:
+                self._response_qos = None
+                codes.append(0)
+            else:
+                codes.append(NO_SUBSCRIPTION_EXISTED)
+        return codec.encode_unsuback(packet.packet_id, codes, protocol_level=self._level)
 
     async def _on_publish(self, packet: Publish) -> None:
-        if packet.qos == 2:
-            # QoS 2 would be acknowledged with PUBREC, not PUBACK: refuse it outright.
-            self._disconnect(RC_QOS_NOT_SUPPORTED)
-        if self._provisioning:
-            if packet.topic != REQUEST_TOPIC:
-                self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)
-            task = asyncio.create_task(self._provision(packet))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        if packet.topic != TELEMETRY_TOPIC:
+        if packet.topic != REQUEST_TOPIC:
             self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)
-        if not _is_json_document(packet.payload):
-            self._puback_then_disconnect(packet, RC_PAYLOAD_FORMAT_INVALID)
-        assert self._device_id is not None
-        try:
-            await self._api.publish_telemetry(self._device_id, packet.payload)
-        except RpcError:
-            self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
-        if packet.qos == 1 and packet.packet_id is not None:
-            self._send(codec.encode_puback(packet.packet_id, protocol_level=self._level))
+        task = asyncio.create_task(self._provision(packet))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _puback_then_disconnect(self, packet: Publish, reason_code: int) -> None:
+    def _puback_then_disconnect(self, packet: Publish, reason_code: int) -> NoReturn:
         """ThingsBoard acknowledges with a reason code (visible in MQTT 5 only), then disconnects."""
         if packet.qos >= 1 and packet.packet_id is not None:
             self._send(codec.encode_puback(packet.packet_id, reason_code=reason_code, protocol_level=self._level))
@@ -287,7 +322,7 @@ class MqttSession:
     async def _provision(self, packet: Publish) -> None:
         try:
             await self._answer_provision(packet)
-        except _Close:
+        except Close:
             self._conn.close()
         except ConnectionError:
             log.debug("%s left before its provision answer", self._conn.peer_address)
@@ -308,7 +343,7 @@ class MqttSession:
                 # Neither JSON nor protobuf: ThingsBoard's AdaptorException.
                 if self._level == 5:
                     self._puback_then_disconnect(packet, RC_PAYLOAD_FORMAT_INVALID)
-                raise _Close
+                raise Close
             self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
         if outcome.dialect is Dialect.PROTOBUF:
             self._protobuf = True  # sticky for the session, as in ThingsBoard

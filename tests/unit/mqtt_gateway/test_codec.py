@@ -112,6 +112,7 @@ def test_known_server_packets() -> None:
     assert codec.encode_suback(10, [1, 0x8F], protocol_level=5) == b"\x90\x05\x00\x0a\x00\x01\x8f"
     assert codec.encode_unsuback(3, 2) == b"\xb0\x02\x00\x03"
     assert codec.encode_unsuback(3, 2, protocol_level=5) == b"\xb0\x05\x00\x03\x00\x00\x00"
+    assert codec.encode_unsuback(3, [0, 0x11], protocol_level=5) == b"\xb0\x05\x00\x03\x00\x00\x11"
     assert codec.encode_publish("a/b", b"hi") == b"\x30\x07\x00\x03a/bhi"
     assert codec.encode_publish("a/b", b"hi", qos=1, packet_id=5, retain=True) == b"\x33\x09\x00\x03a/b\x00\x05hi"
     assert codec.encode_publish("a/b", b"hi", qos=1, packet_id=5, protocol_level=5) == (
