@@ -12,7 +12,7 @@ def main() -> None:
     settings = get_settings()
     setup_logging(settings, "http_gateway")
     # No access log: telemetry URLs carry device tokens.
-    serve_http(create_app(settings), settings.http_port, settings)
+    serve_http(create_app(settings, exit_signals=True), settings.http_port, settings)
 
 
 if __name__ == "__main__":

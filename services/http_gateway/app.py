@@ -1,22 +1,27 @@
-"""The HTTP gateway's routes. Stateless: every request goes to the bus through ``TransportApi``."""
+"""The HTTP gateway's app: provisioning (a plain-ASGI fast path) and ThingsBoard's device API (:mod:`.device_api`).
+
+Stateless apart from open long polls: every request goes to the bus through ``TransportApi``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from provisioning_common import health
-from provisioning_common.bus import Bus, RpcError
+from provisioning_common.bus import Bus
 from provisioning_common.dialects import render_error
-from provisioning_common.models import AuthenticateRequest, Dialect, Transport
+from provisioning_common.models import Dialect, Transport
 from provisioning_common.settings import Settings
-from provisioning_common.transport_api import BusSession, OutcomeKind, TransportApi, is_json_document
+from provisioning_common.transport_api import BusSession, OutcomeKind, TransportApi
+
+from .body import read_body
+from .device_api import DeviceApi
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 _STATUS = {OutcomeKind.ANSWERED: 200, OutcomeKind.BAD_REQUEST: 400, OutcomeKind.UNAVAILABLE: 503}
 
 
@@ -55,24 +60,6 @@ class ProvisionFastPath:
         await _respond(send, _STATUS[outcome.kind], outcome.body, extra)
 
 
-async def read_body(scope: Mapping[str, Any], receive: Callable[..., Any], limit: int) -> bytes | None:
-    """The whole body, or None as soon as it is known to exceed ``limit`` bytes."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            return None
-    body = b""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b""
-        chunk: bytes = message.get("body", b"")
-        body += chunk
-        if len(body) > limit:
-            return None
-        if not message.get("more_body"):
-            return body
-
-
 async def _respond(send: Callable[..., Any], status: int, body: bytes,
                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -80,36 +67,32 @@ async def _respond(send: Callable[..., Any], status: int, body: bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, bus: Bus | None = None) -> ProvisionFastPath:
-    """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given."""
+def create_app(settings: Settings, bus: Bus | None = None, *, exit_signals: bool = False) -> ProvisionFastPath:
+    """Build the app; connects to RabbitMQ on start-up unless a connected ``bus`` is given.
+
+    ``exit_signals``: answer open long polls at once on SIGTERM/SIGINT (``python -m http_gateway``)."""
     session = BusSession(settings, bus)
-    app = FastAPI(title="Provisioning HTTP gateway", lifespan=session.lifespan("http_gateway"), docs_url=None,
-                  redoc_url=None)
 
     def api() -> TransportApi:
         return session.api
 
-    too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
+    device_api = DeviceApi(settings, api)
+    bus_lifespan = session.lifespan("http_gateway")
 
-    @app.post("/api/v1/{token}/telemetry")
-    async def telemetry(token: str, request: Request) -> Response:
-        """Device telemetry (ThingsBoard's HTTP device API); accepts JSON without a Content-Type."""
-        body = await read_body(request.scope, request.receive, settings.max_body_bytes)
-        if body is None:
-            return Response(too_large, status_code=413, media_type=JSON)
-        if not is_json_document(body):
-            return Response(render_error(Dialect.THINGSBOARD, "Telemetry must be a JSON object or array"),
-                            status_code=400, media_type=JSON)
-        try:
-            auth = await api().authenticate(AuthenticateRequest(token=token))
-            if not auth.authenticated or auth.device_id is None:
-                return Response(status_code=401)
-            await api().publish_telemetry(auth.device_id, body)
-        except RpcError:
-            return Response(status_code=503, headers={"Retry-After": "1"})
-        return Response(status_code=200)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with bus_lifespan(app):
+            if exit_signals:
+                device_api.stop_on_exit_signals()
+            yield
+            device_api.stop()
+
+    app = FastAPI(title="Provisioning HTTP gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.include_router(device_api.router)
+    app.state.device_api = device_api
 
     # Readiness: the bus is connected; liveness: the event loop answers.
     health.mount(app, health.bus_check(session))
 
+    too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
     return ProvisionFastPath(app, api, settings.max_body_bytes, too_large)
