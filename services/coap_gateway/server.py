@@ -7,8 +7,8 @@ Resources (ThingsBoard's ``CoapTransportResource`` tree, plus Innoway's path):
   SUCCESS → 2.01 Created; NOT_FOUND / FAILURE → 4.00 with the spec's §2 body; request that cannot be
   parsed → 4.00 with a JSON error body; core slow or unreachable → 5.03 (Max-Age 1) with the dialect's
   "Provisioning timed out" body.
-* ``POST /api/v1/{token}/telemetry``: JSON object or array → 2.01, forwarded to ``device.telemetry``;
-  unknown token → 4.01; not JSON → 4.00.
+* ``/api/v1/{token}/telemetry``, ``/attributes``, ``/rpc`` and ``/rpc/{id}``: ThingsBoard's device API after
+  provisioning (telemetry, attributes, RPC, observations), in :mod:`.device_api`.
 
 Anything else: 4.04 (unknown path) or 4.05 (other method), with a JSON error body. Bodies larger than
 ``MAX_BODY_BYTES`` → 4.13 with Size1, refused on the first block that crosses the limit, so nothing is
@@ -21,7 +21,6 @@ message layer drops them while the first is being answered and repeats its store
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import socket
@@ -34,12 +33,12 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.pipe import Pipe
-from provisioning_common.bus import RpcError
 from provisioning_common.dialects import render_error
-from provisioning_common.models import MSG_TIMEOUT, AuthenticateRequest, Dialect, ProvisionStatus, Transport
+from provisioning_common.models import MSG_TIMEOUT, Dialect, ProvisionStatus, Transport
 from provisioning_common.settings import Settings
-from provisioning_common.transport_api import OutcomeKind, TransportApi, is_json_document
+from provisioning_common.transport_api import OutcomeKind, TransportApi
 
+from .device_api import METHODS, DeviceApi, Route, Target, is_observation
 from .malformed import MalformedDatagrams
 
 log = logging.getLogger(__name__)
@@ -52,18 +51,21 @@ PIGGYBACK_TIMEOUT_S = 0.5
 RETRY_AFTER_S = 1
 
 
-class Route(enum.Enum):
-    PROVISION = "provision"
-    TELEMETRY = "telemetry"
-
-
-def route(path: Sequence[str]) -> tuple[Route, str] | None:
-    """Which resource a Uri-Path names, and the token for telemetry; ``None`` for an unknown path."""
+def route(path: Sequence[str]) -> Target | None:
+    """Which resource a Uri-Path names, with the device's token; ``None`` for an unknown path."""
     match tuple(path):
         case ("api", "v1", "provision") | ("api", "provision") | ("api", "v1", _, "provision"):
-            return Route.PROVISION, ""
+            return Target(Route.PROVISION)
         case ("api", "v1", token, "telemetry"):
-            return Route.TELEMETRY, token
+            return Target(Route.TELEMETRY, token)
+        # ThingsBoard reads the feature from the fourth segment and ignores what follows it, so
+        # ".../attributes/updates" (its Edge documentation's observe path) is the attributes resource.
+        case ("api", "v1", token, "attributes") | ("api", "v1", token, "attributes", _):
+            return Target(Route.ATTRIBUTES, token)
+        case ("api", "v1", token, "rpc"):
+            return Target(Route.RPC, token)
+        case ("api", "v1", token, "rpc", request_id):
+            return Target(Route.RPC_REPLY, token, request_id)
     return None
 
 
@@ -112,6 +114,7 @@ class CoapGateway:
         self._settings = settings
         self._limit = settings.max_body_bytes
         self._site = _Site(self)
+        self.device_api = DeviceApi(api, settings, self._site.chunk)
         self._context: aiocoap.Context | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -121,14 +124,16 @@ class CoapGateway:
         # Bodies rendered once; a Message is built per answer (aiocoap writes remote, token and mid into it).
         tb = Dialect.THINGSBOARD
         self._body_too_large = render_error(tb, f"Request body exceeds {self._limit} bytes")
-        self._body_not_found = render_error(tb, "Unknown resource; POST /api/v1/provision, /api/provision"
-                                                " or /api/v1/{token}/telemetry")
-        self._body_method = render_error(tb, "Method not allowed; use POST")
+        self._body_not_found = render_error(tb, "Unknown resource; POST /api/v1/provision, /api/provision, or"
+                                                " /api/v1/{token}/telemetry, /attributes, /rpc, /rpc/{id}")
+        self._body_method = {
+            methods: render_error(tb, "Method not allowed; use " + " or ".join(sorted(str(m) for m in methods)))
+            for methods in set(METHODS.values())
+        }
         self._body_incomplete = render_error(tb, "Block-wise transfer out of order; restart it from block 0")
         self._body_no_payload = render_error(tb, "Missing payload")
         self._body_undecodable = render_error(
             tb, "Payload is neither a valid JSON object nor a valid ProvisionDeviceRequestMsg")
-        self._body_not_json = render_error(tb, "Telemetry must be a JSON object or array")
         self._body_closing = render_error(tb, MSG_TIMEOUT)
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -147,8 +152,10 @@ class CoapGateway:
         )
 
     async def stop(self, drain_timeout: float) -> None:
-        """Answer new requests 5.03, let those in progress finish (up to ``drain_timeout``), close the socket."""
+        """Answer new requests 5.03, end the observations (5.03, to observe elsewhere), let the requests in
+        progress finish (up to ``drain_timeout``), close the socket."""
         self._closing = True
+        await self.device_api.close()
         had_work = self._in_flight > 0
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
@@ -202,10 +209,13 @@ class CoapGateway:
         Runs on every datagram, before Block1 reassembly, so nothing is spooled for requests that will
         be refused anyway.
         """
-        if route(request.opt.uri_path) is None:
+        target = route(request.opt.uri_path)
+        if target is None:
             return aiocoap.Message(code=Code.NOT_FOUND, payload=self._body_not_found, content_format=JSON)
-        if request.code is not Code.POST:
-            return aiocoap.Message(code=Code.METHOD_NOT_ALLOWED, payload=self._body_method, content_format=JSON)
+        methods = METHODS[target.route]
+        if request.code not in methods:
+            return aiocoap.Message(code=Code.METHOD_NOT_ALLOWED, payload=self._body_method[methods],
+                                   content_format=JSON)
         if exceeds_limit(len(request.payload), request.opt.block1, request.opt.size1, self._limit):
             return self.too_large()
         return None
@@ -225,14 +235,14 @@ class CoapGateway:
                                    max_age=RETRY_AFTER_S)
         if len(request.payload) > self._limit:
             return self.too_large()
-        found = route(request.opt.uri_path)
-        assert found is not None  # checked by precheck
+        target = route(request.opt.uri_path)
+        assert target is not None  # checked by precheck
         self._in_flight += 1
         self._idle.clear()
         try:
-            if found[0] is Route.PROVISION:
+            if target.route is Route.PROVISION:
                 return await self._provision(request)
-            return await self._telemetry(request, found[1])
+            return await self.device_api.handle(request, target)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -258,19 +268,6 @@ class CoapGateway:
         return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, payload=outcome.body, content_format=content_format,
                                max_age=RETRY_AFTER_S)
 
-    async def _telemetry(self, request: aiocoap.Message, token: str) -> aiocoap.Message:
-        payload = request.payload
-        if not is_json_document(payload):
-            return aiocoap.Message(code=Code.BAD_REQUEST, payload=self._body_not_json, content_format=JSON)
-        try:
-            auth = await self._api.authenticate(AuthenticateRequest(token=token))
-            if not auth.authenticated or auth.device_id is None:
-                return aiocoap.Message(code=Code.UNAUTHORIZED)
-            await self._api.publish_telemetry(auth.device_id, payload)
-        except RpcError:
-            return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=RETRY_AFTER_S)
-        return aiocoap.Message(code=Code.CREATED)
-
 
 class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: ignore[misc]  # aiocoap is untyped
     """The server context's one resource: sees the whole Uri-Path and drives block-wise transfer itself."""
@@ -285,6 +282,15 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         return self._gateway.precheck(request) or await self._gateway.handle(request)
 
+    async def chunk(self, request: aiocoap.Message, response: aiocoap.Message) -> aiocoap.Message:
+        """``response`` as it goes out for ``request``: whole, or its first Block2 block when it is over one
+        block (the whole kept in the Block2 cache for the client's requests for the next blocks)."""
+
+        async def ready() -> aiocoap.Message:
+            return response
+
+        return await self._block2.extract_or_insert(request, ready)
+
     async def render_to_pipe(self, pipe: Pipe) -> None:
         # aiocoap's Resource._render_to_pipe, with the refusals moved before reassembly and a gap in
         # the blocks answered 4.08 (aiocoap would let its ValueError become a 5.00).
@@ -292,6 +298,11 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
         early = self._gateway.precheck(request)
         if early is not None:
             _respond(pipe, early)
+            return
+        target = route(request.opt.uri_path)
+        if target is not None and is_observation(request, target):
+            # A long-lived answer: notifications until the client cancels it (this task is then cancelled).
+            await self._gateway.device_api.observe(pipe, target, source_ip(request.remote))
             return
         try:
             # Raises ContinueException (2.31 Continue) until the last block, IncompleteException (4.08)

@@ -18,7 +18,8 @@ except ModuleNotFoundError:  # the editable install predates services/coap_gatew
     sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "services"))
     from coap_gateway import server
 
-from coap_gateway.server import CoapGateway, Route, exceeds_limit, route, source_ip
+from coap_gateway.device_api import Route, Target
+from coap_gateway.server import CoapGateway, exceeds_limit, route, source_ip
 from provisioning_common.bus import RpcError
 from provisioning_common.dialects import render_error, render_result
 from provisioning_common.models import (
@@ -39,24 +40,31 @@ assert server.JSON == 50 and server.OCTETS == 42
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        (("api", "v1", "provision"), (Route.PROVISION, "")),
-        (("api", "provision"), (Route.PROVISION, "")),
-        (("api", "v1", "anything", "provision"), (Route.PROVISION, "")),
-        (("api", "v1", "Aq1bZ7xjQw9iLmNoPq3r", "telemetry"), (Route.TELEMETRY, "Aq1bZ7xjQw9iLmNoPq3r")),
-        (("api", "v1", "", "telemetry"), (Route.TELEMETRY, "")),
-        (("api", "v1", "provision", "telemetry"), (Route.TELEMETRY, "provision")),
+        (("api", "v1", "provision"), Target(Route.PROVISION)),
+        (("api", "provision"), Target(Route.PROVISION)),
+        (("api", "v1", "anything", "provision"), Target(Route.PROVISION)),
+        (("api", "v1", "Aq1bZ7xjQw9iLmNoPq3r", "telemetry"), Target(Route.TELEMETRY, "Aq1bZ7xjQw9iLmNoPq3r")),
+        (("api", "v1", "", "telemetry"), Target(Route.TELEMETRY, "")),
+        (("api", "v1", "provision", "telemetry"), Target(Route.TELEMETRY, "provision")),
+        (("api", "v1", "t", "attributes"), Target(Route.ATTRIBUTES, "t")),
+        (("api", "v1", "t", "attributes", "updates"), Target(Route.ATTRIBUTES, "t")),
+        (("api", "v1", "t", "rpc"), Target(Route.RPC, "t")),
+        (("api", "v1", "t", "rpc", "17"), Target(Route.RPC_REPLY, "t", "17")),
+        (("api", "v1", "t", "rpc", "x"), Target(Route.RPC_REPLY, "t", "x")),
         ((), None),
         (("api",), None),
         (("api", "v1"), None),
         (("api", "v1", "provision", ""), None),
         (("api", "v2", "provision"), None),
-        (("api", "v1", "t", "attributes"), None),
+        (("api", "v1", "t", "claim"), None),
+        (("api", "v1", "t", "rpc", "1", "2"), None),
+        (("api", "v1", "t", "telemetry", "x"), None),
         (("API", "v1", "provision"), None),
         (("api", "v1", "a", "b", "provision"), None),
         ((".well-known", "core"), None),
     ],
 )
-def test_route(path: tuple[str, ...], expected: tuple[Route, str] | None) -> None:
+def test_route(path: tuple[str, ...], expected: Target | None) -> None:
     assert route(path) == expected
 
 
@@ -185,7 +193,13 @@ def test_precheck() -> None:
     not_found = gateway.precheck(_request("/nope", b"{}"))
     assert not_found is not None and not_found.code is Code.NOT_FOUND and not_found.opt.content_format == 50
     method = gateway.precheck(_request("/api/v1/provision", code=Code.GET))
-    assert method is not None and method.code is Code.METHOD_NOT_ALLOWED
+    assert method is not None and method.code is Code.METHOD_NOT_ALLOWED and b"use POST" in method.payload
+    assert gateway.precheck(_request("/api/v1/tok/attributes", code=Code.GET)) is None
+    assert gateway.precheck(_request("/api/v1/tok/rpc", code=Code.GET)) is None
+    put = gateway.precheck(_request("/api/v1/tok/attributes", b"{}", code=Code.PUT))
+    assert put is not None and put.code is Code.METHOD_NOT_ALLOWED and b"use GET or POST" in put.payload
+    reply = gateway.precheck(_request("/api/v1/tok/rpc/1", code=Code.GET))
+    assert reply is not None and reply.code is Code.METHOD_NOT_ALLOWED
     big = gateway.precheck(_request("/api/v1/provision", b"x" * 1024,
                                     block1=BlockOption.BlockwiseTuple(2, True, 6)))
     assert big is not None and big.code is Code.REQUEST_ENTITY_TOO_LARGE and big.opt.size1 == 2048
