@@ -152,6 +152,26 @@ async def test_attribute_update_poll_gets_the_update(gateway: Gateway) -> None:
     assert api.links.sinks == {} and api.links.detached == 1
 
 
+async def test_what_arrives_between_two_polls_of_its_kind_is_held_while_another_poll_is_open(
+    gateway: Gateway,
+) -> None:
+    client, device_api, api = gateway
+    attributes = asyncio.create_task(client.get("/api/v1/token-a/attributes/updates", params={"timeout": 20000}))
+    await api.links.wait_attached("device-a")
+    first, second = rpc(method="first"), rpc(method="second")
+    api.links.deliver("device-a", first)  # no RPC poll is open: held
+    api.links.deliver("device-a", second)
+    for expected in ("first", "second"):
+        response = await client.get("/api/v1/token-a/rpc", params={"timeout": 20000})  # answered at once
+        assert response.json()["method"] == expected
+    assert device_api.rpc_ids.pending == 2
+    api.links.deliver("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"a": 1}))
+    assert (await asyncio.wait_for(attributes, 5)).json() == {"a": 1}
+    # The device's last poll ended: it is detached, and nothing is held for it any more.
+    assert api.links.sinks == {} and device_api.slots == {}
+    assert (await client.get("/api/v1/token-a/rpc", params={"timeout": 50})).status_code == 408
+
+
 async def test_poll_timeout_is_408_and_timeout_must_be_a_number(gateway: Gateway) -> None:
     client, device_api, api = gateway
     response = await client.get("/api/v1/token-a/rpc", params={"timeout": 50})
@@ -159,7 +179,7 @@ async def test_poll_timeout_is_408_and_timeout_must_be_a_number(gateway: Gateway
     assert (await client.get("/api/v1/token-a/rpc", params={"timeout": "soon"})).status_code == 400
     assert (await client.get("/api/v1/token-a/rpc", params={"timeout": "-1"})).status_code == 408
     assert (await client.get("/api/v1/nobody/rpc", params={"timeout": 50})).status_code == 401
-    assert api.links.sinks == {} and len(device_api.polls) == 0
+    assert api.links.sinks == {} and device_api.slots == {}
 
 
 async def test_a_newer_poll_of_the_same_device_ends_the_older_with_408(gateway: Gateway) -> None:
@@ -170,7 +190,6 @@ async def test_a_newer_poll_of_the_same_device_ends_the_older_with_408(gateway: 
     assert (await asyncio.wait_for(first, 5)).status_code == 408
     await api.links.wait_attached("device-a")
     other_kind = asyncio.create_task(client.get("/api/v1/token-a/rpc", params={"timeout": 20000}))
-    await api.links.wait_attached("device-a", 2)  # an rpc poll does not replace an attributes poll
     api.links.deliver("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"deleted": ["x"]}))
     assert (await asyncio.wait_for(second, 5)).json() == {"deleted": ["x"]}
     device_api.stop()
@@ -204,7 +223,7 @@ async def test_a_client_that_disconnects_mid_poll_releases_its_attachment(gatewa
     await api.links.wait_attached("device-a")
     gone.set()
     await asyncio.wait_for(task, 5)
-    assert api.links.sinks == {} and len(device_api.polls) == 0
+    assert api.links.sinks == {} and device_api.slots == {}
 
 
 # --- server-side RPC ---------------------------------------------------------------------------------
