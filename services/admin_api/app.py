@@ -1,8 +1,10 @@
-"""The admin API application: device profiles and pre-provisioned devices (``/api``), and its probes.
+"""The admin API application: device profiles, pre-provisioned devices, device attributes and server-side
+RPC (``/api``), and its probes.
 
 This module only assembles: the lifespan opens the Postgres pool and the bus connection onto
 ``app.state`` (handed to routes by ``dependencies``), ``errors`` gives every error one shape and turns a
-database outage into 503, and the routers (``routers.profiles``, ``routers.devices``) serve ``/api``
+database outage into 503, and the routers (``routers.profiles``, ``routers.devices``, ``routers.attributes``,
+``routers.rpc``) serve ``/api``
 behind the bearer token. The SQL is in ``provisioning_common.db.repository``.
 """
 
@@ -21,7 +23,7 @@ from provisioning_common.settings import Settings
 
 from . import errors
 from .dependencies import AdminContext, require_token
-from .routers import devices, profiles
+from .routers import attributes, devices, profiles, rpc
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -44,12 +46,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.admin = AdminContext(
         expected_authorization=f"Bearer {settings.admin_api_token.get_secret_value()}".encode(),
         box=SecretBox(settings.data_encryption_key.get_secret_value()),
+        settings=settings,
     )
     errors.install(app)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
     api.include_router(profiles.router)
     api.include_router(devices.router)
+    api.include_router(attributes.router)
+    api.include_router(rpc.router)
     app.include_router(api)
 
     def pool() -> Any:

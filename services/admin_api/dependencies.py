@@ -1,6 +1,6 @@
 """What the admin API's routes depend on, put on ``app.state`` by the application and handed out by FastAPI.
 
-``AdminContext`` holds what is fixed at start-up (the bearer token expected, the secret box); the pool and
+``AdminContext`` holds what is fixed at start-up (the bearer token expected, the secret box, the settings); the pool and
 the bus are opened by the application's lifespan. Routes declare them as parameters (``pool: Pool``,
 ``bus: BusDep``, ``box: Box``), so no route reaches into a closure or a global.
 """
@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from provisioning_common.bus import Bus
 from provisioning_common.secretbox import SecretBox
+from provisioning_common.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class AdminContext:
     #: ``Bearer <ADMIN_API_TOKEN>``, as the Authorization header must read.
     expected_authorization: bytes
     box: SecretBox
+    settings: Settings
 
 
 def context(request: Request) -> AdminContext:
@@ -42,6 +44,10 @@ def get_box(request: Request) -> SecretBox:
     return context(request).box
 
 
+def get_settings(request: Request) -> Settings:
+    return context(request).settings
+
+
 async def require_token(request: Request) -> None:
     """Every ``/api`` route: ``Authorization: Bearer $ADMIN_API_TOKEN`` (compared in constant time), else 401."""
     given = request.headers.get("authorization", "").encode()
@@ -53,6 +59,7 @@ async def require_token(request: Request) -> None:
 Pool = Annotated[Any, Depends(get_pool)]
 BusDep = Annotated[Bus, Depends(get_bus)]
 Box = Annotated[SecretBox, Depends(get_box)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def api_error(status: int, message: str) -> HTTPException:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from typing import Annotated, Any
 
+from provisioning_common.device_api import MAX_METHOD
 from provisioning_common.dialects.limits import FIELD_LIMITS
-from provisioning_common.models import CredentialsType, ProvisionStrategy
+from provisioning_common.models import MAX_ATTRIBUTE_KEY, AttributeScope, CredentialsType, ProvisionStrategy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Text without C0 control characters or DEL: names, keys, secrets, ids, search strings. Postgres cannot
@@ -94,3 +96,42 @@ class Page(BaseModel):
     data: list[dict[str, Any]]
     totalElements: int
     hasNext: bool
+
+
+# --- device attributes and server-side RPC (routers.attributes, routers.rpc) --------------------------------
+
+#: Most keys one call sets, reads or deletes (a device's own update is held to the same number).
+MAX_ATTRIBUTES_PER_CALL = 1000
+#: An attribute key: 1 to 255 characters (ThingsBoard's key dictionary column), no control characters.
+AttributeKey = Annotated[str, Field(min_length=1, max_length=MAX_ATTRIBUTE_KEY, pattern=NO_CONTROLS)]
+#: ``?keys=a,b``: comma-separated keys, each within the key limit (checked by the route).
+KEYS_QUERY_MAX = MAX_ATTRIBUTES_PER_CALL * (MAX_ATTRIBUTE_KEY + 1)
+
+
+class ScopeIn(str, enum.Enum):
+    """The scope in an attribute path: ours (``client``, ``shared``, ``server``) or ThingsBoard's names."""
+
+    CLIENT = "client"
+    SHARED = "shared"
+    SERVER = "server"
+    CLIENT_SCOPE = "CLIENT_SCOPE"
+    SHARED_SCOPE = "SHARED_SCOPE"
+    SERVER_SCOPE = "SERVER_SCOPE"
+
+    @property
+    def scope(self) -> AttributeScope:
+        return AttributeScope(self.value.removesuffix("_SCOPE").lower())
+
+
+class RpcIn(BaseModel):
+    """A server-side RPC (ThingsBoard's ``/api/rpc/{oneway|twoway}/{deviceId}`` body). ThingsBoard's other
+    fields (``persistent``, ``retries``, ``expirationTime``, ``additionalInfo``) are accepted and ignored:
+    an RPC reaches a device that has a session now, or is refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    method: str = Field(min_length=1, max_length=MAX_METHOD, pattern=NO_CONTROLS)
+    params: Any = None
+    #: How long the device has to answer, in milliseconds (ThingsBoard's unit); capped by DEVICE_RPC_MAX_TIMEOUT_S.
+    timeout: int | None = Field(default=None, ge=1, le=3_600_000)
+    oneway: bool = Field(default=False, strict=True)

@@ -8,9 +8,10 @@ the way they reach a real gateway, without depending on one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -19,20 +20,30 @@ import httpx
 import pytest
 from devstack import Stack
 from provisioning_common.bus import Bus, RpcError
-from provisioning_common.contract import ATTRIBUTES_EXCHANGE, GET_ATTRIBUTES, SAVE_CLIENT_ATTRIBUTES
+from provisioning_common.contract import (
+    ATTRIBUTES_EXCHANGE,
+    DOWNLINK_ATTRIBUTES,
+    DOWNLINK_RPC,
+    GET_ATTRIBUTES,
+    SAVE_CLIENT_ATTRIBUTES,
+)
+from provisioning_common.device_link import DeviceLinks, Downlink
 from provisioning_common.models import AttributesQuery, AttributesSnapshot, ClientAttributesUpdate
 from provisioning_common.settings import Settings
 
 from .conftest import Admin, Env, tb_request
 
 SERVICES = ["credentials", "provisioning_core", "admin_api", "http_gateway"]
+#: DEVICE_RPC_MAX_TIMEOUT_S of this module: a longer timeout asked for is cut to this (and a 504 comes soon).
+RPC_MAX_TIMEOUT_S = 1.5
 
 
 @pytest.fixture(scope="module")
 def stack(env: Env) -> Iterator[Stack]:
     """What the device API needs without a device gateway: the core (device_api), credentials, the admin
     API, and the HTTP gateway to provision devices with."""
-    running = Stack(env.variables(), SERVICES).start(timeout=60)
+    variables = env.variables(DEVICE_RPC_MAX_TIMEOUT_S=str(RPC_MAX_TIMEOUT_S), DEVICE_RPC_MIN_TIMEOUT_S="0.3")
+    running = Stack(variables, SERVICES).start(timeout=60)
     try:
         yield running
     finally:
@@ -138,6 +149,230 @@ async def test_values_postgres_cannot_hold_are_refused_and_nothing_is_stored(
                                                                                                   "b": 1}))
     snapshot = await bus.call(GET_ATTRIBUTES, AttributesQuery(device_id=device, client_keys=[]))
     assert snapshot == AttributesSnapshot()
+
+
+# --- the admin API: attributes ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(env: Env, stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """The admin API, asynchronously: a device attached in this loop must keep running while a call waits."""
+    async with httpx.AsyncClient(base_url=env.admin_url, headers={"Authorization": f"Bearer {env.admin_token}"},
+                                 timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+async def links(bus: Bus) -> DeviceLinks:
+    """This process as a gateway: attach a device and it is online, its downlink reaching the sink given."""
+    return DeviceLinks(bus, "e2e-gateway")
+
+
+class Session:
+    """A device's session as a gateway holds it: the downlink messages it received, in order."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[Downlink] = asyncio.Queue()
+
+    def sink(self, message: Downlink) -> None:
+        self.received.put_nowait(message)
+
+    async def next(self) -> Downlink:
+        return await asyncio.wait_for(self.received.get(), 10)
+
+
+def attributes_path(device: str, scope: str) -> str:
+    return f"/api/devices/{device}/attributes/{scope}"
+
+
+async def test_provision_state_reads_back_as_a_server_attribute(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient
+) -> None:
+    device = provision(http, admin, profile)
+    [state] = (await api.get(attributes_path(device, "server"))).json()
+    assert state["key"] == "provisionState" and state["value"] == "provisioned"
+    assert isinstance(state["lastUpdateTs"], int) and state["lastUpdateTs"] > 1_600_000_000_000  # ms
+    assert (await api.get(attributes_path(device, "SERVER_SCOPE"), params={"keys": "provisionState"})).json() == [state]
+
+
+async def test_set_get_and_delete_attributes_with_both_scope_spellings(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient
+) -> None:
+    device = provision(http, admin, profile)
+    values = {"interval": 30, "config": {"mode": "eco", "levels": [1, 2.5, None]}, "label": "north", "on": False}
+    saved = await api.post(attributes_path(device, "shared"), json=values)
+    assert saved.status_code == 200 and saved.json() == {"saved": 4}
+    assert (await api.post(attributes_path(device, "SERVER_SCOPE"), json={"owner": "ops"})).json() == {"saved": 1}
+
+    shared = (await api.get(attributes_path(device, "SHARED_SCOPE"))).json()
+    assert {row["key"]: row["value"] for row in shared} == values
+    assert [row["key"] for row in shared] == sorted(values)
+    some = (await api.get(attributes_path(device, "shared"), params={"keys": "label, interval,missing"})).json()
+    assert {row["key"]: row["value"] for row in some} == {"label": "north", "interval": 30}
+    server = (await api.get(attributes_path(device, "server"))).json()
+    assert {row["key"]: row["value"] for row in server} == {"owner": "ops", "provisionState": "provisioned"}
+    assert (await api.get(attributes_path(device, "client"))).json() == []
+
+    await api.post(attributes_path(device, "shared"), json={"interval": 60})  # replaced, others kept
+    deleted = await api.delete(attributes_path(device, "shared"), params={"keys": "label,on,missing"})
+    assert deleted.status_code == 200 and deleted.json() == {"deleted": 2}
+    shared = (await api.get(attributes_path(device, "shared"))).json()
+    assert {row["key"]: row["value"] for row in shared} == {"interval": 60, "config": values["config"]}
+
+
+async def test_client_attributes_are_the_devices_own_and_read_back_for_the_operator(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, bus: Bus
+) -> None:
+    device = provision(http, admin, profile)
+    await bus.call(SAVE_CLIENT_ATTRIBUTES, ClientAttributesUpdate(device_id=device, values={"fw": "1.2"}))
+    [row] = (await api.get(attributes_path(device, "CLIENT_SCOPE"))).json()
+    assert (row["key"], row["value"]) == ("fw", "1.2")
+    refused = await api.post(attributes_path(device, "client"), json={"fw": "2"})
+    assert refused.status_code == 400 and "device" in refused.json()["message"]
+    assert (await api.delete(attributes_path(device, "client"), params={"keys": "fw"})).json() == {"deleted": 1}
+
+
+async def test_bad_attribute_calls_get_400_or_404_in_the_admin_shape(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient
+) -> None:
+    device = provision(http, admin, profile)
+    path = attributes_path(device, "shared")
+    for body in ([1, 2], "text", {}, {"": 1}, {"k" * 256: 1}, {"a\x01b": 1}, {"nul": "a\x00b"}):
+        response = await api.post(path, json=body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["status"] == 400 and response.json()["message"]
+    not_json = await api.post(path, content=b"{nope", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
+    nan = await api.post(path, content=b'{"a": NaN}', headers={"Content-Type": "application/json"})
+    assert nan.status_code == 400
+    for scope in ("everything", "Shared", "SHARED"):
+        response = await api.get(attributes_path(device, scope))
+        assert response.status_code == 400 and "scope" in response.json()["message"], scope
+    assert (await api.delete(path)).status_code == 400  # which keys?
+    assert (await api.get(path, params={"keys": "k" * 256})).status_code == 400
+    assert (await api.get(attributes_path("not-a-uuid", "shared"))).status_code == 400
+    unknown = str(uuid.uuid4())
+    for response in (await api.get(attributes_path(unknown, "shared")),
+                     await api.post(attributes_path(unknown, "shared"), json={"a": 1}),
+                     await api.delete(attributes_path(unknown, "shared"), params={"keys": "a"})):
+        assert response.status_code == 404 and response.json() == {"status": 404,
+                                                                    "message": f"Device {unknown} not found"}
+    assert (await api.get(path)).json() == []  # nothing of the refused bodies was stored
+
+
+async def test_shared_attribute_changes_reach_the_device_session_and_server_ones_never(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, links: DeviceLinks
+) -> None:
+    device, other = provision(http, admin, profile), provision(http, admin, profile)
+    session, other_session = Session(), Session()
+    await links.attach(device, session.sink)
+    await links.attach(other, other_session.sink)
+    await api.post(attributes_path(device, "server"), json={"secret": "not for the device"})
+    await api.post(attributes_path(device, "shared"), json={"interval": 15, "mode": {"eco": True}})
+    update = await session.next()  # the first thing it gets: the server attribute was never pushed
+    assert update.kind == DOWNLINK_ATTRIBUTES and update.body == {"interval": 15, "mode": {"eco": True}}
+    await api.delete(attributes_path(device, "shared"), params={"keys": "mode,missing"})
+    deleted = await session.next()
+    assert deleted.kind == DOWNLINK_ATTRIBUTES and deleted.body == {"deleted": ["mode"]}
+    await api.post(attributes_path(other, "shared"), json={"mine": 1})
+    assert (await other_session.next()).body == {"mine": 1}
+    assert session.received.empty()
+
+
+async def test_shared_attributes_set_while_the_device_is_offline_wait_in_postgres(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, bus: Bus
+) -> None:
+    device = provision(http, admin, profile)
+    saved = await api.post(attributes_path(device, "shared"), json={"target": 21.5})
+    assert saved.status_code == 200
+    snapshot = await bus.call(GET_ATTRIBUTES, AttributesQuery(device_id=device, shared_keys=["target"]))
+    assert snapshot == AttributesSnapshot(shared={"target": 21.5})
+
+
+# --- the admin API: server-side RPC -------------------------------------------------------------------------
+
+
+def answering(links: DeviceLinks, session: Session, answer: Callable[[Downlink], Any]) -> asyncio.Task[None]:
+    """A device that answers each two-way RPC of its session with ``answer(request)`` (as JSON)."""
+
+    async def run() -> None:
+        while True:
+            request = await session.received.get()
+            await links.answer(request, json.dumps(answer(request)).encode())
+
+    return asyncio.create_task(run())
+
+
+async def test_two_way_rpc_returns_the_devices_answer(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, links: DeviceLinks
+) -> None:
+    device = provision(http, admin, profile)
+    session = Session()
+    await links.attach(device, session.sink)
+    seen: list[Downlink] = []
+    device_task = answering(links, session, lambda r: seen.append(r) or {"echo": r.body["params"], "ok": True})
+    try:
+        response = await api.post(f"/api/devices/{device}/rpc", json={"method": "setGpio", "params": {"pin": 4}})
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        assert response.json() == {"echo": {"pin": 4}, "ok": True}
+        [request] = seen
+        assert request.kind == DOWNLINK_RPC and request.two_way
+        assert request.body == {"method": "setGpio", "params": {"pin": 4}}
+        # ThingsBoard's path, and a timeout above DEVICE_RPC_MAX_TIMEOUT_S is cut to it.
+        alias = await api.post(f"/api/rpc/twoway/{device}", json={"method": "getTemp", "params": None,
+                                                                   "timeout": 600_000, "persistent": False})
+        assert alias.status_code == 200 and alias.json() == {"echo": None, "ok": True}
+        assert 0 < seen[1].seconds_left(99) <= RPC_MAX_TIMEOUT_S
+    finally:
+        device_task.cancel()
+
+
+async def test_an_unanswered_rpc_is_504_and_a_device_without_session_409(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, links: DeviceLinks
+) -> None:
+    device = provision(http, admin, profile)
+    offline = await api.post(f"/api/devices/{device}/rpc", json={"method": "reboot"})
+    assert offline.status_code == 409 and offline.json() == {"status": 409, "message": "device is offline"}
+    offline_oneway = await api.post(f"/api/rpc/oneway/{device}", json={"method": "reboot"})
+    assert offline_oneway.status_code == 409
+
+    session = Session()
+    await links.attach(device, session.sink)  # online, but it never answers
+    # 1 ms is raised to DEVICE_RPC_MIN_TIMEOUT_S (0.3 s in this module), as ThingsBoard raises it to its min_timeout.
+    silent = await api.post(f"/api/devices/{device}/rpc", json={"method": "reboot", "timeout": 1})
+    assert silent.status_code == 504 and silent.json()["status"] == 504
+    request = await session.next()
+    assert request.body["method"] == "reboot" and request.expired()
+
+
+async def test_one_way_rpc_is_handed_to_the_session(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient, links: DeviceLinks
+) -> None:
+    device = provision(http, admin, profile)
+    session = Session()
+    await links.attach(device, session.sink)
+    for path, body in ((f"/api/devices/{device}/rpc", {"method": "blink", "params": [1, 2], "oneway": True}),
+                       (f"/api/rpc/oneway/{device}", {"method": "blink", "params": [3]})):
+        response = await api.post(path, json=body)
+        assert response.status_code == 200 and response.json() == {}
+        request = await session.next()
+        assert request.kind == DOWNLINK_RPC and not request.two_way
+        assert request.body == {"method": "blink", "params": body["params"]}
+
+
+async def test_bad_rpc_calls_get_400_or_404(
+    http: httpx.Client, admin: Admin, profile: dict[str, Any], api: httpx.AsyncClient
+) -> None:
+    device = provision(http, admin, profile)
+    for body in ({}, {"method": ""}, {"method": "m" * 256}, {"method": 5}, {"method": "a\x00"}, [],
+                 {"method": "x", "timeout": 0}, {"method": "x", "timeout": "soon"}, {"method": "x", "oneway": "yes"}):
+        response = await api.post(f"/api/devices/{device}/rpc", json=body)
+        assert response.status_code == 400 and response.json()["status"] == 400, (body, response.text)
+    unknown = str(uuid.uuid4())
+    for path in (f"/api/devices/{unknown}/rpc", f"/api/rpc/twoway/{unknown}", f"/api/rpc/oneway/{unknown}"):
+        response = await api.post(path, json={"method": "reboot"})
+        assert response.status_code == 404, path
+    assert (await api.post("/api/rpc/twoway/not-a-uuid", json={"method": "x"})).status_code == 400
 
 
 def test_zz_no_traceback_in_the_services_output(stack: Stack) -> None:

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     #: and the most a caller may give.
     device_rpc_default_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     device_rpc_max_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    #: The least time a server-side RPC gets, whatever the caller names (ThingsBoard's
+    #: server.rest.server_side_rpc.min_timeout, 5 s); DEVICE_RPC_MAX_TIMEOUT_S still caps it.
+    device_rpc_min_timeout_s: float = Field(default=5.0, gt=0, le=3600)
     #: HTTP long polls (``attributes/updates``, ``rpc``): the wait when the device names no ``timeout``
     #: (ThingsBoard's transport.http.request_timeout, 60 s) and the longest it may name (300 s).
     http_long_poll_default_s: float = Field(default=60.0, gt=0, le=3600)
