@@ -101,8 +101,9 @@ FULL_RETRY_S = 60
 MAX_RATE_LIMITED_TOKENS = 50_000
 #: RFC 7641 §4.4: the Observe option is a 24-bit sequence number.
 OBSERVE_MODULO = 1 << 24
-#: Longest RPC request id in a path (ThingsBoard's ids are Java ints).
+#: Longest RPC request id in a path, and the largest id handed out (ThingsBoard's ids are Java ints).
 MAX_ID_DIGITS = 10
+MAX_RPC_ID = 2**31 - 1
 #: RFC 7252 §5.9.3.4 / RFC 8516: Max-Age of a 5.03 or 4.29 = seconds after which to retry.
 RETRY_AFTER_S = 1
 
@@ -170,14 +171,16 @@ class _Pending:
 class RpcLedger:
     """The two-way RPCs sent to devices and not answered yet, by device and request id.
 
-    Ids come from one counter per gateway process, so an id is never reused for another RPC while an
-    old answer may still arrive. Each entry is forgotten at its caller's deadline."""
+    Ids come from one counter per gateway process (1 .. 2**31 - 1, ThingsBoard's ids are Java ints, then
+    round again), so an id is not reused for another RPC while an old answer may still arrive. Each entry is
+    forgotten at its caller's deadline. The device's answer must reach the instance that sent the RPC: the
+    UDP load balancer keeps client-IP affinity (deploy/k8s/base/coap-gateway.yaml)."""
 
     def __init__(self, max_per_device: int, default_timeout_s: float, max_timeout_s: float) -> None:
         self._max = max_per_device
         self._default = default_timeout_s
         self._longest = max_timeout_s
-        self._ids = itertools.count(1)
+        self._ids = itertools.count()
         self._pending: dict[str, dict[int, _Pending]] = {}
 
     def add(self, device_id: str, downlink: Downlink) -> int | None:
@@ -185,7 +188,7 @@ class RpcLedger:
         pending = self._pending.get(device_id)
         if downlink.two_way and pending is not None and len(pending) >= self._max:
             return None
-        request_id = next(self._ids)
+        request_id = next(self._ids) % MAX_RPC_ID + 1
         if downlink.two_way:
             wait = min(downlink.seconds_left(self._default), self._longest)
             timer = asyncio.get_running_loop().call_later(wait, self._forget, device_id, request_id)

@@ -408,7 +408,7 @@ async def test_wrong_method_and_unknown_path(coap: aiocoap.Context, env: Env) ->
         response = await coap_request(coap, env, "/api/v1/provision", code=code)
         assert response.code is Code.METHOD_NOT_ALLOWED and response.opt.content_format == JSON_CF
         assert json.loads(response.payload)["status"] == "FAILURE"
-    for path in ("/api/v2/provision", "/", "/api/v1/token/attributes", "/.well-known/core"):
+    for path in ("/api/v2/provision", "/", "/api/v1/token/nothing-here", "/.well-known/core"):
         response = await coap_request(coap, env, path, b"{}")
         assert response.code is Code.NOT_FOUND, path
         body = json.loads(response.payload)

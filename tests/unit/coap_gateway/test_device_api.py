@@ -15,6 +15,8 @@ from typing import Any
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.constants import TransportTuning
+from aiocoap.optiontypes import BlockOption
 from coap_gateway import device_api as device_api_module
 from coap_gateway.device_api import Feature, RpcLedger, _Observation, query_value
 from coap_gateway.server import CoapGateway
@@ -526,7 +528,7 @@ async def test_a_large_notification_goes_out_block_wise(
     payload, number = first.payload, 1
     while True:
         await observer.send("/api/v1/tok-a/attributes", token=b"b%d" % number,
-                            block2=aiocoap.optiontypes.BlockOption.BlockwiseTuple(number, False, 6))
+                            block2=BlockOption.BlockwiseTuple(number, False, 6))
         block = await observer.recv()
         payload += block.payload
         if not block.opt.block2.more:
@@ -549,3 +551,34 @@ async def test_stopping_ends_observations_with_5_03() -> None:
         assert api.links.sinks == {} and gateway.device_api.observations == 0
     finally:
         client.close()
+
+
+async def test_a_vanished_client_ends_its_observation(served: tuple[CoapGateway, StubApi]) -> None:
+    """Its socket is closed: the next notification draws an ICMP port unreachable, which aiocoap reports
+    as an error for that address, and the observation ends (detached)."""
+    gateway, api = served
+    client = Observer(gateway._settings.coap_port)
+    await client.send("/api/v1/tok-a/attributes", observe=0, non=False)
+    await client.recv()
+    client.close()
+    api.links.deliver("dev-a", Downlink(DOWNLINK_ATTRIBUTES, {"x": 1}))
+    await api.links.wait(lambda: _attrs(api) == 0)
+    assert gateway.device_api.observations == 0
+
+
+async def test_unacknowledged_notifications_end_the_observation(
+    served: tuple[CoapGateway, StubApi], observer: Observer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops acknowledging (gone without an ICMP error): aiocoap retransmits the confirmable
+    notification MAX_RETRANSMIT times, then gives up on that address and the observation ends."""
+    monkeypatch.setattr(TransportTuning, "ACK_TIMEOUT", 0.05)
+    monkeypatch.setattr(TransportTuning, "MAX_RETRANSMIT", 1)
+    gateway, api = served
+    await observer.send("/api/v1/tok-a/rpc", observe=0, non=False)
+    await observer.recv()
+    api.links.deliver("dev-a", rpc_downlink(two_way=False))
+    sent = await observer.recv(ack=False)
+    again = await observer.recv(ack=False)
+    assert again.mid == sent.mid  # the retransmission
+    await api.links.wait(lambda: _attrs(api) == 0)
+    assert gateway.device_api.observations == 0
