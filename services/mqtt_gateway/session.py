@@ -101,6 +101,7 @@ class MqttSession:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
+        accepted = False
         try:
             try:
                 async with asyncio.timeout(self._limits.connect_timeout_s):
@@ -119,8 +120,15 @@ class MqttSession:
             self._keep_alive = connect.keep_alive
             if not await self._accept(connect):
                 return
+            accepted = True
             await self._serve()
-        except (Close, ProtocolError, asyncio.IncompleteReadError, ConnectionError, TimeoutError, EOFError) as exc:
+        except ProtocolError as exc:
+            if accepted and self._level == 5:
+                # MQTT 5 tells the client why (0x81 malformed, 0x82 protocol error, 0x95 packet too large), as
+                # ThingsBoard does on a decoding failure; 3.1/3.1.1 just close.
+                self._send(codec.encode_disconnect(exc.reason_code, protocol_level=5))
+            log.debug("closing %s: %s", self._conn.peer_address, type(exc).__name__)
+        except (Close, asyncio.IncompleteReadError, ConnectionError, TimeoutError, EOFError) as exc:
             log.debug("closing %s: %s", self._conn.peer_address, type(exc).__name__)
         finally:
             await self._finish()

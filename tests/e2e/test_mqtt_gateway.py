@@ -204,15 +204,32 @@ def test_unknown_token_is_refused_then_closed(env: Env, stack: Stack, level: int
         sock.close()
 
 
-def test_device_may_only_publish_telemetry(env: Env, stack: Stack, profile: dict) -> None:
+@pytest.mark.parametrize(
+    ("level", "connack", "puback"),
+    [(4, b"\x20\x02\x00\x00", b"\x40\x02\x00\x07"), (5, b"\x20\x03\x00\x00\x00", b"\x40\x03\x00\x07\x90")],
+    ids=["3.1.1", "5"],
+)
+def test_a_topic_outside_the_device_api_gets_thingsboards_puback_and_the_session_stays(
+    env: Env, stack: Stack, profile: dict, level: int, connack: bytes, puback: bytes
+) -> None:
+    """ThingsBoard's processDevicePublish: an unknown topic is acknowledged with "topic name invalid"
+    (0x90, visible in MQTT 5 only) and nothing is stored; the session stays (the PINGRESP after it)."""
     token = mc.provision_json(env.mqtt_port, tb_request(profile))["credentialsValue"]
-    client = mc.connect(env.mqtt_port, username=token)
+    packets = (client_codec.encode_connect(f"c-{level}", username=token, protocol_level=level)
+               + codec.encode_publish("some/other/topic", b"{}", qos=1, packet_id=7, protocol_level=level)
+               + client_codec.encode_pingreq())
+    sock = mc.raw_connect(env.mqtt_port, packets)
     try:
-        assert mc.accepted(client)
-        client.client.publish("some/other/topic", "{}", qos=1)
-        assert client.disconnected.wait(5)
+        expected = connack + puback + b"\xd0\x00"
+        sock.settimeout(5)
+        data = b""
+        while len(data) < len(expected):
+            chunk = sock.recv(64)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        assert data == expected
     finally:
-        client.stop()
+        sock.close()
 
 
 def test_json_error_answers_puback_0x83_and_disconnects_v5(env: Env, stack: Stack) -> None:
