@@ -12,8 +12,10 @@ Paths and codes follow ThingsBoard's CoAP device API and its ``CoapTransportReso
   (ThingsBoard answers an observation with its shared attributes); each later update is a notification
   ``{"key": value}`` and/or ``{"deleted": ["key", ...]}`` (updates that arrive together are merged into one).
 * ``GET /api/v1/{token}/rpc`` with Observe: server-side RPCs. The first answer is 2.03 Valid without a body
-  (ThingsBoard); each RPC is a notification ``{"id": n, "method": ..., "params": ...}``. ``GET .../rpc``
-  without Observe → 4.00 (ThingsBoard).
+  (ThingsBoard); each RPC is a notification ``{"id": n, "method": ..., "params": ...}``. An RPC for a
+  device that observes only its attributes here waits (until its deadline) for its RPC observation, as
+  ThingsBoard's device actor keeps it for the device's subscription. ``GET .../rpc`` without Observe → 4.00
+  (ThingsBoard).
 * ``POST /api/v1/{token}/rpc/{id}``: the device's answer (JSON) to RPC ``id`` → 2.01, handed to whoever
   asked. An id this device was not sent, or whose caller stopped waiting, or another device's → 2.01 and
   nothing is forwarded (ThingsBoard accepts the answer and its device actor drops it); an id that is not a
@@ -49,6 +51,7 @@ Bounds (everything a device or an operator can grow):
 * unanswered two-way RPCs per device: ``DEVICE_MAX_INFLIGHT``; one more is not sent to the device (its
   caller gets no answer, i.e. times out), and each is forgotten at its caller's deadline (or after
   ``DEVICE_RPC_DEFAULT_TIMEOUT_S`` when it names none, at most ``DEVICE_RPC_MAX_TIMEOUT_S``);
+* RPCs held for a device's RPC observation: ``DEVICE_MAX_INFLIGHT`` per device (more are dropped);
 * client-side RPCs waiting for the backend per device: ``DEVICE_MAX_INFLIGHT`` (→ 4.29);
 * rate-limit state: :data:`MAX_RATE_LIMITED_TOKENS` tokens, least recently used forgotten first.
 """
@@ -251,8 +254,9 @@ class _Observation:
     #: Attribute updates not notified yet, merged: key → value, and deleted keys (in order).
     updated: dict[str, Any] = field(default_factory=dict)
     deleted: dict[str, None] = field(default_factory=dict)
-    #: RPC notifications not sent yet.
+    #: RPC notifications not sent yet, and the last RPC taken (each reaches every sink of the device).
     rpcs: deque[bytes] = field(default_factory=deque)
+    last_rpc: Downlink | None = None
 
     def end(self, code: Code) -> None:
         self.end_code = code
@@ -306,6 +310,8 @@ class DeviceApi:
         self._ledger = RpcLedger(settings.device_max_inflight, settings.device_rpc_default_timeout_s,
                                  settings.device_rpc_max_timeout_s)
         self._client_rpcs: Counter[str] = Counter()
+        #: RPCs for devices that observe their attributes but not (yet) their RPCs, by device.
+        self._held: dict[str, deque[Downlink]] = {}
         self._detaching: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -549,6 +555,10 @@ class DeviceApi:
                 previous.end(Code.DELETED)  # ThingsBoard: the replaced observation gets 2.02
         self._observations[key] = observation
         self._per_source[observation.source] += 1
+        if observation.feature is Feature.RPC:
+            for downlink in self._held.pop(observation.device_id, ()):
+                if not downlink.expired():
+                    self._route_rpc(observation.device_id, downlink)
 
     def _unregister(self, key: tuple[str, Feature], observation: _Observation) -> None:
         if self._observations.get(key) is not observation:
@@ -557,25 +567,50 @@ class DeviceApi:
         self._per_source[observation.source] -= 1
         if self._per_source[observation.source] <= 0:
             del self._per_source[observation.source]
+        device_id = observation.device_id
+        if (device_id, Feature.ATTRIBUTES) not in self._observations and (device_id, Feature.RPC) not in \
+                self._observations:
+            self._held.pop(device_id, None)  # no session of the device here any more
 
     def _sink(self, observation: _Observation) -> Callable[[Downlink], None]:
-        if observation.feature is Feature.ATTRIBUTES:
-            def attributes(downlink: Downlink) -> None:
-                if downlink.kind == DOWNLINK_ATTRIBUTES and observation.end_code is None:
-                    observation.merge(downlink.body)
-            return attributes
+        """DeviceLinks' callback for one observation (never blocks). Shared-attribute updates go to the
+        attributes observation that received them; an RPC goes to the device's RPC observation, whichever
+        of the device's observations received it."""
+        device_id = observation.device_id
 
-        def rpc(downlink: Downlink) -> None:
-            if downlink.kind != DOWNLINK_RPC or observation.end_code is not None:
+        def sink(downlink: Downlink) -> None:
+            if downlink.kind == DOWNLINK_RPC:
+                self._route_rpc(device_id, downlink)
+            elif (downlink.kind == DOWNLINK_ATTRIBUTES and observation.feature is Feature.ATTRIBUTES
+                  and observation.end_code is None):
+                observation.merge(downlink.body)
+
+        return sink
+
+    def _route_rpc(self, device_id: str, downlink: Downlink) -> None:
+        """Send an RPC to the device's RPC observation; hold it (until its deadline) while the device only
+        observes its attributes, as ThingsBoard's device actor keeps an RPC for the device's subscription."""
+        observation = self._observations.get((device_id, Feature.RPC))
+        if observation is None or observation.end_code is not None:
+            held = self._held.setdefault(device_id, deque())
+            while held and held[0].expired():
+                held.popleft()
+            if len(held) >= self._settings.device_max_inflight:
+                log.debug("RPC %r for %s dropped: %d held for its RPC observation", downlink.body.get("method"),
+                          device_id, len(held))
                 return
-            request_id = self._ledger.add(observation.device_id, downlink)
-            if request_id is None:
-                log.warning("RPC %r for %s not sent: %d RPCs unanswered (DEVICE_MAX_INFLIGHT)",
-                            downlink.body.get("method"), observation.device_id, self._settings.device_max_inflight)
-                return
-            observation.rpcs.append(render_server_rpc(downlink, request_id))
-            observation.wake.set()
-        return rpc
+            held.append(downlink)
+            return
+        if observation.last_rpc is downlink:
+            return  # the same message through the device's other observation (DeviceLinks calls every sink)
+        observation.last_rpc = downlink
+        request_id = self._ledger.add(device_id, downlink)
+        if request_id is None:
+            log.debug("RPC %r for %s not sent: %d RPCs unanswered (DEVICE_MAX_INFLIGHT)",
+                      downlink.body.get("method"), device_id, self._settings.device_max_inflight)
+            return
+        observation.rpcs.append(render_server_rpc(downlink, request_id))
+        observation.wake.set()
 
     async def close(self) -> None:
         """The gateway stops: end every observation with 5.03 (Max-Age 1) and detach its device."""
@@ -589,3 +624,4 @@ class DeviceApi:
         if self._detaching:
             await asyncio.wait(set(self._detaching), timeout=5)
         self._ledger.clear()
+        self._held.clear()

@@ -582,3 +582,28 @@ async def test_unacknowledged_notifications_end_the_observation(
     assert again.mid == sent.mid  # the retransmission
     await api.links.wait(lambda: _attrs(api) == 0)
     assert gateway.device_api.observations == 0
+
+
+async def test_an_rpc_waits_for_the_rpc_observation_and_is_sent_once(
+    served: tuple[CoapGateway, StubApi], observer: Observer
+) -> None:
+    """A device observing only its attributes gets an RPC: held (ThingsBoard's device actor keeps it for the
+    device's RPC subscription) and sent once the device observes /rpc; with both observations attached,
+    an RPC reaches both sinks and is sent once."""
+    gateway, api = served
+    await observer.send("/api/v1/tok-a/attributes", observe=0, token=b"at")
+    await observer.recv()
+    early = rpc_downlink("early")
+    assert api.links.deliver("dev-a", early) == 1
+    assert gateway.device_api.ledger.unanswered("dev-a") == 0
+    await observer.send("/api/v1/tok-a/rpc", observe=0, token=b"rp")
+    first = await observer.recv()
+    assert (first.token, first.code) == (b"rp", Code.VALID)
+    held = await observer.recv()
+    assert held.token == b"rp" and json.loads(held.payload)["method"] == "early"
+    assert api.links.deliver("dev-a", rpc_downlink("both")) == 2
+    api.links.deliver("dev-a", Downlink(DOWNLINK_ATTRIBUTES, {"after": True}))
+    # Sent before the update: were the RPC sent twice, the two next messages would both be on /rpc.
+    got = {m.token: json.loads(m.payload) for m in [await observer.recv() for _ in range(2)]}
+    assert got[b"at"] == {"after": True} and got[b"rp"]["method"] == "both"
+    assert gateway.device_api.ledger.unanswered("dev-a") == 2
