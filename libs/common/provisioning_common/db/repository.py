@@ -535,7 +535,7 @@ class UnknownDevice(Exception):
 
 
 class InvalidAttributes(Exception):
-    """Postgres refused the values: a string with NUL (``\\u0000``), which jsonb cannot hold."""
+    """Postgres refused the values: text jsonb cannot hold (NUL ``\\u0000``, an unpaired surrogate)."""
 
 
 @dataclass(frozen=True)
@@ -585,8 +585,19 @@ def _storable_keys(keys: list[str] | None) -> list[str] | None:
     keys were named (that scope then yields nothing, instead of everything as ``[]`` would)."""
     if not keys:
         return keys
-    kept = [key for key in keys if "\x00" not in key]
+    kept = [key for key in keys if _storable(key)]
     return kept or None
+
+
+def _storable(key: str) -> bool:
+    """Whether Postgres text can hold ``key``: no NUL, and valid UTF-8 (no unpaired surrogate)."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def list_attributes(
@@ -617,8 +628,10 @@ async def save_attributes(
         )
     except asyncpg.ForeignKeyViolationError:  # deleted between the look-up and the insert
         raise UnknownDevice(str(device_id)) from None
-    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
-        raise InvalidAttributes("attribute keys and values must not contain NUL (\\u0000)") from None
+    except asyncpg.DataError:  # 22P05 (NUL), 22P02 (an unpaired surrogate): the document, not the database
+        raise InvalidAttributes(
+            "attribute keys and values must not contain NUL (\\u0000) or unpaired surrogates"
+        ) from None
     if not row["found"]:
         raise UnknownDevice(str(device_id))
     return int(row["saved"])
@@ -628,7 +641,7 @@ async def delete_attributes(
     conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID, scope: str, keys: list[str]
 ) -> list[str]:
     """Delete these keys of one scope; returns the keys that existed (sorted). Raises :class:`UnknownDevice`."""
-    keys = [key for key in keys if "\x00" not in key]
+    keys = [key for key in keys if _storable(key)]
     row = await conn.fetchrow(
         "WITH device AS (SELECT id FROM devices WHERE id = $1),"
         " deleted AS (DELETE FROM device_attributes a USING device"
