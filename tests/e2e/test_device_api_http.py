@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import json
 import queue
+import random
 import signal
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -249,6 +251,8 @@ def test_long_polls_time_out_with_408(http: httpx.Client, admin: Admin, profile:
 def test_bad_json_is_400_and_nothing_is_stored(http: httpx.Client, admin: Admin, profile: dict[str, Any]) -> None:
     token, ident = provision(http, profile, admin)
     for path, body in [("attributes", b'{"a":'), ("attributes", b"[1]"), ("attributes", b"{}"),
+                       ("attributes", b'{"a":NaN}'), ("attributes", b'{"a":1e999}'),
+                       ("rpc", b'{"method":"m","params":NaN}'),
                        ("rpc", b"nope"), ("rpc", b'{"params":1}'), ("rpc/1", b"not json"), ("telemetry", b"t=1")]:
         response = http.post(f"/api/v1/{token}/{path}", content=body)
         assert response.status_code == 400, (path, body, response.text)
@@ -354,6 +358,69 @@ def test_rate_limit_is_429_as_thingsboard(http: httpx.Client, admin: Admin, prof
     body = refused.json()
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert body["status"] == 429 and body["errorCode"] == 33 and "Too many requests" in body["message"]
+
+
+FUZZ_REQUESTS = 1000
+FUZZ_CONNECTIONS = 16
+
+
+def fuzz_body(rng: random.Random) -> bytes:
+    """Random bytes, odd JSON, oversize keys and key counts, NUL, NaN, deep nesting, and RPC-shaped objects."""
+    text = lambda: rng.choice(["", "a", "\x00", "é" * 3, "k" * rng.choice([255, 256, 3000]), "😀", "a\u0000b"])  # noqa: E731
+    value = lambda: rng.choice([None, True, 1, -1, 2**70, 1.5, text(), [1, 2], {"n": {"m": [None]}}])  # noqa: E731
+    kind = rng.randrange(10)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 200))
+    if kind == 1:
+        return rng.choice([b"", b"null", b"[]", b"{}", b'"s"', b"1", b"NaN", b'{"a":NaN}', b'{"a":1e999}',
+                           b"[" * 3000, b'{"a":' * 600, b'{"a":1', b"\xff\xfe"])
+    if kind == 2:
+        return json.dumps({f"k{i}": i for i in range(rng.choice([999, 1000, 1001, 1500]))}).encode()
+    if kind < 6:
+        return json.dumps({text(): value() for _ in range(rng.randrange(4))}).encode()
+    # RPC-shaped; a client-side call only ever to getSessionLimits (any other method waits for the backend)
+    method = rng.choice(["getSessionLimits", "", 5, None, "m" * 256, ["x"]])
+    call: dict[str, Any] = {"method": method, "params": value()}
+    if rng.random() < 0.3:
+        del call["method"]
+    return json.dumps(call).encode()
+
+
+async def test_device_api_fuzz_finds_no_5xx(env: Env, http: httpx.Client, admin: Admin,
+                                            profile: dict[str, Any]) -> None:
+    """Random methods, paths, tokens, query strings and bodies: every answer is < 500 (the zz test then finds no
+    traceback in any log). Polls get only timeouts that end at once (negative, tiny or not a number)."""
+    rng = random.Random(20260712)
+    tokens = [provision(http, profile, admin)[0] for _ in range(8)]
+    paths = ["attributes"] * 3 + ["attributes/updates", "rpc", "rpc/{id}", "rpc/{id}", "telemetry",
+                                  rng.choice(["", "attributes/x", "rpc/1/2", "claim"])]
+    ids = ["1", "0", "-1", "2147483647", "2147483648", "abc", "%00", "1.5", str(3 << 21), "9" * 30]
+    statuses: Counter[int] = Counter()
+
+    def request() -> tuple[str, str, dict[str, str], bytes]:
+        token = rng.choice(tokens) if rng.random() < 0.8 else rng.choice(["bad", "%00", "a" * 300, "..", " "])
+        path = rng.choice(paths).replace("{id}", rng.choice(ids))
+        method = rng.choice(["GET", "POST"]) if rng.random() < 0.9 else rng.choice(["PUT", "DELETE", "HEAD", "PATCH"])
+        params: dict[str, str] = {}
+        if path in ("attributes/updates", "rpc") or rng.random() < 0.3:
+            params["timeout"] = rng.choice(["-1", "1", "20", "x", "", " ", "1e3", "-99999999999999999999"])
+        for name in ("clientKeys", "sharedKeys"):
+            if rng.random() < 0.3:
+                params[name] = rng.choice(["", ",", "a,b", "k" * 256, ",".join(str(i) for i in range(1001)), "\x00"])
+        return method, f"/api/v1/{token}/{path}", params, fuzz_body(rng) if method != "GET" else b""
+
+    async def worker(client: httpx.AsyncClient, count: int) -> None:
+        for _ in range(count):
+            method, url, params, body = request()
+            response = await client.request(method, url, params=params, content=body)
+            statuses[response.status_code] += 1
+
+    async with httpx.AsyncClient(base_url=env.http_url, timeout=30) as client:
+        await asyncio.wait_for(asyncio.gather(*(worker(client, FUZZ_REQUESTS // FUZZ_CONNECTIONS)
+                                                for _ in range(FUZZ_CONNECTIONS))), 120)
+    print(f"\ndevice API fuzz: statuses {dict(sorted(statuses.items()))}")
+    assert not any(code >= 500 for code in statuses), statuses
+    assert statuses[200] and statuses[400] and statuses[401] and statuses[408]
 
 
 async def test_zz_sigterm_answers_open_polls_and_the_gateway_exits_at_once(

@@ -11,6 +11,7 @@ the limits it enforces (:class:`SessionLimitsInfo`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,9 +30,22 @@ class DeviceApiError(ValueError):
     """A device sent something ThingsBoard's device API does not accept (the message says what)."""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400
+        raise ValueError("number out of range")
+    return value
+
+
 def _loads(payload: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN, Infinity and numbers beyond a double are refused (they would reach
+    the bus as null)."""
     try:
-        return json.loads(payload)
+        return json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DeviceApiError("payload is not valid JSON") from None
 

@@ -83,7 +83,8 @@ async def test_client_attributes_are_saved(gateway: Gateway) -> None:
     assert api.saved == [("device-a", {"fw": "2.0", "on": True})]
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b"{}", b'"text"', b'{"":1}', b"", b"[" * 1000])
+@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b"{}", b'"text"', b'{"":1}', b"", b"[" * 1000,
+                                  b'{"a":NaN}', b'{"a":-Infinity}', b'{"a":1e400}'])
 async def test_bad_client_attributes_are_400_and_nothing_saved(gateway: Gateway, body: bytes) -> None:
     client, _, api = gateway
     response = await client.post("/api/v1/token-a/attributes", content=body)
