@@ -273,6 +273,9 @@ class DeviceApi:
                 loop.call_soon_threadsafe(self.stop)
                 if callable(previous):
                     previous(signum, frame)
+                elif previous == signal.SIG_DFL:  # nobody else handles it: end the process as it would have
+                    signal.signal(signum, signal.SIG_DFL)
+                    signal.raise_signal(signum)
 
             signal.signal(sig, handler)
 
