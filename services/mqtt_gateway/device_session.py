@@ -392,6 +392,9 @@ class DeviceSession:
                 await self._wire.drain()
         except (ConnectionError, Close):
             pass
+        except Exception:  # a bug: this session stops receiving, the gateway goes on
+            log.exception("delivering to %s failed", self.device_id)
+            self._wire.abort(IMPLEMENTATION_SPECIFIC_ERROR)
 
     def _deliver_one(self, downlink: Downlink) -> None:
         if downlink.expired():

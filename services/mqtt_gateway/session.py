@@ -135,7 +135,12 @@ class MqttSession:
 
     async def _finish(self) -> None:
         if self._device is not None:
-            await self._device.close()  # always: the downlink binding of this session goes with it
+            # The socket first (what was written still goes out), then the downlink binding, always; bounded,
+            # so that a broker that does not answer cannot keep a finished session around.
+            self._conn.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._api.timeout):
+                    await self._device.close()
         if self._tasks:
             # Let answers in flight reach the device before the socket goes (bounded by the bus timeout).
             await asyncio.wait(list(self._tasks), timeout=self._api.timeout + 1)
