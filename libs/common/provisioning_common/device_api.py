@@ -45,9 +45,18 @@ def _loads(payload: bytes | str) -> Any:
     """JSON as RFC 8259 has it: NaN, Infinity and numbers beyond a double are refused (they would reach
     the bus as null)."""
     try:
-        return json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
+        value = json.loads(payload, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DeviceApiError("payload is not valid JSON") from None
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if b"\\ud" in raw.lower():
+        # A ``\ud800``-style escape may leave an unpaired surrogate, which is no Unicode text: the bus
+        # (pydantic) would turn it into U+FFFD and store another key than the device sent.
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise DeviceApiError("payload contains an unpaired surrogate") from None
+    return value
 
 
 def parse_attributes(payload: bytes | str) -> dict[str, Any]:

@@ -28,9 +28,13 @@ def test_client_attributes_must_be_a_non_empty_object_with_sane_keys() -> None:
     assert parse_attributes(b'{"fw":"1.2","temp":21.5,"nested":{"a":[1]}}') == {
         "fw": "1.2", "temp": 21.5, "nested": {"a": [1]}}
     for bad in (b"[1,2]", b'"x"', b"{}", b"not json", b'{"":1}', b'{"   ":1}', json.dumps({"k" * 256: 1}).encode(),
-                b"\xff\xfe", b"[" * 5000 + b"]" * 5000):
+                b"\xff\xfe", b"[" * 5000 + b"]" * 5000, b'{"\\ud800":1}', b'{"k":["\\uDFFF"]}', b'{"k":NaN}'):
         with pytest.raises(DeviceApiError):
             parse_attributes(bad)
+
+
+def test_escaped_surrogate_pairs_are_text() -> None:
+    assert parse_attributes(b'{"smile":"\\ud83d\\ude00"}') == {"smile": "\U0001f600"}
 
 
 @pytest.mark.parametrize(
