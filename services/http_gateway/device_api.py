@@ -20,23 +20,14 @@ body or parameter the device API does not accept, 503 + Retry-After when the bus
 behind it is down. Unknown and foreign RPC ids get ThingsBoard's 200 and are dropped
 (:mod:`.server_rpc`).
 
-Long polls: a device is attached to this process's downlink queue (``TransportApi.links``) while at
-least one of its polls is open here, and only then; ``timeout`` is in milliseconds (0 or absent:
+Long polls (:mod:`.polls`): each poll consumes its device's queue of its kind, shared by every
+gateway instance, so a message reaches one poll once whichever instance the poll reached, and what
+arrives between two polls waits there for the next one. ``timeout`` is in milliseconds (0 or absent:
 HTTP_LONG_POLL_DEFAULT_S, capped at HTTP_LONG_POLL_MAX_S; negative: 408 at once). One poll per device
-and kind (attributes, rpc) per process: a newer poll ends the older one with 408, which ThingsBoard's
-SDK answers by polling again. A message that arrives while the device is attached but has no poll of
-that kind open (ThingsBoard's SDK polls attributes and RPC on two threads, so one of them is often
-between two polls) is held for the next poll of its kind (HOLD_MAX per kind, until its deadline); when
-the device's last poll here ends, the attachment and what it held go: the device is offline again (an
-RPC's publisher sees it unroutable; an attribute update waits in Postgres for the device's next request).
-A client that disconnects releases its poll at once; on SIGTERM every poll and client-side RPC still
-waiting is answered 408, so that the graceful shutdown does not wait for them.
-
-Limitation (several instances): a device whose polls are spread over two instances at once (e.g. its
-attribute poll on one and its RPC poll on another) is attached on both, and both receive its messages;
-one that arrives while the device's RPC poll is open on one instance and was just closed on the other
-can be held there too and delivered twice. With one instance, or a device that polls one instance at a
-time, every message is delivered once.
+and kind per process: a newer poll ends the older one with 408, which ThingsBoard's SDK answers by
+polling again. A client that disconnects ends its poll at once (what reaches it then is requeued); on
+SIGTERM every poll and client-side RPC still waiting is answered 408, so that the graceful shutdown
+does not wait for them.
 """
 
 from __future__ import annotations
@@ -48,9 +39,8 @@ import logging
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -69,13 +59,13 @@ from provisioning_common.device_api import (
     render_attributes,
     render_server_rpc,
 )
-from provisioning_common.device_link import Attachment, DeviceLinks, Downlink
 from provisioning_common.dialects import render_error
 from provisioning_common.models import AuthenticateRequest, Dialect
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi, is_json_document
 
 from .body import JSON, read_body
+from .polls import DevicePolls
 from .server_rpc import ServerRpcIds
 
 log = logging.getLogger(__name__)
@@ -85,9 +75,6 @@ log = logging.getLogger(__name__)
 RATE_LIMIT_DEVICES = 20_000
 #: ThingsBoard's ``ThingsboardErrorCode.TOO_MANY_REQUESTS``.
 TB_TOO_MANY_REQUESTS = 33
-#: Messages a device's slot keeps, per kind, for its next poll of that kind (oldest dropped first).
-HOLD_MAX = 16
-KINDS = (DOWNLINK_ATTRIBUTES, DOWNLINK_RPC)
 #: Java's int range: ThingsBoard's RPC ids are ``Integer`` path variables (anything else is 400).
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
@@ -115,82 +102,6 @@ class RateLimits:
 
     def __len__(self) -> int:
         return len(self._limits)
-
-
-@dataclass(eq=False)
-class Poll:
-    """One open long poll: its future gets the first downlink of its kind, or None when ended."""
-
-    kind: str
-    future: asyncio.Future[Downlink | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    def end(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-
-class Slot:
-    """One device's open polls in this process (at most one per kind), its downlink attachment (held while
-    any of them is open) and what arrived while no poll of its kind was open (HOLD_MAX per kind, until
-    its deadline or the attachment ends)."""
-
-    def __init__(self, device_id: str) -> None:
-        self.device_id = device_id
-        self.polls: dict[str, Poll] = {}
-        self.held: dict[str, deque[Downlink]] = {kind: deque(maxlen=HOLD_MAX) for kind in KINDS}
-        #: Polls opened and not yet closed (including ones still attaching or detaching).
-        self.users = 0
-        self._attachment: Attachment | None = None
-        self._lock = asyncio.Lock()
-
-    def open(self, kind: str) -> Poll:
-        """A new poll of ``kind``; an older one of the same kind ends (408). Answered at once with
-        a held message if there is one."""
-        previous = self.polls.get(kind)
-        if previous is not None:
-            previous.end()
-        poll = self.polls[kind] = Poll(kind)
-        held = self.held[kind]
-        while held:
-            downlink = held.popleft()
-            if not downlink.expired():
-                poll.future.set_result(downlink)
-                break
-        return poll
-
-    def close(self, poll: Poll) -> None:
-        poll.end()
-        if self.polls.get(poll.kind) is poll:
-            del self.polls[poll.kind]
-
-    def dispatch(self, downlink: Downlink) -> None:
-        """The attachment's sink (called by DeviceLinks; must not block)."""
-        if downlink.kind not in self.held:
-            return
-        poll = self.polls.get(downlink.kind)
-        if poll is not None and not poll.future.done():
-            poll.future.set_result(downlink)
-        else:  # between two polls of this kind (e.g. the SDK's RPC thread while its attribute poll is open)
-            self.held[downlink.kind].append(downlink)
-
-    async def attach(self, links: DeviceLinks) -> None:
-        async with self._lock:
-            if self._attachment is None:
-                self._attachment = await links.attach(self.device_id, self.dispatch)
-
-    async def detach(self, links: DeviceLinks) -> None:
-        """Once no poll is left: stop receiving; what was held is dropped (its askers time out)."""
-        async with self._lock:
-            if self.users == 0 and self._attachment is not None:
-                attachment, self._attachment = self._attachment, None
-                await links.detach(attachment)
-            if self._attachment is None:
-                for held in self.held.values():
-                    held.clear()
-
-    @property
-    def attached(self) -> bool:
-        return self._attachment is not None
 
 
 def _status(code: int, headers: dict[str, str] | None = None) -> Response:
@@ -236,8 +147,7 @@ class DeviceApi:
         self.settings = settings
         self._api = api
         self.rate_limits = RateLimits(settings.device_messages_rate_limit)
-        #: Devices with an open poll in this process.
-        self.slots: dict[str, Slot] = {}
+        self.polls = DevicePolls(lambda: api().links.bus, settings)
         self.rpc_ids = ServerRpcIds(lambda: api().links, settings)
         self._stopping: asyncio.Event | None = None
         self._too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
@@ -255,9 +165,7 @@ class DeviceApi:
     def stop(self) -> None:
         """Answer every open poll and waiting client-side RPC (408) and every later one at once."""
         self.stopping.set()
-        for slot in list(self.slots.values()):
-            for poll in list(slot.polls.values()):
-                poll.end()
+        self.polls.end_all()
 
     def stop_on_exit_signals(self) -> None:
         """Call :meth:`stop` on SIGTERM/SIGINT, before uvicorn's own handler (which then waits for open
@@ -397,31 +305,16 @@ class DeviceApi:
             return device
         if self.stopping.is_set():
             return _status(408)
-        links = self._api().links
         if kind == DOWNLINK_RPC:
             try:
                 await self.rpc_ids.start()
             except RpcError:
                 return _unavailable()
-        slot = self.slots.get(device)
-        if slot is None:
-            slot = self.slots[device] = Slot(device)
-        slot.users += 1
-        poll = slot.open(kind)
+        poll = self.polls.open(device, kind)
         try:
-            if not poll.future.done():
-                await slot.attach(links)
-                await self._wait(poll.future, timeout, request)
+            downlink = await self.polls.run(poll, lambda future: self._wait(future, timeout, request))
         except RpcError:
             return _unavailable()
-        finally:
-            slot.close(poll)
-            slot.users -= 1
-            if slot.users == 0:
-                await slot.detach(links)
-                if slot.users == 0 and not slot.attached and self.slots.get(device) is slot:
-                    del self.slots[device]
-        downlink = poll.future.result()
         if downlink is None:
             return _status(408)
         if kind == DOWNLINK_RPC:

@@ -4,15 +4,14 @@ and raw HTTP for the edge cases, against the real services on RabbitMQ and Postg
 
 Two HTTP gateway instances run: A (the stack's) and B (a second process on another port, with tight HTTP
 limits - 1 s keep-alive, head and body deadlines - and a small rate limit), so that RPC answers are shown
-to cross instances, long polls to outlive the HTTP limits, and 429 to be what ThingsBoard answers. A long
-poll attaches its device only while it is open: the tests learn that it is (or no longer is) with a
-one-way RPC through the admin API, which is 200 while a session holds the device and 409 once none does.
+to cross instances, messages waiting between two polls to be delivered once whichever instance the next
+poll reaches, long polls to outlive the HTTP limits, and 429 to be what ThingsBoard answers. That a poll is
+open (or no longer is) is read from RabbitMQ: the consumer count of the device's queue of that kind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import queue
 import random
@@ -124,15 +123,22 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
     raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
-def session_probe(admin_async: httpx.AsyncClient, device: str, online: bool) -> Callable[[], Awaitable[bool]]:
-    """A one-way RPC: 200 while a session (an open poll) holds the device, 409 when none does. Used with
-    attribute polls only (an RPC poll would take the probe; an attribute poll's device holds it for an RPC
-    poll that never comes)."""
+async def pollers(env: Env, kind: str, device: str) -> int:
+    """Open polls of ``kind`` for ``device``, on any instance: the consumers of its queue (0 when it has none)."""
+    connection = await aio_pika.connect(env.infra.rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(f"{env.namespace}http_gateway.{kind}.{device}", passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # NOT_FOUND
+            return 0
+        result = queue.declaration_result
+        return int(result.consumer_count or 0)
 
+
+def polling(env: Env, kind: str, device: str, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        response = await admin_async.post(f"/api/devices/{device}/rpc", json={"method": "probe", "oneway": True})
-        assert response.status_code in (200, 409), response.text
-        return (response.status_code == 200) == online
+        return await pollers(env, kind, device) == count
 
     return check
 
@@ -185,19 +191,12 @@ async def test_thingsboard_http_sdk_device(env: Env, admin: Admin, profile: dict
     assert answer == {"client": {"firmwareVersion": "1.2.3", "model": "X1"}, "shared": {"interval": 5}}
 
     # A shared attribute set through the admin API reaches the SDK's long poll.
-    # (Set again until the SDK's first poll is open: an update while none is open waits in Postgres.)
+    # (Once the SDK's first poll is open: before the device ever polled, an update waits in Postgres only.)
     updates: queue.Queue[dict[str, Any]] = queue.Queue()
     device.subscribe("attributes", updates.put)
-
-    async def update_arrived() -> bool:
-        saved = await admin_async.post(f"/api/devices/{ident}/attributes/shared", json={"interval": 10})
-        assert saved.status_code == 200
-        with contextlib.suppress(queue.Empty):
-            assert await asyncio.to_thread(updates.get, timeout=0.5) == {"interval": 10}
-            return True
-        return False
-
-    await until(update_arrived, "the shared attribute reaches the SDK's poll")
+    await until(polling(env, "attributes", ident, 1), "the SDK polls attribute updates")
+    assert (await admin_async.post(f"/api/devices/{ident}/attributes/shared", json={"interval": 10})).status_code == 200
+    assert await asyncio.to_thread(updates.get, timeout=10) == {"interval": 10}
 
     # A server-side RPC through the admin API, answered by the SDK's callback (send_rpc with the request's id).
     def on_rpc(request: dict[str, Any]) -> None:
@@ -312,6 +311,26 @@ async def test_rpc_answers_cross_instances_and_foreign_ids_are_dropped(
     assert response.status_code == 200 and response.json() == {"state": "on"}
 
 
+async def test_what_arrives_between_polls_is_delivered_once_by_whichever_instance_polls_next(
+    env: Env, http: httpx.Client, admin: Admin, profile: dict[str, Any], admin_async: httpx.AsyncClient,
+    gateway_b: tuple[ServiceProcess, str],
+) -> None:
+    token, ident = provision(http, profile, admin)
+    _, b_url = gateway_b
+    offline = await admin_async.post(f"/api/devices/{ident}/rpc", json={"method": "early", "oneway": True})
+    assert offline.status_code == 409  # never polled: offline
+    async with httpx.AsyncClient(base_url=env.http_url, timeout=30) as a, httpx.AsyncClient(base_url=b_url,
+                                                                                             timeout=30) as b:
+        assert (await a.get(f"/api/v1/{token}/rpc", params={"timeout": 1})).status_code == 408
+        for method in ("first", "second"):  # between two polls: they wait in the device's queue
+            sent = await admin_async.post(f"/api/devices/{ident}/rpc", json={"method": method, "oneway": True})
+            assert sent.status_code == 200, sent.text
+        got = [(await client.get(f"/api/v1/{token}/rpc", params={"timeout": 5000})).json() for client in (b, a)]
+        assert [request["method"] for request in got] == ["first", "second"]
+        assert (await b.get(f"/api/v1/{token}/rpc", params={"timeout": 300})).status_code == 408  # no copy left
+        assert (await a.get(f"/api/v1/{token}/rpc", params={"timeout": 300})).status_code == 408
+
+
 async def test_a_client_that_leaves_mid_poll_releases_the_device(
     env: Env, http: httpx.Client, admin: Admin, profile: dict[str, Any], admin_async: httpx.AsyncClient,
 ) -> None:
@@ -319,10 +338,10 @@ async def test_a_client_that_leaves_mid_poll_releases_the_device(
     sock = socket.create_connection(("127.0.0.1", env.http_port))
     try:
         sock.sendall(f"GET /api/v1/{token}/attributes/updates?timeout=60000 HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
-        await until(session_probe(admin_async, ident, online=True), "the poll holds the device")
+        await until(polling(env, "attributes", ident, 1), "the poll consumes the device's queue")
     finally:
         sock.close()
-    await until(session_probe(admin_async, ident, online=False), "the device is released")
+    await until(polling(env, "attributes", ident, 0), "the poll ended with its client")
 
 
 async def test_client_rpc_without_backend_answer_is_408(env: Env, http: httpx.Client, admin: Admin,
@@ -424,14 +443,14 @@ async def test_device_api_fuzz_finds_no_5xx(env: Env, http: httpx.Client, admin:
 
 
 async def test_zz_sigterm_answers_open_polls_and_the_gateway_exits_at_once(
-    http: httpx.Client, admin: Admin, profile: dict[str, Any], admin_async: httpx.AsyncClient,
+    env: Env, http: httpx.Client, admin: Admin, profile: dict[str, Any], admin_async: httpx.AsyncClient,
     gateway_b: tuple[ServiceProcess, str],
 ) -> None:
     process, b_url = gateway_b
     token, ident = provision(http, profile, admin)
     async with httpx.AsyncClient(base_url=b_url, timeout=30) as client:
-        poll = asyncio.create_task(client.get(f"/api/v1/{token}/attributes/updates", params={"timeout": 60000}))
-        await until(session_probe(admin_async, ident, online=True), "the poll holds the device")
+        poll = asyncio.create_task(client.get(f"/api/v1/{token}/rpc", params={"timeout": 60000}))
+        await until(polling(env, "rpc", ident, 1), "the poll consumes the device's queue")
         started = time.monotonic()
         process.signal(signal.SIGTERM)
         response = await asyncio.wait_for(poll, 10)

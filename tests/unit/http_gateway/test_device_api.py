@@ -18,7 +18,7 @@ from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_RPC
 from provisioning_common.device_link import Downlink
 from provisioning_common.settings import Settings
 
-from .fakes import FakeApi
+from .fakes import FakeApi, Incoming
 
 
 def make(**overrides: Any) -> tuple[FastAPI, DeviceApi, FakeApi]:
@@ -142,35 +142,67 @@ async def test_over_the_rate_limit_is_429_with_thingsboards_body() -> None:
 # --- long polls --------------------------------------------------------------------------------------
 
 
+def answered(api: FakeApi) -> list[tuple[str | None, dict[str, Any], bytes]]:
+    return [(d.correlation_id, d.body, body) for d, body in api.links.answers]
+
+
 async def test_attribute_update_poll_gets_the_update(gateway: Gateway) -> None:
-    client, _, api = gateway
+    client, device_api, api = gateway
     poll = asyncio.create_task(client.get("/api/v1/token-a/attributes/updates", params={"timeout": 20000}))
-    await api.links.wait_attached("device-a")
-    api.links.deliver("device-a", rpc())  # an RPC is not what this poll waits for
-    api.links.deliver("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"interval": 10}))
+    await api.bus.wait_polling(DOWNLINK_ATTRIBUTES, "device-a")
+    assert api.bus.queue(DOWNLINK_ATTRIBUTES, "device-a").arguments == {
+        "x-expires": 60_000, "x-message-ttl": 300_000, "x-max-length": 100}
+    # Both kinds' queues exist from the first poll of either: an RPC waits in its own, the attribute poll
+    # drops its copy.
+    assert api.bus.publish("device-a", rpc()) == 2
+    api.bus.publish("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"interval": 10}))
     response = await asyncio.wait_for(poll, 5)
     assert response.status_code == 200 and response.json() == {"interval": 10}
-    assert api.links.sinks == {} and api.links.detached == 1
+    queue = api.bus.queue(DOWNLINK_ATTRIBUTES, "device-a")
+    assert not queue.consumers and not queue.messages and len(device_api.polls) == 0
+    assert [m.type for m in api.bus.queue(DOWNLINK_RPC, "device-a").messages] == [DOWNLINK_RPC, DOWNLINK_ATTRIBUTES]
+    assert (await client.get("/api/v1/token-a/rpc")).json()["method"] == "setGpio"
 
 
-async def test_what_arrives_between_two_polls_of_its_kind_is_held_while_another_poll_is_open(
-    gateway: Gateway,
-) -> None:
+async def test_what_arrives_between_two_polls_waits_for_the_next_one(gateway: Gateway) -> None:
     client, device_api, api = gateway
-    attributes = asyncio.create_task(client.get("/api/v1/token-a/attributes/updates", params={"timeout": 20000}))
-    await api.links.wait_attached("device-a")
-    first, second = rpc(method="first"), rpc(method="second")
-    api.links.deliver("device-a", first)  # no RPC poll is open: held
-    api.links.deliver("device-a", second)
+    assert (await client.get("/api/v1/token-a/rpc", params={"timeout": 1})).status_code == 408  # queue declared
+    assert api.bus.publish("device-a", rpc(method="first")) == 2
+    api.bus.publish("device-a", rpc(method="second"))
     for expected in ("first", "second"):
-        response = await client.get("/api/v1/token-a/rpc", params={"timeout": 20000})  # answered at once
+        response = await client.get("/api/v1/token-a/rpc", params={"timeout": 20000})
         assert response.json()["method"] == expected
     assert device_api.rpc_ids.pending == 2
-    api.links.deliver("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"a": 1}))
-    assert (await asyncio.wait_for(attributes, 5)).json() == {"a": 1}
-    # The device's last poll ended: it is detached, and nothing is held for it any more.
-    assert api.links.sinks == {} and device_api.slots == {}
-    assert (await client.get("/api/v1/token-a/rpc", params={"timeout": 50})).status_code == 408
+
+
+async def test_a_message_reaching_a_poll_that_just_ended_is_requeued(gateway: Gateway) -> None:
+    _, device_api, api = gateway
+    poll = device_api.polls.open("device-a", DOWNLINK_RPC)
+    ended = asyncio.Event()
+
+    async def wait(future: asyncio.Future[Any]) -> None:
+        poll.end()  # as at a timeout: then a message arrives before the consumer is cancelled
+        api.bus.publish("device-a", rpc(method="late"))
+        await asyncio.sleep(0)
+        ended.set()
+
+    assert await device_api.polls.run(poll, wait) is None
+    queue = api.bus.queue(DOWNLINK_RPC, "device-a")
+    assert [m.type for m in queue.messages] == [DOWNLINK_RPC] and not queue.consumers
+    again = device_api.polls.open("device-a", DOWNLINK_RPC)
+    got = await device_api.polls.run(again, lambda future: asyncio.wait_for(future, 5))
+    assert got is not None and got.body["method"] == "late" and not queue.messages
+
+
+async def test_a_message_in_flight_when_the_consumer_was_cancelled_is_requeued(gateway: Gateway) -> None:
+    _, device_api, api = gateway
+    poll = device_api.polls.open("device-a", DOWNLINK_RPC)
+    assert await device_api.polls.run(poll, lambda future: asyncio.sleep(0)) is None
+    assert poll.cancelled
+    queue = api.bus.queue(DOWNLINK_RPC, "device-a")
+    message = Incoming(b'{"method":"m"}', DOWNLINK_RPC, "device-a", queue=queue)
+    await device_api.polls._deliver(poll, message)  # type: ignore[arg-type]
+    assert message.settled == "nack" and [m.body for m in queue.messages] == [b'{"method":"m"}']
 
 
 async def test_poll_timeout_is_408_and_timeout_must_be_a_number(gateway: Gateway) -> None:
@@ -180,25 +212,26 @@ async def test_poll_timeout_is_408_and_timeout_must_be_a_number(gateway: Gateway
     assert (await client.get("/api/v1/token-a/rpc", params={"timeout": "soon"})).status_code == 400
     assert (await client.get("/api/v1/token-a/rpc", params={"timeout": "-1"})).status_code == 408
     assert (await client.get("/api/v1/nobody/rpc", params={"timeout": 50})).status_code == 401
-    assert api.links.sinks == {} and device_api.slots == {}
+    assert not api.bus.queue(DOWNLINK_RPC, "device-a").consumers and len(device_api.polls) == 0
 
 
 async def test_a_newer_poll_of_the_same_device_ends_the_older_with_408(gateway: Gateway) -> None:
     client, device_api, api = gateway
     first = asyncio.create_task(client.get("/api/v1/token-a/attributes/updates", params={"timeout": 20000}))
-    await api.links.wait_attached("device-a")
+    await api.bus.wait_polling(DOWNLINK_ATTRIBUTES, "device-a")
     second = asyncio.create_task(client.get("/api/v1/token-a/attributes/updates", params={"timeout": 20000}))
     assert (await asyncio.wait_for(first, 5)).status_code == 408
-    await api.links.wait_attached("device-a")
+    await api.bus.wait_polling(DOWNLINK_ATTRIBUTES, "device-a")
     other_kind = asyncio.create_task(client.get("/api/v1/token-a/rpc", params={"timeout": 20000}))
-    api.links.deliver("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"deleted": ["x"]}))
+    await api.bus.wait_polling(DOWNLINK_RPC, "device-a")  # an RPC poll does not end an attributes poll
+    api.bus.publish("device-a", Downlink(DOWNLINK_ATTRIBUTES, {"deleted": ["x"]}))
     assert (await asyncio.wait_for(second, 5)).json() == {"deleted": ["x"]}
     device_api.stop()
     assert (await asyncio.wait_for(other_kind, 5)).status_code == 408
     assert (await client.get("/api/v1/token-a/rpc", params={"timeout": 20000})).status_code == 408  # stopping
 
 
-async def test_a_client_that_disconnects_mid_poll_releases_its_attachment(gateway: Gateway) -> None:
+async def test_a_client_that_disconnects_mid_poll_ends_its_poll(gateway: Gateway) -> None:
     client, device_api, api = gateway
     app = client._transport.app  # type: ignore[attr-defined]
     gone = asyncio.Event()
@@ -212,19 +245,23 @@ async def test_a_client_that_disconnects_mid_poll_releases_its_attachment(gatewa
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    sent: list[dict[str, Any]] = []
-
     async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+        pass
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": "/api/v1/token-a/attributes/updates", "raw_path": b"/api/v1/token-a/attributes/updates",
              "query_string": b"timeout=60000", "headers": [], "client": ("127.0.0.1", 5), "server": ("gw", 80)}
     task = asyncio.create_task(app(scope, receive, send))
-    await api.links.wait_attached("device-a")
+    await api.bus.wait_polling(DOWNLINK_ATTRIBUTES, "device-a")
     gone.set()
     await asyncio.wait_for(task, 5)
-    assert api.links.sinks == {} and device_api.slots == {}
+    assert not api.bus.queue(DOWNLINK_ATTRIBUTES, "device-a").consumers and len(device_api.polls) == 0
+
+
+async def test_poll_is_503_when_the_bus_is_down(gateway: Gateway) -> None:
+    client, _, api = gateway
+    api.bus.down = True
+    assert (await client.get("/api/v1/token-a/attributes/updates", params={"timeout": 50})).status_code == 503
 
 
 # --- server-side RPC ---------------------------------------------------------------------------------
@@ -233,9 +270,8 @@ async def test_a_client_that_disconnects_mid_poll_releases_its_attachment(gatewa
 async def test_server_rpc_poll_and_answer(gateway: Gateway) -> None:
     client, device_api, api = gateway
     poll = asyncio.create_task(client.get("/api/v1/token-a/rpc", params={"timeout": 20000}))
-    await api.links.wait_attached("device-a")
-    request = rpc()
-    api.links.deliver("device-a", request)
+    await api.bus.wait_polling(DOWNLINK_RPC, "device-a")
+    api.bus.publish("device-a", rpc())
     response = await asyncio.wait_for(poll, 5)
     body = response.json()
     assert response.status_code == 200 and list(body) == ["id", "method", "params"]
@@ -250,17 +286,17 @@ async def test_server_rpc_poll_and_answer(gateway: Gateway) -> None:
     assert (await client.post(f"/api/v1/token-a/rpc/{body['id']}", content=b"not json")).status_code == 400
     assert api.links.answers == []
 
-    answered = await client.post(f"/api/v1/token-a/rpc/{body['id']}", content=b'{"status":"ok"}')
-    assert answered.status_code == 200 and answered.content == b""
-    assert api.links.answers == [(request, b'{"status":"ok"}')]
+    response = await client.post(f"/api/v1/token-a/rpc/{body['id']}", content=b'{"status":"ok"}')
+    assert response.status_code == 200 and response.content == b""
+    assert answered(api) == [("c1", {"method": "setGpio", "params": {"pin": 1}}, b'{"status":"ok"}')]
     assert device_api.rpc_ids.pending == 0
 
 
 async def test_one_way_rpc_gets_an_id_and_its_answer_is_dropped(gateway: Gateway) -> None:
     client, device_api, api = gateway
     poll = asyncio.create_task(client.get("/api/v1/token-a/rpc"))
-    await api.links.wait_attached("device-a")
-    api.links.deliver("device-a", rpc(two_way=False))
+    await api.bus.wait_polling(DOWNLINK_RPC, "device-a")
+    api.bus.publish("device-a", rpc(two_way=False))
     body = (await asyncio.wait_for(poll, 5)).json()
     assert body["id"] > 0 and device_api.rpc_ids.pending == 0
     assert (await client.post(f"/api/v1/token-a/rpc/{body['id']}", content=b"{}")).status_code == 200
