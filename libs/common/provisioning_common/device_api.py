@@ -41,7 +41,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def _loads(payload: bytes | str) -> Any:
+def load_json(payload: bytes | str) -> Any:
     """JSON as RFC 8259 has it: NaN, Infinity and numbers beyond a double are refused (they would reach
     the bus as null)."""
     try:
@@ -62,7 +62,7 @@ def _loads(payload: bytes | str) -> Any:
 def parse_attributes(payload: bytes | str) -> dict[str, Any]:
     """Client attributes a device publishes: a non-empty JSON object with non-empty keys of at most
     255 characters (ThingsBoard's ``JsonConverter.convertToAttributes``)."""
-    obj = _loads(payload)
+    obj = load_json(payload)
     if not isinstance(obj, dict):
         raise DeviceApiError("attributes must be a JSON object")
     if not obj:
@@ -108,7 +108,7 @@ def parse_attributes_request(device_id: str, payload: bytes) -> AttributesQuery:
     (either may be left out; an empty payload or ``{}`` asks for everything)."""
     if not payload.strip():
         return attributes_query(device_id, None, None)
-    obj = _loads(payload)
+    obj = load_json(payload)
     if not isinstance(obj, dict):
         raise DeviceApiError("an attribute request must be a JSON object")
     client, shared = obj.get("clientKeys"), obj.get("sharedKeys")
@@ -131,7 +131,7 @@ def render_attributes(snapshot: AttributesSnapshot) -> bytes:
 def parse_rpc_call(payload: bytes | str) -> dict[str, Any]:
     """A client-side RPC request: ``{"method": "<1..255 chars>", "params": <any JSON>}``
     (``params`` may be left out: it is then null). Returned normalised to exactly those two keys."""
-    obj = _loads(payload)
+    obj = load_json(payload)
     if not isinstance(obj, dict):
         raise DeviceApiError("an RPC request must be a JSON object")
     method = obj.get("method")
@@ -144,7 +144,7 @@ def parse_rpc_response(payload: bytes | str) -> bytes:
     """A device's answer to a server-side RPC: any JSON document, passed on unchanged.
 
     ThingsBoard takes any payload here; we require JSON so that the backend gets what the contract says."""
-    _loads(payload)
+    load_json(payload)
     return payload.encode() if isinstance(payload, str) else bytes(payload)
 
 

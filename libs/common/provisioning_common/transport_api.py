@@ -26,7 +26,7 @@ from .contract import (
     SAVE_CLIENT_ATTRIBUTES,
     TELEMETRY_EXCHANGE,
 )
-from .device_api import SESSION_LIMITS_METHOD, SessionLimitsInfo
+from .device_api import SESSION_LIMITS_METHOD, DeviceApiError, SessionLimitsInfo, load_json
 from .device_link import DeviceLinks
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
@@ -194,10 +194,11 @@ class TransportApi:
 def is_json_document(payload: bytes) -> bool:
     """Telemetry must be a JSON object or array (ThingsBoard rejects anything else).
 
-    Nesting deep enough to exhaust the parser's recursion (about 1,000 levels) is refused too."""
+    Nesting deep enough to exhaust the parser's recursion (about 1,000 levels) is refused too, and so
+    are NaN, Infinity and unpaired surrogates (``device_api.load_json``: the same JSON everywhere)."""
     try:
-        return isinstance(json.loads(payload), (dict, list))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return isinstance(load_json(payload), (dict, list))
+    except DeviceApiError:
         return False
 
 
