@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from provisioning_common.bus import Bus, RpcError
 from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE, DOWNLINK_RPC
 from provisioning_common.device_link import Downlink, parse_downlink
@@ -73,7 +73,8 @@ class DevicePolls:
         self._bus = bus
         self._settings = settings
         self._open: dict[tuple[str, str], Poll] = {}
-        self._channel: AbstractChannel | None = None
+        self._declaring: AbstractChannel | None = None
+        self._consuming: AbstractChannel | None = None
         self._lock: asyncio.Lock | None = None
         self._arguments: dict[str, Any] = {
             "x-expires": int(settings.http_long_poll_default_s * 1000),
@@ -97,15 +98,32 @@ class DevicePolls:
         for poll in list(self._open.values()):
             poll.end()
 
-    async def _consumer_channel(self) -> AbstractChannel:
+    async def _channels(self) -> tuple[AbstractChannel, AbstractChannel]:
+        """(declaring, consuming): a broker error in a declaration (say, a queue declared with other
+        arguments) closes only the first, never the open polls' consumers. Reopened when closed."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._channel is None or self._channel.is_closed:
+            if self._declaring is None or self._declaring.is_closed:
+                self._declaring = await self._bus().open_channel()
+            if self._consuming is None or self._consuming.is_closed:
                 channel = await self._bus().open_channel()
                 await channel.set_qos(prefetch_count=1)
-                self._channel = channel
-            return self._channel
+                self._consuming = channel
+            return self._declaring, self._consuming
+
+    async def _declare(self, channel: AbstractChannel, device_id: str) -> None:
+        """Both kinds' queues of a device, bound by its id. Not re-declared by aio-pika after a reconnect
+        (``robust=False``: it would keep every queue ever declared): the next poll declares them again."""
+        exchange = await self._bus().exchange(DOWNLINK_EXCHANGE)
+        for kind in KINDS:
+            name = queue_name(self._settings, kind, device_id)
+            queue: AbstractQueue
+            if isinstance(channel, AbstractRobustChannel):
+                queue = await channel.declare_queue(name, arguments=self._arguments, robust=False)
+            else:
+                queue = await channel.declare_queue(name, arguments=self._arguments)
+            await queue.bind(exchange, routing_key=device_id)
 
     async def run(self, poll: Poll, wait: Callable[[asyncio.Future[Any]], Any]) -> Downlink | None:
         """Consume the poll's queue until ``wait(poll.future)`` returns; the message it got, or None.
@@ -113,16 +131,11 @@ class DevicePolls:
         Raises RpcError when the broker is unreachable (nothing was consumed)."""
         try:
             try:
-                channel = await self._consumer_channel()
-                exchange = await self._bus().exchange(DOWNLINK_EXCHANGE)
+                declaring, consuming = await self._channels()
                 # Both kinds' queues: what a poll of either kind makes the device online for must wait
                 # in the queue of its own kind (an RPC sent before the first RPC poll, say).
-                queues = {}
-                for kind in KINDS:
-                    queues[kind] = await channel.declare_queue(queue_name(self._settings, kind, poll.device_id),
-                                                               arguments=self._arguments)
-                    await queues[kind].bind(exchange, routing_key=poll.device_id)
-                queue = queues[poll.kind]
+                await self._declare(declaring, poll.device_id)
+                queue = await consuming.get_queue(queue_name(self._settings, poll.kind, poll.device_id), ensure=False)
 
                 async def on_message(message: AbstractIncomingMessage) -> None:
                     await self._deliver(poll, message)

@@ -105,6 +105,7 @@ class FakeChannel:
 
     async def set_qos(self, prefetch_count: int = 0) -> None:
         assert prefetch_count == 1
+        self.prefetch = prefetch_count
 
     async def declare_queue(self, name: str, *, exclusive: bool = False, auto_delete: bool = False,
                             arguments: dict[str, Any] | None = None) -> FakeQueue:
@@ -114,6 +115,10 @@ class FakeChannel:
             self.bus.taken.add(name)
         if name not in self.bus.queues:
             self.bus.queues[name] = FakeQueue(self.bus, name, arguments)
+        return self.bus.queues[name]
+
+    async def get_queue(self, name: str, ensure: bool = True) -> FakeQueue:
+        assert not ensure
         return self.bus.queues[name]
 
     async def close(self) -> None:
