@@ -131,6 +131,8 @@ class DevicePolls:
         Raises RpcError when the broker is unreachable (nothing was consumed)."""
         try:
             try:
+                if not self._bus().is_connected:  # opening a channel would wait for the reconnection
+                    raise RpcError("bus unavailable")
                 declaring, consuming = await self._channels()
                 # Both kinds' queues: what a poll of either kind makes the device online for must wait
                 # in the queue of its own kind (an RPC sent before the first RPC poll, say).

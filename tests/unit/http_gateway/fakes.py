@@ -134,6 +134,10 @@ class FakeBus:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     down: bool = False
 
+    @property
+    def is_connected(self) -> bool:
+        return not self.down
+
     async def open_channel(self) -> FakeChannel:
         if self.down:
             raise ConnectionError("down")
