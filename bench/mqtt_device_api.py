@@ -16,10 +16,11 @@ Phases (each one timed):
 3. **idle RPC**: ``--rpc`` server-side RPCs, ``--rpc-concurrency`` at a time, each to a random connected
    device, through ``POST /api/devices/{id}/rpc`` (two-way); every device answers at once on
    ``v1/devices/me/rpc/response/{id}``. Round trip = the admin API call's wall time.
-4. **load**: for ``--duration`` seconds every device publishes QoS 1 messages one after the other (the
-   next once the PUBACK came): telemetry, and every ``--attributes-every``-th one client attributes.
-   Each device stays under ``--device-rate`` messages/s (the gateway's per-session rate limit closes
-   faster ones). Throughput = PUBACKs per second; meanwhile the same RPC round trips run again.
+4. **load**: for ``--duration`` seconds (after ``--warmup``) ``--inflight`` QoS 1 messages are in flight at
+   all times, each published by a device picked at random among those not waiting for a PUBACK (so no
+   device comes near its rate limit): telemetry, and every ``--attributes-every``-th one client
+   attributes (stored by device_api in Postgres). Throughput = PUBACKs per second; meanwhile the same
+   RPC round trips run again, to devices that are busy publishing.
 
 One process, one asyncio loop (uvloop when importable), the project's own MQTT packet code
 (``provisioning_common.mqtt_packets`` / ``.mqtt_client_packets``), standard library otherwise; the
@@ -274,8 +275,8 @@ class AdminHttp:
 
 
 async def rpc_round_trips(args: argparse.Namespace, admin_token: str, sessions: list[Session], count: int,
-                          stop: asyncio.Event | None = None) -> dict:
-    """``count`` two-way RPCs through the admin API (or until ``stop``), ``--rpc-concurrency`` at a time."""
+                          stop: asyncio.Event | None = None, concurrency: int | None = None) -> dict:
+    """``count`` two-way RPCs through the admin API (or until ``stop``), ``concurrency`` at a time."""
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     remaining = count
@@ -304,7 +305,7 @@ async def rpc_round_trips(args: argparse.Namespace, admin_token: str, sessions: 
             http.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.rpc_concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency or args.rpc_concurrency)))
     elapsed = time.perf_counter() - started
     return {"calls": sum(statuses.values()), "statuses": {str(k): v for k, v in statuses.items()},
             "seconds": round(elapsed, 1), "per_s": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
@@ -321,38 +322,39 @@ class Load:
 
 
 async def sustained_load(args: argparse.Namespace, sessions: list[Session], stop: asyncio.Event, load: Load) -> None:
-    min_gap = 1.0 / args.device_rate if args.device_rate > 0 else 0.0
-    sample = max(1, len(sessions) // 2000)  # latency samples from about 2,000 devices
+    """``--inflight`` messages in flight at all times, each from a device picked at random among those not
+    waiting for a PUBACK (so every device stays far below its rate limit): the gateway's sustained rate."""
+    idle = list(range(len(sessions)))
+    rng = random.Random(11)
+    seq = 0
+    telemetry_prefix = b'{"temperature":21.5,"humidity":40,"seq":'
 
-    async def device_loop(index: int, session: Session) -> None:
-        n = index  # spread the attribute messages over time
-        payload_t = b'{"temperature":21.5,"humidity":40,"seq":'
-        await asyncio.sleep(random.random() * 0.5)  # do not start 10,000 devices in the same millisecond
-        while not stop.is_set() and not session.closed:
-            n += 1
+    async def worker() -> None:
+        nonlocal seq
+        while not stop.is_set() and idle:
+            index = idle.pop(rng.randrange(len(idle)))
+            session = sessions[index]
+            seq += 1
+            is_attributes = args.attributes_every > 0 and seq % args.attributes_every == 0
             started = time.perf_counter()
-            is_attributes = args.attributes_every > 0 and n % args.attributes_every == 0
             try:
                 if is_attributes:
-                    code = await session.publish(ATTRIBUTES, b'{"fw":"1.%d","uptime":%d}' % (n % 10, n))
+                    code = await session.publish(ATTRIBUTES, b'{"fw":"1.%d","uptime":%d}' % (seq % 10, seq))
                 else:
-                    code = await session.publish(TELEMETRY, payload_t + str(n).encode() + b"}")
+                    code = await session.publish(TELEMETRY, telemetry_prefix + str(seq).encode() + b"}")
             except ConnectionError:
                 load.lost_sessions += 1
-                return
-            took = time.perf_counter() - started
+                continue  # that device is gone: not put back
+            load.latencies.append((time.perf_counter() - started) * 1000)
             if code:
                 load.refused[code] += 1
             elif is_attributes:
                 load.attributes += 1
             else:
                 load.telemetry += 1
-            if index % sample == 0:
-                load.latencies.append(took * 1000)
-            if took < min_gap:
-                await asyncio.sleep(min_gap - took)
+            idle.append(index)
 
-    await asyncio.gather(*(device_loop(i, s) for i, s in enumerate(sessions)))
+    await asyncio.gather(*(worker() for _ in range(args.inflight)))
 
 
 def raise_fd_limit() -> int:
@@ -376,7 +378,8 @@ async def bench(args: argparse.Namespace, run_id: str) -> dict:
         raise SetupError("no admin token: pass --admin-token or set ADMIN_API_TOKEN")
     result: dict[str, Any] = {"target": f"mqtt://{args.host}:{args.port}", "run": run_id,
                               "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                              "devices_requested": args.devices, "cpu_count": os.cpu_count()}
+                              "devices_requested": args.devices, "cpu_count": os.cpu_count(),
+                              "rpc_concurrency": args.rpc_concurrency}
     tokens_file = Path(args.tokens_file) if args.tokens_file else None
     devices = load_tokens(tokens_file, args.devices)
     if devices:
@@ -393,6 +396,8 @@ async def bench(args: argparse.Namespace, run_id: str) -> dict:
     if not sessions:
         raise SetupError("no device could connect")
     try:
+        result["rpc_serial"] = await rpc_round_trips(args, admin_token, sessions, args.rpc_serial, concurrency=1)
+        print(f"rpc one at a time: {result['rpc_serial']}", file=sys.stderr, flush=True)
         result["rpc_idle"] = await rpc_round_trips(args, admin_token, sessions, args.rpc)
         print(f"rpc idle: {result['rpc_idle']}", file=sys.stderr, flush=True)
 
@@ -421,7 +426,7 @@ async def bench(args: argparse.Namespace, run_id: str) -> dict:
         user1, sys1 = cpu_times()
         alive = sum(1 for s in sessions if not s.closed)
         result["load"] = {
-            "seconds": round(window, 1), "warmup_s": args.warmup,
+            "seconds": round(window, 1), "warmup_s": args.warmup, "inflight": args.inflight,
             "telemetry_per_s": round(telemetry / window, 1), "attributes_per_s": round(attributes / window, 1),
             "messages_per_s": round((telemetry + attributes) / window, 1),
             "telemetry": telemetry, "attributes": attributes,
@@ -455,13 +460,18 @@ def render(result: dict) -> str:
         f"  connected        {connect['connected']} sessions in {connect['seconds']} s ({connect['per_s']}/s),"
         f" CONNECT+SUBSCRIBE {lat(connect['connect_ms'])}" + (f"; failed {connect['failures']}"
                                                               if connect["failures"] else ""),
-        f"  RPC, idle        {result['rpc_idle']['calls']} calls: round trip {lat(result['rpc_idle']['round_trip_ms'])}"
-        f"  ({result['rpc_idle']['per_s']}/s; statuses {result['rpc_idle']['statuses']})",
-        f"  load             {load['messages_per_s']} messages/s for {load['seconds']} s: telemetry"
+        f"  RPC, one by one  {result['rpc_serial']['calls']} calls: round trip"
+        f" {lat(result['rpc_serial']['round_trip_ms'])}  (statuses {result['rpc_serial']['statuses']})",
+        f"  RPC, idle        {result['rpc_idle']['calls']} calls, {result['rpc_concurrency']} at a time: round trip"
+        f" {lat(result['rpc_idle']['round_trip_ms'])}  ({result['rpc_idle']['per_s']}/s;"
+        f" statuses {result['rpc_idle']['statuses']})",
+        f"  load             {load['messages_per_s']} messages/s for {load['seconds']} s"
+        f" ({load['inflight']} in flight): telemetry"
         f" {load['telemetry_per_s']}/s + attributes {load['attributes_per_s']}/s (QoS 1, PUBACKed)",
         f"                   publish->PUBACK {lat(load['publish_to_puback_ms'])}; refused {load['refused'] or 'none'};"
         f" sessions lost {load['sessions_lost']}, alive at the end {load['sessions_alive_at_end']}",
-        f"  RPC, under load  {result['rpc_under_load']['calls']} calls: round trip"
+        f"  RPC, under load  {result['rpc_under_load']['calls']} calls, {result['rpc_concurrency']} at a time:"
+        f" round trip"
         f" {lat(result['rpc_under_load']['round_trip_ms'])}  ({result['rpc_under_load']['per_s']}/s;"
         f" statuses {result['rpc_under_load']['statuses']})",
         f"  generator CPU    {load['generator_cpu_s']} s during the load phase ({load['wall_s']} s)",
@@ -481,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0, help="load seconds before measuring (default %(default)s)")
     p.add_argument("--attributes-every", type=int, default=5,
                    help="every n-th message of a device is client attributes, the others telemetry (0: none)")
-    p.add_argument("--device-rate", type=float, default=40.0,
-                   help="messages/s per device at most (the gateway's DEVICE_MESSAGES_RATE_LIMIT: 100:1,3000:60)")
+    p.add_argument("--inflight", type=int, default=256,
+                   help="messages in flight in the load phase, each from a random idle device (default %(default)s)")
     p.add_argument("--rpc", type=int, default=2000, help="RPC round trips per RPC phase (default %(default)s)")
+    p.add_argument("--rpc-serial", type=int, default=300,
+                   help="RPC round trips one at a time before the others: latency without queueing")
     p.add_argument("--rpc-concurrency", type=int, default=32)
     p.add_argument("--json", action="store_true", help="one JSON line on stdout (the summary goes to stderr)")
     p.add_argument("--no-uvloop", action="store_true")

@@ -48,9 +48,22 @@ from provisioning_common.transport_api import TransportApi, is_json_document
 
 from . import codec, topics
 from .codec import PubAck, Publish, Subscribe, Unsubscribe
+from .limits import EpisodeLog
 from .topics import Family, Kind, Subscription
 
 log = logging.getLogger(__name__)
+
+# One WARNING when sessions start being closed for a reason, one INFO line with the count once it stops:
+# an outage of the bus or of device_api, or a flood, closes thousands of sessions within seconds.
+_BACKEND_FAILED = EpisodeLog(
+    log, "device messages not forwarded (bus or device_api unavailable or too slow): their sessions are closed",
+    "device sessions closed because a message could not be forwarded: {count} in {seconds} s")
+_RATE_EXCEEDED = EpisodeLog(
+    log, "devices over DEVICE_MESSAGES_RATE_LIMIT: their sessions are closed",
+    "device sessions closed for the message rate limit: {count} in {seconds} s")
+_QUOTA_EXCEEDED = EpisodeLog(
+    log, "devices with more than DEVICE_MAX_INFLIGHT requests in flight: their sessions are closed",
+    "device sessions closed for too many requests in flight: {count} in {seconds} s")
 
 _T = TypeVar("_T")
 
@@ -250,11 +263,11 @@ class DeviceSession:
         """ThingsBoard's rate limit (transport.rate_limits / the tenant profile's device limits): a message
         over it is not processed and the session is closed (``getPubAckCallback.onError``)."""
         if not self._rate.allow():
-            log.info("%s exceeded its message rate limit (%s): session closed", self.device_id, self._rate.spec)
+            _RATE_EXCEEDED.event(f"device {self.device_id}, limit {self._rate.spec}")
             self._wire.disconnect(IMPLEMENTATION_SPECIFIC_ERROR)
 
     def _failed(self, what: str, exc: RpcError) -> NoReturn:
-        log.warning("%s of %s not forwarded: %s; session closed", what, self.device_id, exc)
+        _BACKEND_FAILED.event(f"{what} of {self.device_id}: {exc}")
         self._wire.disconnect(IMPLEMENTATION_SPECIFIC_ERROR)
 
     async def _telemetry(self, packet: Publish) -> None:
@@ -337,7 +350,7 @@ class DeviceSession:
     def _spawn(self, answer: Callable[[str, _T], Awaitable[None]], topic: str, request: _T) -> None:
         if len(self._tasks) >= self._max_inflight:
             # ThingsBoard's message queue per device is full: DISCONNECT "quota exceeded".
-            log.info("%s has more than %d requests in flight: session closed", self.device_id, self._max_inflight)
+            _QUOTA_EXCEEDED.event(f"device {self.device_id}, limit {self._max_inflight}")
             self._wire.disconnect(QUOTA_EXCEEDED)
         task = asyncio.create_task(self._guard(answer, topic, request))
         self._tasks.add(task)
@@ -356,7 +369,7 @@ class DeviceSession:
         try:
             snapshot = await self._api.get_attributes(query)
         except RpcError as exc:
-            log.warning("attribute request of %s not answered: %s; session closed", self.device_id, exc)
+            _BACKEND_FAILED.event(f"attribute request of {self.device_id}: {exc}")
             self._wire.abort(IMPLEMENTATION_SPECIFIC_ERROR)
             return
         self._publish(topic, render_attributes(snapshot))

@@ -77,6 +77,10 @@ class SessionLimits:
     packet_timeout_s: float = 30.0
 
 
+#: Device sessions' downlink releases still running after their session ended (kept referenced until done).
+_RELEASING: set[asyncio.Future[None]] = set()
+
+
 class MqttSession:
     def __init__(self, conn: Connection, api: TransportApi, limits: SessionLimits) -> None:
         self._conn = conn
@@ -135,12 +139,15 @@ class MqttSession:
 
     async def _finish(self) -> None:
         if self._device is not None:
-            # The socket first (what was written still goes out), then the downlink binding, always; bounded,
-            # so that a broker that does not answer cannot keep a finished session around.
+            # The socket first (what was written still goes out), then the downlink binding, always. Waited for
+            # at most the bus timeout, but never cancelled: an AMQP unbind cancelled in flight closes the
+            # downlink channel (and with it the gateway's queue); when thousands of sessions end at once
+            # their unbinds queue up on that channel for longer than that.
             self._conn.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._api.timeout):
-                    await self._device.close()
+            closing = asyncio.ensure_future(self._device.close())
+            _RELEASING.add(closing)
+            closing.add_done_callback(_RELEASING.discard)
+            await asyncio.wait([closing], timeout=self._api.timeout)
         if self._tasks:
             # Let answers in flight reach the device before the socket goes (bounded by the bus timeout).
             await asyncio.wait(list(self._tasks), timeout=self._api.timeout + 1)
