@@ -97,7 +97,9 @@ class DeviceLinks:
                 channel = await self._bus.open_channel()
                 await channel.set_qos(prefetch_count=DOWNLINK_PREFETCH)
                 name = self._bus.settings.queue(f"downlink.{self._service}.{uuid.uuid4().hex[:12]}")
-                queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+                # Exclusive: deleted with this process's connection (so never stranded), but not
+                # auto-delete, which would also delete it when its consumer's channel closes on an error.
+                queue = await channel.declare_queue(name, exclusive=True)
                 await queue.consume(self._on_message)
                 self._queue = queue
             return self._queue

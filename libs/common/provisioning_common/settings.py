@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     #: Messages one device session may send (publishes / requests), in ThingsBoard's notation
     #: ``capacity:seconds[,capacity:seconds...]``; what ``getSessionLimits`` reports. "" = unlimited.
     device_messages_rate_limit: str = Field(default="100:1,3000:60", pattern=r"^(\s*\d+:\d+\s*(,\s*\d+:\d+\s*)*)?$")
-    #: Server-side RPCs a session holds unanswered at once (ThingsBoard's maxInflightMessages); more are
-    #: refused to the caller as if the device were busy (admin API: 409).
+    #: Server-side RPCs a session holds unanswered at once, and requests a device may have in flight
+    #: (ThingsBoard's maxInflightMessages). An RPC beyond it is not delivered: its caller times out (504).
     device_max_inflight: int = Field(default=100, ge=1, le=10_000)
     #: A device's client-side RPC waits this long for the backend's answer (ThingsBoard: 60 s).
     device_client_rpc_timeout_s: float = Field(default=60.0, gt=0, le=3600)
