@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 from provisioning_common import health
 from provisioning_common.bus import Bus
+from provisioning_common.db import repository
 from provisioning_common.db.migrate import create_pool
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
@@ -37,6 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.pool = await create_pool(
             settings.database_url.get_secret_value(), min_size=1, max_size=settings.db_pool_max
         )
+        # Provision secrets stored in clear before migration 0008 are encrypted now (the core does it too).
+        await repository.seal_profile_secrets(app.state.pool, app.state.admin.box.encrypt_json)
         app.state.bus = await Bus.connect(settings, "admin_api")
         yield
         await app.state.bus.close()

@@ -63,6 +63,9 @@ class DeviceProfileIn(_Body):
     signing_key_pem: str | None = Field(default=None, alias="signingKeyPem", max_length=65536, pattern=PEM_TEXT,
                                         repr=False)
     issued_validity_days: int = Field(default=365, alias="issuedCertificateValidityDays", ge=1, le=36500)
+    #: Ours (issue 13): devices of this profile may choose access tokens below the minimum
+    #: (credentials.hashing.MIN_DEVICE_TOKEN_LENGTH characters of [A-Za-z0-9._~-]). Off by default.
+    allow_weak_tokens: bool = Field(default=False, alias="allowWeakTokens")
 
     _name = field_validator("name")(_check_name)
 

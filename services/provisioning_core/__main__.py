@@ -7,6 +7,7 @@ import contextlib
 
 from provisioning_common import runtime
 from provisioning_common.contract import CORE, DEVICE_API
+from provisioning_common.db import repository
 from provisioning_common.secretbox import SecretBox
 
 from .device_api import DeviceApi
@@ -21,8 +22,11 @@ async def start(context: runtime.Context) -> runtime.Running:
     settings = context.settings
     if settings.data_encryption_key is None:
         raise SystemExit("DATA_ENCRYPTION_KEY is required (a Fernet key shared with admin-api)")
+    box = SecretBox(settings.data_encryption_key.get_secret_value())
+    # Provision secrets stored in clear before migration 0008 are encrypted now (the admin API does it too).
+    await repository.seal_profile_secrets(await context.pool(), box.encrypt_json)
     core = ProvisioningCore(await context.pool(), await context.bus(),
-                            SecretBox(settings.data_encryption_key.get_secret_value()),
+                            box,
                             FailureLimiter(settings.provision_failures_per_minute),
                             profile_ttl_s=settings.profile_cache_ttl_s,
                             replay_window_s=settings.provision_replay_window_s,

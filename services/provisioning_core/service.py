@@ -81,7 +81,7 @@ class ProvisioningCore:
         reply_grace_s: float = 2.0,
     ) -> None:
         self._pool = pool
-        self._profiles = ProfileCache(pool, profile_ttl_s)
+        self._profiles = ProfileCache(pool, profile_ttl_s, box=box)
         self._bus = bus
         self._tokens = TokenPool(bus)
         self._box = box

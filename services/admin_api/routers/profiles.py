@@ -27,7 +27,7 @@ from provisioning_common.certificates import (
 from provisioning_common.db import repository
 from provisioning_common.db.repository import ProfileFields, ProfileRecord
 from provisioning_common.models import ProvisionStrategy
-from provisioning_common.secretbox import SecretBox
+from provisioning_common.secretbox import InvalidToken, SecretBox
 
 from ..dependencies import Box, Pool, api_error
 from ..schemas import MAX_PAGE, MAX_PAGE_SIZE, DeviceProfileIn, Page
@@ -42,14 +42,27 @@ def generate_profile_secret() -> str:
     return "".join(secrets.choice(_KEY_ALPHABET) for _ in range(20))
 
 
-def profile_json(profile: ProfileRecord) -> dict[str, Any]:
-    """A profile as the API shows it (ThingsBoard's field names); the signing key only as ``hasSigningKey``."""
+def open_secret(profile: ProfileRecord, box: SecretBox) -> str | None:
+    """The profile's provision secret in clear, for the operator (stored encrypted, migration 0008)."""
+    if profile.provision_secret_enc is None:
+        return None
+    try:
+        return str(box.decrypt_json(profile.provision_secret_enc))
+    except InvalidToken:
+        raise api_error(500, "the provision secret cannot be decrypted: DATA_ENCRYPTION_KEY differs from"
+                        " the key it was stored with") from None
+
+
+def profile_json(profile: ProfileRecord, box: SecretBox) -> dict[str, Any]:
+    """A profile as the API shows it (ThingsBoard's field names): the provision secret decrypted for the
+    authorised operator (as ThingsBoard shows it), the signing key only as ``hasSigningKey``."""
     body: dict[str, Any] = {
         "id": str(profile.id),
         "name": profile.name,
         "provisionStrategy": profile.provision_strategy,
         "provisionDeviceKey": profile.provision_key,
-        "provisionDeviceSecret": profile.provision_secret,
+        "provisionDeviceSecret": open_secret(profile, box),
+        "allowWeakTokens": profile.allow_weak_tokens,
         "createdTime": int(profile.created_at.timestamp() * 1000),
     }
     if profile.provision_strategy == ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
@@ -113,7 +126,7 @@ def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecor
         name=body.name,
         provision_strategy=body.provision_strategy.value,
         provision_key=key,
-        provision_secret=secret,
+        provision_secret_enc=None if secret is None else box.encrypt_json(secret),
         certificate_pem=certificate_pem,
         certificate_regex=regex,
         ca_subject_hash=ca_hash,
@@ -121,6 +134,7 @@ def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecor
         signing_key_enc=signing_enc,
         allow_create_by_x509=body.allow_create_by_x509,
         issued_validity_days=body.issued_validity_days,
+        allow_weak_tokens=body.allow_weak_tokens,
     )
 
 
@@ -146,20 +160,21 @@ async def create_profile(body: DeviceProfileIn, pool: Pool, box: Box) -> dict[st
         profile = await repository.insert_profile(pool, uuid.uuid4(), fields)
     except repository.ProfileConflict as exc:
         raise _conflict(exc, fields) from None
-    return profile_json(profile)
+    return profile_json(profile, box)
 
 
 @router.get("")
 async def list_profiles(
-    pool: Pool, page: int = Query(0, ge=0, le=MAX_PAGE), pageSize: int = Query(100, ge=1, le=MAX_PAGE_SIZE)
+    pool: Pool, box: Box, page: int = Query(0, ge=0, le=MAX_PAGE), pageSize: int = Query(100, ge=1, le=MAX_PAGE_SIZE)
 ) -> Page:
     profiles, total = await repository.list_profiles(pool, limit=pageSize, offset=page * pageSize)
-    return Page(data=[profile_json(p) for p in profiles], totalElements=total, hasNext=(page + 1) * pageSize < total)
+    return Page(data=[profile_json(p, box) for p in profiles], totalElements=total,
+                hasNext=(page + 1) * pageSize < total)
 
 
 @router.get("/{profile_id}")
-async def get_profile(profile_id: uuid.UUID, pool: Pool) -> dict[str, Any]:
-    return profile_json(await _existing(pool, profile_id))
+async def get_profile(profile_id: uuid.UUID, pool: Pool, box: Box) -> dict[str, Any]:
+    return profile_json(await _existing(pool, profile_id), box)
 
 
 @router.put("/{profile_id}")
@@ -171,7 +186,7 @@ async def update_profile(profile_id: uuid.UUID, body: DeviceProfileIn, pool: Poo
         raise _conflict(exc, fields) from None
     if profile is None:  # deleted meanwhile
         raise api_error(404, f"Device profile {profile_id} not found")
-    return profile_json(profile)
+    return profile_json(profile, box)
 
 
 @router.delete("/{profile_id}", status_code=204)

@@ -62,17 +62,19 @@ async def test_every_api_route_needs_the_bearer_token(admin: tuple[httpx.AsyncCl
 async def test_profiles_are_listed_by_page(admin: tuple[httpx.AsyncClient, _Pool]) -> None:
     client, pool = admin
     created = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    box = client._transport.app.state.admin.box  # type: ignore[attr-defined]
     pool.rows = [{
         "id": uuid.UUID(int=1), "created_at": created, "name": "p", "provision_strategy": "ALLOW_CREATE_NEW_DEVICES",
-        "provision_key": "k", "provision_secret": "s", "certificate_pem": None, "certificate_regex": None,
-        "ca_subject_hash": None, "signing_certificate_pem": None, "signing_key_enc": None,
-        "allow_create_by_x509": True, "issued_validity_days": 365, "total": 1,
+        "provision_key": "k", "provision_secret_enc": box.encrypt_json("s"), "certificate_pem": None,
+        "certificate_regex": None, "ca_subject_hash": None, "signing_certificate_pem": None, "signing_key_enc": None,
+        "allow_create_by_x509": True, "issued_validity_days": 365, "allow_weak_tokens": False, "total": 1,
     }]
     response = await client.get("/api/device-profiles", params={"pageSize": 1}, headers=AUTH)
     assert response.status_code == 200
     assert response.json() == {"data": [{
         "id": str(uuid.UUID(int=1)), "name": "p", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
-        "provisionDeviceKey": "k", "provisionDeviceSecret": "s", "createdTime": int(created.timestamp() * 1000),
+        "provisionDeviceKey": "k", "provisionDeviceSecret": "s", "allowWeakTokens": False,
+        "createdTime": int(created.timestamp() * 1000),
     }], "totalElements": 1, "hasNext": False}
 
 

@@ -36,6 +36,7 @@ async def test_the_core_process_serves_its_queue_and_the_device_api_queue(monkey
 
     monkeypatch.setattr(runtime.Context, "pool", no_pool)
     monkeypatch.setattr(repository, "get_attributes", stored)
+    monkeypatch.setattr(repository, "seal_profile_secrets", lambda pool, encrypt: asyncio.sleep(0, 0))
     monkeypatch.setattr(core_main, "purge_forever", idle_purge)
     settings = Settings(bus_namespace="unit.", data_encryption_key=generate_key())  # type: ignore[arg-type]
     stop = asyncio.Event()

@@ -38,17 +38,23 @@ class ProfileRow:
     name: str
     provision_strategy: str
     provision_key: str | None
+    #: The secret in clear: never stored so (migration 0008); the profile cache fills it in from
+    #: ``provision_secret_enc``. From the database it is only a row not yet sealed (see seal_profile_secrets).
     provision_secret: str | None
     certificate_regex: str | None = None
     allow_create_by_x509: bool = True
     signing_certificate_pem: str | None = None
     signing_key_enc: str | None = None
     issued_validity_days: int = 365
+    #: The provision secret encrypted with DATA_ENCRYPTION_KEY (SecretBox.encrypt_json).
+    provision_secret_enc: bytes | None = None
+    #: Devices may choose access tokens below the documented minimum (a profile option).
+    allow_weak_tokens: bool = False
 
 
 PROFILE_COLUMNS = (
     "id, name, provision_strategy, provision_key, provision_secret, certificate_regex, allow_create_by_x509,"
-    " signing_certificate_pem, signing_key_enc, issued_validity_days"
+    " signing_certificate_pem, signing_key_enc, issued_validity_days, provision_secret_enc, allow_weak_tokens"
 )
 
 
@@ -60,6 +66,22 @@ async def profile_by_key(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> P
 async def profile_by_id(conn: asyncpg.Connection | asyncpg.Pool, profile_id: uuid.UUID) -> ProfileRow | None:
     row = await conn.fetchrow(f"SELECT {PROFILE_COLUMNS} FROM device_profiles WHERE id = $1", profile_id)
     return ProfileRow(**dict(row)) if row else None
+
+
+async def seal_profile_secrets(pool: asyncpg.Pool, encrypt: Callable[[str], bytes]) -> int:
+    """Encrypt every provision secret still stored in clear (rows from before migration 0008) and clear
+    the clear column, in one transaction; returns how many. Safe to run from several instances at once
+    (rows are locked; a row sealed meanwhile is skipped)."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, provision_secret FROM device_profiles WHERE provision_secret IS NOT NULL FOR UPDATE"
+        )
+        for row in rows:
+            await conn.execute(
+                "UPDATE device_profiles SET provision_secret_enc = $2, provision_secret = NULL WHERE id = $1",
+                row["id"], encrypt(row["provision_secret"]),
+            )
+    return len(rows)
 
 
 def public_value(prepared: PreparedCredentials) -> str | None:
@@ -336,7 +358,8 @@ class ProfileFields:
     name: str
     provision_strategy: str
     provision_key: str | None
-    provision_secret: str | None
+    #: The provision secret, encrypted (SecretBox.encrypt_json); the admin API decrypts it to show it.
+    provision_secret_enc: bytes | None
     certificate_pem: str | None
     certificate_regex: str | None
     ca_subject_hash: str | None
@@ -345,6 +368,7 @@ class ProfileFields:
     signing_key_enc: str | None
     allow_create_by_x509: bool
     issued_validity_days: int
+    allow_weak_tokens: bool
 
 
 @dataclass(frozen=True)
@@ -356,8 +380,9 @@ class ProfileRecord(ProfileFields):
 
 
 _PROFILE_FIELDS = (
-    "name", "provision_strategy", "provision_key", "provision_secret", "certificate_pem", "certificate_regex",
+    "name", "provision_strategy", "provision_key", "provision_secret_enc", "certificate_pem", "certificate_regex",
     "ca_subject_hash", "signing_certificate_pem", "signing_key_enc", "allow_create_by_x509", "issued_validity_days",
+    "allow_weak_tokens",
 )
 _PROFILE_RECORD = ", ".join(("id", "created_at", *_PROFILE_FIELDS))
 
@@ -398,7 +423,8 @@ async def update_profile(
     placeholders = ", ".join(f"${i}" for i in range(2, len(_PROFILE_FIELDS) + 2))
     row = await _write_profile(
         conn,
-        f"UPDATE device_profiles SET ({', '.join(_PROFILE_FIELDS)}, updated_at) = ({placeholders}, now())"
+        f"UPDATE device_profiles SET ({', '.join(_PROFILE_FIELDS)}, updated_at) = ({placeholders}, now()),"
+        " provision_secret = NULL"  # a row not yet sealed (migration 0008) gets no clear secret back
         f" WHERE id = $1 RETURNING {_PROFILE_RECORD}",
         profile_id, *_field_values(fields),
     )
