@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -15,10 +16,22 @@ from cryptography import x509
 # ThingsBoard's certificate/id hash format lives with the shared contract; re-exported here.
 from provisioning_common.certificates import tb_sha3, tb_trim
 
-__all__ = ["tb_sha3", "tb_trim", "mint_token", "token_id", "certificate_body", "hash_password", "verify_password"]
+__all__ = [
+    "tb_sha3", "tb_trim", "mint_token", "token_id", "certificate_body", "hash_password", "verify_password",
+    "weak_token_problem", "verify_or_burn",
+]
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: Ours (issue 13): a token a device chooses itself must have at least this many characters, all URL-unreserved
+#: (RFC 3986: [A-Za-z0-9._~-], so it sits in /api/v1/{token}/... unescaped). 16 such characters are >= 96 bits
+#: when random; ThingsBoard accepts any non-empty token. A profile with allowWeakTokens waives it.
+MIN_DEVICE_TOKEN_LENGTH = 16
+_DEVICE_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+MSG_WEAK_TOKEN = (
+    f"Access token is too weak: at least {MIN_DEVICE_TOKEN_LENGTH} characters of A-Z a-z 0-9 . _ ~ - are required"
+)
 
 # scrypt cost: ~16 MiB and tens of milliseconds per hash; always run off the event loop.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -31,6 +44,13 @@ def mint_token(length: int = 20) -> str:
 
 def has_control_chars(value: str) -> bool:
     return bool(_CONTROL.search(value))
+
+
+def weak_token_problem(token: str) -> str | None:
+    """Why a device-chosen access token is refused (:data:`MSG_WEAK_TOKEN`), or None when it is strong enough."""
+    if len(token) < MIN_DEVICE_TOKEN_LENGTH or not _DEVICE_TOKEN.fullmatch(token):
+        return MSG_WEAK_TOKEN
+    return None
 
 
 def token_id(token: str) -> str:
@@ -59,6 +79,22 @@ def hash_password(password: str) -> str:
     salt_b64 = base64.b64encode(salt).decode()
     digest_b64 = base64.b64encode(digest).decode()
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt_b64}${digest_b64}"
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """A hash of a random password with the current cost, made once per process: checking a password against it
+    costs what checking a real one does, and matches nothing."""
+    return hash_password(secrets.token_urlsafe(32))
+
+
+def verify_or_burn(password: str, stored: str | None) -> bool:
+    """:func:`verify_password` against ``stored``, or against :func:`dummy_hash` when there is nothing stored
+    (an unknown user): the same work either way, so a caller cannot tell known users from unknown ones by time."""
+    if stored is None:
+        verify_password(password, dummy_hash())
+        return False
+    return verify_password(password, stored)
 
 
 def verify_password(password: str, stored: str) -> bool:

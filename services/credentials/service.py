@@ -72,6 +72,10 @@ async def prepare_credentials(req: PrepareCredentialsRequest) -> PreparedCredent
     if ctype is CredentialsType.ACCESS_TOKEN:
         if not supplied.token or hashing.has_control_chars(supplied.token):
             raise CredentialsRefused("Access token is empty or contains control characters")
+        if req.enforce_token_minimum:
+            problem = hashing.weak_token_problem(supplied.token)
+            if problem:
+                raise CredentialsRefused(problem)
         return PreparedCredentials(
             credentials_type=ctype, credentials_id=hashing.token_id(supplied.token), response_value=supplied.token
         )
@@ -226,36 +230,56 @@ class CredentialsService:
         return _DENIED
 
     async def _mqtt_basic(self, req: AuthenticateRequest) -> AuthenticateResult:
-        """ThingsBoard's MQTT_BASIC check (spec §9), including its fallback to a token as username."""
+        """ThingsBoard's MQTT_BASIC check (spec §9), including its fallback to a token as username.
+
+        Uniform work (issue 13): a login that presents a password costs exactly one password hash, whether
+        or not a device has these credentials - when no stored hash was checked, the password is checked
+        against a dummy hash - so known and unknown users take the same time, and the hash cost is paid
+        alike by everyone (it was 31 ms for a known user, 2 ms for an unknown one)."""
+        checks = _PasswordChecks()
+        result = await self._mqtt_basic_lookup(req, checks)
+        if req.password and not checks.hashed:
+            await asyncio.to_thread(hashing.verify_or_burn, req.password, None)
+        return result
+
+    async def _mqtt_basic_lookup(self, req: AuthenticateRequest, checks: _PasswordChecks) -> AuthenticateResult:
         if not req.username:
             stored = await self._lookup(hashing.tb_sha3(req.client_id))
             if (
                 stored
                 and stored.credentials_type is CredentialsType.MQTT_BASIC
-                and await self._basic_match(stored, req) == "VALID"
+                and await self._basic_match(stored, req, checks) == "VALID"
             ):
                 return self._ok(stored)
             return _DENIED
         stored = await self._lookup(hashing.tb_sha3(req.client_id, req.username))
         if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
-            verdict = await self._basic_match(stored, req)
+            verdict = await self._basic_match(stored, req, checks)
             if verdict == "VALID":
                 return self._ok(stored)
             if verdict == "PASSWORD_MISMATCH":
                 return _DENIED
         stored = await self._lookup(req.username)
         if stored and stored.credentials_type is CredentialsType.MQTT_BASIC:
-            return self._ok(stored) if await self._basic_match(stored, req) == "VALID" else _DENIED
+            return self._ok(stored) if await self._basic_match(stored, req, checks) == "VALID" else _DENIED
         return await self._by_token(req.username)
 
     @staticmethod
-    async def _basic_match(stored: _Stored, req: AuthenticateRequest) -> str:
+    async def _basic_match(stored: _Stored, req: AuthenticateRequest, checks: _PasswordChecks) -> str:
         client_id, username = stored.public.get("clientId") or "", stored.public.get("userName") or ""
         if (client_id and client_id != req.client_id) or (username and username != req.username):
             return "HASH_MISMATCH"
         if stored.secret_hash:
             if not req.password:
                 return "PASSWORD_MISMATCH"
-            if not await asyncio.to_thread(hashing.verify_password, req.password, stored.secret_hash):
+            checks.hashed = True
+            if not await asyncio.to_thread(hashing.verify_or_burn, req.password, stored.secret_hash):
                 return "PASSWORD_MISMATCH"
         return "VALID"
+
+
+@dataclass
+class _PasswordChecks:
+    """Whether one login already paid for a password hash (see ``CredentialsService._mqtt_basic``)."""
+
+    hashed: bool = False

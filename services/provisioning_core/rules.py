@@ -264,8 +264,9 @@ def token_length(dialect: Dialect) -> int:
 
 def prepare_failure(credentials_error: str | None) -> Refusal:
     """The credentials service refused supplied credentials: ThingsBoard's generic FAILURE (spec §5),
-    except a certificate that does not parse, whose reason is told (our documented deviation)."""
-    if credentials_error and "X.509" in credentials_error:
+    except a certificate that does not parse and a device-chosen token under the minimum (issue 13), whose
+    reasons are told (our documented deviations)."""
+    if credentials_error and ("X.509" in credentials_error or credentials_error.startswith("Access token is too weak")):
         return failure(credentials_error)
     return failure()
 

@@ -207,7 +207,8 @@ class ProvisioningCore:
                 prepared = await self._tokens.take(token_length)
             else:
                 reply = await self._bus.call(PREPARE, PrepareCredentialsRequest(
-                    credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length
+                    credentials_type=req.credentials_type, credentials=req.credentials, token_length=token_length,
+                    enforce_token_minimum=not profile.allow_weak_tokens,
                 ))
                 if not reply.ok or reply.prepared is None:
                     return rules.prepare_failure(reply.error_message).result()

@@ -133,6 +133,9 @@ class PrepareCredentialsRequest(_Frozen):
     credentials: SuppliedCredentials = Field(default_factory=SuppliedCredentials, repr=False)
     #: Length of a generated token: 20 for ThingsBoard, 32 for Innoway.
     token_length: int = Field(default=20, ge=16, le=64)
+    #: A device chose the token: hold it to the documented minimum (credentials.hashing.weak_token_problem)
+    #: unless its profile allows weak tokens. False for tokens an operator sets through the admin API.
+    enforce_token_minimum: bool = False
 
 
 class PreparedCredentials(_Frozen):
