@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 from credentials import hashing
 from credentials.service import CredentialsRefused, CredentialsService, prepare_credentials
-from provisioning_common.models import AuthenticateRequest, CredentialsType, PrepareCredentialsRequest, SuppliedCredentials
+from provisioning_common.models import (
+    AuthenticateRequest,
+    CredentialsType,
+    PrepareCredentialsRequest,
+    SuppliedCredentials,
+)
 
 AT = CredentialsType.ACCESS_TOKEN
 
