@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import socket
 from collections.abc import Sequence
@@ -257,6 +258,10 @@ class CoapGateway:
                                             protobuf_fallback=True)
         content_format = OCTETS if outcome.dialect is Dialect.PROTOBUF else JSON
         if outcome.kind is OutcomeKind.ANSWERED:
+            if outcome.result is not None and outcome.result.retry_after_s is not None:
+                # A rate limit (README "Rate limits"): 4.29 Too Many Requests (RFC 8516), Max-Age = retry after.
+                return aiocoap.Message(code=Code.TOO_MANY_REQUESTS, payload=outcome.body, content_format=content_format,
+                                       max_age=max(1, math.ceil(outcome.result.retry_after_s)))
             success = outcome.result is not None and outcome.result.status is ProvisionStatus.SUCCESS
             return aiocoap.Message(code=Code.CREATED if success else Code.BAD_REQUEST, payload=outcome.body,
                                    content_format=content_format)

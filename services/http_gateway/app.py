@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -56,8 +57,12 @@ class ProvisionFastPath:
         client = scope.get("client")
         source = client[0] if client else ""
         outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=source)
+        status = _STATUS[outcome.kind]
         extra = [(b"retry-after", b"1")] if outcome.kind is OutcomeKind.UNAVAILABLE else []
-        await _respond(send, _STATUS[outcome.kind], outcome.body, extra)
+        retry_after = outcome.result.retry_after_s if outcome.result is not None else None
+        if retry_after is not None:  # a rate limit (README "Rate limits"): 429, retry after that many seconds
+            status, extra = 429, [(b"retry-after", str(max(1, math.ceil(retry_after))).encode())]
+        await _respond(send, status, outcome.body, extra)
 
 
 async def _respond(send: Callable[..., Any], status: int, body: bytes,

@@ -61,6 +61,8 @@ RC_TOPIC_FILTER_INVALID = TOPIC_FILTER_INVALID
 RC_TOPIC_NAME_INVALID = 0x90
 RC_PAYLOAD_FORMAT_INVALID = 0x99
 RC_QOS_NOT_SUPPORTED = 0x9B
+#: A rate limit refused the request (README "Rate limits"), or a second provision request on one connection.
+RC_QUOTA_EXCEEDED = 0x97
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class MqttSession:
         self._keep_alive = 0
         self._device: DeviceSession | None = None
         self._provisioning = False
+        #: A provisioning connection serves one provision request (README "MQTT"); set at the first.
+        self._requested = False
         #: QoS granted on /provision/response, None while not subscribed (ThingsBoard then uses 1).
         self._response_qos: int | None = None
         self._protobuf = False
@@ -327,6 +331,12 @@ class MqttSession:
     async def _on_publish(self, packet: Publish) -> None:
         if packet.topic != REQUEST_TOPIC:
             self._puback_then_disconnect(packet, RC_TOPIC_NAME_INVALID)
+        if self._requested:
+            # One provision request per connection (as ThingsBoard, which ends a provisioning session once it
+            # has answered): a second one is not processed; PUBACK 0x97 (quota exceeded, MQTT 5), then the
+            # connection is closed (the first request's answer still goes out).
+            self._puback_then_disconnect(packet, RC_QUOTA_EXCEEDED)
+        self._requested = True
         task = asyncio.create_task(self._provision(packet))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -374,6 +384,10 @@ class MqttSession:
                 body = render_error(Dialect.PROTOBUF, MSG_TIMEOUT)
             self._publish_response(body)
             self._puback_then_disconnect(packet, RC_IMPLEMENTATION_SPECIFIC)
+        if outcome.result is not None and outcome.result.retry_after_s is not None:
+            # A rate limit: the FAILURE answer ("retry later"), PUBACK 0x97 (quota exceeded, MQTT 5), then closed.
+            self._publish_response(body)
+            self._puback_then_disconnect(packet, RC_QUOTA_EXCEEDED)
         if packet.qos == 1 and packet.packet_id is not None:
             self._send(codec.encode_puback(packet.packet_id, protocol_level=self._level))
         self._publish_response(body)

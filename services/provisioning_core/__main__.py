@@ -11,7 +11,7 @@ from provisioning_common.db import repository
 from provisioning_common.secretbox import SecretBox
 
 from .device_api import DeviceApi
-from .rate_limit import FailureLimiter
+from .rate_limit import PostgresStore, ProvisionLimits, RateLimiter
 from .service import ProvisioningCore
 
 #: Replayable answers are kept well past any redelivery (requests expire after PROVISION_TIMEOUT_S).
@@ -25,9 +25,10 @@ async def start(context: runtime.Context) -> runtime.Running:
     box = SecretBox(settings.data_encryption_key.get_secret_value())
     # Provision secrets stored in clear before migration 0008 are encrypted now (the admin API does it too).
     await repository.seal_profile_secrets(await context.pool(), box.encrypt_json)
+    limits_store = PostgresStore(await context.pool())
     core = ProvisioningCore(await context.pool(), await context.bus(),
                             box,
-                            FailureLimiter(settings.provision_failures_per_minute),
+                            RateLimiter(ProvisionLimits.from_settings(settings), limits_store),
                             profile_ttl_s=settings.profile_cache_ttl_s,
                             replay_window_s=settings.provision_replay_window_s,
                             reply_grace_s=settings.bus_reply_grace_s)
@@ -36,13 +37,15 @@ async def start(context: runtime.Context) -> runtime.Running:
     device_api = DeviceApi(await context.pool(), await context.bus(), max_connections=settings.db_pool_max // 2)
     return runtime.Running(serve=CORE, handlers=core.handlers(), on_undelivered=core.on_undelivered,
                            also_serve=[(DEVICE_API, device_api.handlers())],
-                           background=[purge_forever(core)])
+                           background=[purge_forever(core, limits_store)])
 
 
-async def purge_forever(core: ProvisioningCore) -> None:
+async def purge_forever(core: ProvisioningCore, limits_store: PostgresStore) -> None:
     while True:
         with contextlib.suppress(Exception):
             await core.purge_answers(ANSWER_RETENTION_S)
+        with contextlib.suppress(Exception):
+            await limits_store.purge()  # full buckets are the same as none
         await asyncio.sleep(300)
 
 

@@ -11,8 +11,10 @@ strategies), §5 (creation, names, credentials), §6 (pre-provisioned claim), §
 
 The order of a JSON request's checks (§4, first hit wins)::
 
-    check_request    blank name -> FAILURE; empty key or secret -> NOT_FOUND; over the limiter -> FAILURE
+    check_request    blank name -> FAILURE; empty key or secret -> NOT_FOUND
     decide_strategy  no profile / no secret / DISABLED / X509 chain profile / wrong secret -> NOT_FOUND
+                     (then the rate limits, provisioning_core.rate_limit: a source over its wrong-secret
+                     limit -> too_many, whatever the secret; a profile or source over its provisions -> too_many)
                      ALLOW_CREATE_NEW_DEVICES -> CreateDevice (the name, or a generated one)
                      CHECK_PRE_PROVISIONED_DEVICES -> ClaimDevice (no name -> FAILURE)
     decide_claim     no such device / another profile / already claimed -> FAILURE
@@ -52,6 +54,8 @@ from provisioning_common.models import (
 PROVISIONED = "provisioned"
 # Ours: a key or source over its wrong-secret limit is answered MSG_TOO_MANY_FAILURES (dialects.limits,
 # whose malformed-request limiter in the gateways answers in the same words).
+#: Ours: the profile or the source address used up its provisions (PROVISION_RATE_LIMIT_PER_*).
+MSG_TOO_MANY_PROVISIONS = "Too many provisioning requests; retry later"
 #: Ours: an X.509 chain whose leaf CN does not give a device name through the profile's pattern.
 MSG_CN_MISMATCH = "Certificate CN does not match the device profile's pattern"
 #: Ours (X509_CSR): the profile has no signing CA, or the request carries no CSR.
@@ -162,20 +166,23 @@ def name_from_common_name(pattern: str, common_name: str | None) -> str | None:
 # --- a JSON request (spec §4, §5, §6) ----------------------------------------------------------------
 
 
-def check_request(req: ProvisionRequest, *, limiter_blocked: bool) -> Refusal | Proceed:
-    """The checks before the profile is read, in ThingsBoard's order (spec §4.1-4.2), then our limiter.
+def check_request(req: ProvisionRequest) -> Refusal | Proceed:
+    """The checks before the profile is read, in ThingsBoard's order (spec §4.1-4.2).
 
-    A blank name beats a wrong key; an empty key or secret is NOT_FOUND without counting as a guess;
-    ``limiter_blocked`` (the request's key or source is over its wrong-secret limit) refuses the rest.
+    A blank name beats a wrong key; an empty key or secret is NOT_FOUND without counting as a guess.
     """
     name = normalise_name(req.device_name)
     if isinstance(name, Refusal):
         return name
     if not req.provision_key or not req.provision_secret:
         return not_found()
-    if limiter_blocked:
-        return failure(MSG_TOO_MANY_FAILURES)
     return Proceed(name)
+
+
+def too_many(*, failures: bool, retry_after_s: float) -> ProvisionResult:
+    """A rate limit's refusal (ours): FAILURE with the reason, and when to retry (not in the body)."""
+    message = MSG_TOO_MANY_FAILURES if failures else MSG_TOO_MANY_PROVISIONS
+    return ProvisionResult(status=ProvisionStatus.FAILURE, error_message=message, retry_after_s=retry_after_s)
 
 
 def secret_matches(profile: ProfileRow, secret: str) -> bool:

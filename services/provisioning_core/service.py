@@ -62,7 +62,7 @@ from pydantic import BaseModel
 
 from . import rules
 from .profile_cache import ProfileCache
-from .rate_limit import FailureLimiter
+from .rate_limit import RateLimiter, Refused, Verdict
 from .token_pool import TokenPool
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ProvisioningCore:
         pool: asyncpg.Pool,
         bus: Bus,
         box: SecretBox,
-        limiter: FailureLimiter,
+        limiter: RateLimiter,
         profile_ttl_s: float = 1.0,
         *,
         replay_window_s: float = 600.0,
@@ -147,16 +147,23 @@ class ProvisioningCore:
     async def _provision(self, req: ProvisionRequest) -> ProvisionResult:
         # A duplicate delivery is detected where the device is written (the replay key is
         # claimed in the same statement), so the common case costs no extra query.
-        checked = rules.check_request(req, limiter_blocked=self._limiter.blocked(req.provision_key, req.source_address))
+        checked = rules.check_request(req)
         if isinstance(checked, rules.Refusal):
             return checked.result()
         profile = await self._profiles.get(req.provision_key)
         decision = rules.decide_strategy(req, profile, checked.name)
+        # The rate limits (one statement): whatever the secret, a source over its wrong-secret limit gets the
+        # same refusal, so it learns nothing from its guesses; a right secret never meets others' failures.
         if isinstance(decision, rules.Refusal):
             if decision.failed_attempt:
-                self._limiter.record_failure(req.provision_key, req.source_address)
-            return decision.result()
+                verdict = await self._limiter.wrong_secret(req)
+            else:
+                verdict = await self._limiter.check_source(req)
+            return decision.result() if verdict.admitted else _too_many(verdict)
         assert profile is not None  # decide_strategy refuses a request without a profile
+        verdict = await self._limiter.right_secret(req, profile.id)
+        if not verdict.admitted:
+            return _too_many(verdict)
         if isinstance(decision, rules.CreateDevice):
             return await self._create_device(req, profile, decision.name)
         return await self._claim_pre_provisioned(req, profile, decision.name)
@@ -361,6 +368,11 @@ class ProvisioningCore:
     async def purge_answers(self, older_than_s: float) -> int:
         """Forget replayable answers once no redelivery can still arrive (they expire with their TTL)."""
         return await repository.purge_answers(self._pool, older_than_s)
+
+
+def _too_many(verdict: Verdict) -> ProvisionResult:
+    log.debug("provision request refused by the %s limit", verdict.refused)
+    return rules.too_many(failures=verdict.refused is Refused.FAILURES, retry_after_s=verdict.retry_after_s)
 
 
 class _AlreadyHandled(Exception):

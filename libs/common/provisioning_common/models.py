@@ -113,6 +113,9 @@ class ProvisionResult(_Frozen):
     #: PEM chain of the CA that issued ``credentials_value`` (certificates issued from a CSR).
     ca_certificates: list[str] | None = None
     error_message: str | None = None
+    #: Set on a refusal by a rate limit: seconds until a retry may succeed (HTTP 429 + Retry-After, MQTT 5
+    #: reason code 0x97, CoAP 4.29 + Max-Age). Not part of any dialect's body.
+    retry_after_s: float | None = None
 
     @classmethod
     def not_found(cls) -> ProvisionResult:

@@ -131,8 +131,24 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=16, ge=1)
 
-    #: Failed key/secret attempts allowed per provision key and per source address per minute.
+    #: Rate limits (README "Rate limits"), shared by every core instance through Postgres, as token
+    #: buckets. Wrong keys/secrets per source address and provision key, per minute (the gateways also
+    #: allow this many malformed requests per source address per minute, per process).
     provision_failures_per_minute: int = Field(default=60, ge=1)
+    #: Wrong keys/secrets per source address over all keys, per minute.
+    provision_source_failures_per_minute: int = Field(default=300, ge=1)
+    #: Provisions (right secret) per device profile and per source address, in ThingsBoard's notation
+    #: ``capacity:seconds[,capacity:seconds...]``; "" = unlimited. Refusals carry Retry-After.
+    provision_rate_limit_per_profile: str = Field(default="6000:60,100000:3600",
+                                                  pattern=r"^(\s*\d+:\d+\s*(,\s*\d+:\d+\s*)*)?$")
+    provision_rate_limit_per_source: str = Field(default="100:60,1000:3600",
+                                                 pattern=r"^(\s*\d+:\d+\s*(,\s*\d+:\d+\s*)*)?$")
+    #: HTTP listeners: addresses (IPs or CIDRs, comma-separated; "*" = any) of proxies whose
+    #: X-Forwarded-For names the client. Default: nobody, the peer address is the client.
+    forwarded_allow_ips: str = ""
+    #: MQTT listeners: every connection starts with a PROXY protocol v1/v2 header (from a load
+    #: balancer that sends one) whose source address is the client's; a connection without one is closed.
+    mqtt_proxy_protocol: bool = False
 
     #: How long provisioning-core trusts a cached device profile (admin changes apply after this).
     profile_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)

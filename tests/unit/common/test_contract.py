@@ -169,10 +169,10 @@ def test_a_method_is_declared_once() -> None:
 def test_the_services_serve_exactly_their_contract() -> None:
     """The real entry points pass the same check (the credentials service's guarded handlers included)."""
     from credentials.service import CredentialsService
-    from provisioning_core.rate_limit import FailureLimiter
+    from provisioning_core.rate_limit import RateLimiter
     from provisioning_core.service import ProvisioningCore
 
-    core = ProvisioningCore(None, None, SecretBox(generate_key()), FailureLimiter(60))  # type: ignore[arg-type]
+    core = ProvisioningCore(None, None, SecretBox(generate_key()), RateLimiter.in_memory())  # type: ignore[arg-type]
     assert set(CORE.entry_points(core.handlers())) == {"provision", "provision_x509_chain", "abandon"}
     credentials = CredentialsService(pool=None)  # type: ignore[arg-type]
     assert set(CREDENTIALS.entry_points(credentials.handlers())) == {

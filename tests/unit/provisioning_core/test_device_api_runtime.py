@@ -31,7 +31,7 @@ async def test_the_core_process_serves_its_queue_and_the_device_api_queue(monkey
     async def stored(conn: Any, device_id: uuid.UUID, **scopes: Any) -> list[AttributeRow]:
         return [AttributeRow("shared", "interval", 5, 1)]
 
-    async def idle_purge(core: Any) -> None:
+    async def idle_purge(*_: Any) -> None:
         await asyncio.Event().wait()
 
     monkeypatch.setattr(runtime.Context, "pool", no_pool)

@@ -62,13 +62,13 @@ def test_java_trim_mixed() -> None:
 )
 def test_a_request_name_is_used_trimmed(raw: str, name: str) -> None:
     assert rules.normalise_name(raw) == name
-    assert rules.check_request(request(device_name=raw), limiter_blocked=False) == Proceed(name)
+    assert rules.check_request(request(device_name=raw)) == Proceed(name)
 
 
 @pytest.mark.parametrize("blank", [" ", "\t\r\n", "\x00", " \x00\x1f ", "\x20" * 300])
 def test_a_blank_name_is_failure(blank: str) -> None:
     assert rules.normalise_name(blank) == rules.failure()
-    assert rules.check_request(request(device_name=blank), limiter_blocked=False) == rules.failure()
+    assert rules.check_request(request(device_name=blank)) == rules.failure()
 
 
 @pytest.mark.parametrize("blank", ["\u00a0", "\u3000", "\x7f"])
@@ -114,7 +114,7 @@ def test_longer_names_or_nul_are_failure(name: str) -> None:
 
 
 def test_the_length_is_measured_after_trim() -> None:
-    trimmed = rules.check_request(request(device_name="  " + "n" * 255 + "  "), limiter_blocked=False)
+    trimmed = rules.check_request(request(device_name="  " + "n" * 255 + "  "))
     assert isinstance(trimmed, Proceed)
     assert rules.decide_strategy(request(), profile(ALLOW), trimmed.name) == CreateDevice("n" * 255)
 

@@ -17,14 +17,14 @@ from provisioning_common.models import (
     SuppliedCredentials,
 )
 from provisioning_common.secretbox import SecretBox, generate_key
-from provisioning_core.rate_limit import FailureLimiter
+from provisioning_core.rate_limit import RateLimiter
 from provisioning_core.service import ProvisioningCore
 
 KEY = generate_key()
 
 
 def core(window: float = 600.0, box_key: str = KEY) -> ProvisioningCore:
-    return ProvisioningCore(None, None, SecretBox(box_key), FailureLimiter(60),  # type: ignore[arg-type]
+    return ProvisioningCore(None, None, SecretBox(box_key), RateLimiter.in_memory(),  # type: ignore[arg-type]
                             replay_window_s=window, reply_grace_s=2.0)
 
 

@@ -71,14 +71,12 @@ def _refusals() -> list[tuple[str, object, ProvisionStatus, str]]:
     owner = profile(CHECK)
     chain = profile(CHAIN, certificate_regex=r"^(s\d)$", allow_create_by_x509=False)
     return [
-        ("blank name", rules.check_request(request(device_name="  "), limiter_blocked=False),
+        ("blank name", rules.check_request(request(device_name="  ")),
          ProvisionStatus.FAILURE, MSG_FAILURE),
-        ("empty key", rules.check_request(request(provision_key=""), limiter_blocked=False),
+        ("empty key", rules.check_request(request(provision_key="")),
          ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND),
-        ("empty secret", rules.check_request(request(provision_secret=""), limiter_blocked=False),
+        ("empty secret", rules.check_request(request(provision_secret="")),
          ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND),
-        ("limiter", rules.check_request(request(), limiter_blocked=True),
-         ProvisionStatus.FAILURE, "Too many failed provisioning attempts; retry later"),
         ("unknown key", rules.decide_strategy(request(), None, "d"), ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND),
         ("wrong secret", rules.decide_strategy(request(provision_secret="x"), profile(ALLOW), "d"),
          ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND),

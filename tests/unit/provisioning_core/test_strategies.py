@@ -25,7 +25,7 @@ from provisioning_common.models import (
 )
 from provisioning_common.secretbox import SecretBox, generate_key
 from provisioning_core import rules
-from provisioning_core.rate_limit import FailureLimiter
+from provisioning_core.rate_limit import ProvisionLimits, RateLimiter
 from provisioning_core.rules import (
     ClaimDevice,
     ClaimPreProvisioned,
@@ -56,30 +56,24 @@ def _fixed_name() -> str:
 
 
 def test_a_complete_request_proceeds_with_its_trimmed_name() -> None:
-    assert rules.check_request(request(device_name="  dev-1 "), limiter_blocked=False) == Proceed("dev-1")
-    assert rules.check_request(request(), limiter_blocked=False) == Proceed("")
+    assert rules.check_request(request(device_name="  dev-1 ")) == Proceed("dev-1")
+    assert rules.check_request(request()) == Proceed("")
 
 
 @pytest.mark.parametrize(("key", "secret"), [("", SECRET), (KEY, ""), ("", "")])
 def test_an_empty_key_or_secret_is_not_found_and_not_a_guess(key: str, secret: str) -> None:
-    decision = rules.check_request(request(provision_key=key, provision_secret=secret), limiter_blocked=False)
+    decision = rules.check_request(request(provision_key=key, provision_secret=secret))
     assert decision == Refusal(ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND, failed_attempt=False)
 
 
 def test_a_blank_name_beats_an_empty_key() -> None:
     # §4.1: "checked before key/secret, so a blank name beats a wrong key".
-    decision = rules.check_request(request(device_name=" \t", provision_key=""), limiter_blocked=True)
+    decision = rules.check_request(request(device_name=" \t", provision_key=""))
     assert decision == FAILURE
 
 
-def test_an_empty_key_beats_the_limiter() -> None:
-    decision = rules.check_request(request(provision_key=""), limiter_blocked=True)
-    assert decision == rules.not_found()
-
-
-def test_over_the_limiter_is_failure_with_our_reason() -> None:
-    decision = rules.check_request(request(device_name="dev"), limiter_blocked=True)
-    assert decision == Refusal(ProvisionStatus.FAILURE, "Too many failed provisioning attempts; retry later")
+def test_an_empty_key_is_not_found() -> None:
+    assert rules.check_request(request(provision_key="")) == rules.not_found()
 
 
 # --- §4.3: the profile --------------------------------------------------------------------------------
@@ -298,34 +292,39 @@ class _Profiles:
         return self.row
 
 
-def _core(row: object, limiter: FailureLimiter) -> ProvisioningCore:
+def _core(row: object, limiter: RateLimiter) -> ProvisioningCore:
     core = ProvisioningCore(None, None, SecretBox(generate_key()), limiter)  # type: ignore[arg-type]
     core._profiles = _Profiles(row)  # type: ignore[assignment]
     return core
 
 
-async def test_the_service_counts_wrong_secrets_and_then_refuses_the_right_one() -> None:
-    limiter = FailureLimiter(2)
+async def test_the_service_counts_wrong_secrets_and_then_refuses_that_source_whatever_its_secret() -> None:
+    limiter = RateLimiter.in_memory(ProvisionLimits(failures_per_source_key=2))
     core = _core(profile(CHECK), limiter)
     for _ in range(2):
-        wrong = await core.provision(request(provision_secret="bad", device_name="d"))
+        wrong = await core.provision(request(provision_secret="bad", device_name="d", source_address="10.0.0.1"))
         assert wrong == ProvisionResult.not_found()
-    refused = await core.provision(request(device_name="d"))
-    assert refused == ProvisionResult.failure("Too many failed provisioning attempts; retry later")
+    for secret in ("bad", SECRET):
+        refused = await core.provision(request(provision_secret=secret, device_name="d", source_address="10.0.0.1"))
+        assert refused.error_message == "Too many failed provisioning attempts; retry later"
+        assert refused.retry_after_s is not None and 0 < refused.retry_after_s <= 30
+    # Another source with the right secret is not refused.
+    assert (await limiter.right_secret(request(device_name="d", source_address="10.0.0.2"), "p")).admitted
 
 
 async def test_the_service_does_not_count_refusals_that_are_not_guesses() -> None:
-    limiter = FailureLimiter(1)
-    core = _core(profile(CHECK), limiter)
-    assert await core.provision(request(provision_key="", device_name="d")) == ProvisionResult.not_found()
-    assert await core.provision(request(device_name=" ")) == ProvisionResult.failure()
-    assert await core.provision(request(device_name="")) == ProvisionResult.failure()  # CHECK_PRE needs a name
-    assert not limiter.blocked(KEY, "")
+    core = _core(profile(CHECK), RateLimiter.in_memory(ProvisionLimits(failures_per_source_key=1)))
+    for _ in range(3):
+        assert await core.provision(request(provision_key="", device_name="d", source_address="10.0.0.1")) == (
+            ProvisionResult.not_found())
+        assert await core.provision(request(device_name=" ", source_address="10.0.0.1")) == ProvisionResult.failure()
+        # CHECK_PRE needs a name
+        assert await core.provision(request(device_name="", source_address="10.0.0.1")) == ProvisionResult.failure()
 
 
 async def test_the_service_answers_disabled_and_chain_profiles_not_found() -> None:
     for row in (profile(DISABLED), profile(CHAIN, provision_secret=None), None):
-        core = _core(row, FailureLimiter(60))
+        core = _core(row, RateLimiter.in_memory())
         assert await core.provision(request(device_name="d")) == ProvisionResult.not_found()
 
 

@@ -679,3 +679,28 @@ async def delete_attributes(
     if not row["found"]:
         raise UnknownDevice(str(device_id))
     return list(row["keys"])
+
+
+# --- rate limits shared by every provisioning-core instance (migration 0007) -------------------------
+
+
+async def rate_limit_admit(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    buckets: list[str],
+    emission: list[float],
+    period: list[float],
+    take: list[bool],
+) -> tuple[int, float]:
+    """One call of ``rate_limit_admit`` (see its migration): (0 admitted | 1 a checked bucket | 2 a taken
+    bucket is empty, seconds until room)."""
+    row = await conn.fetchrow("SELECT * FROM rate_limit_admit($1, $2, $3, $4)", buckets, emission, period, take)
+    assert row is not None
+    return int(row["refused"]), float(row["retry_after"])
+
+
+async def purge_rate_limits(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    """Forget buckets that are full again (the same as no row); returns how many."""
+    status: str = await conn.execute(
+        "DELETE FROM rate_limit_buckets WHERE tat < extract(epoch FROM clock_timestamp())"
+    )
+    return int(status.split()[-1])
