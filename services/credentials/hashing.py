@@ -14,7 +14,7 @@ import string
 from cryptography import x509
 
 # ThingsBoard's certificate/id hash format lives with the shared contract; re-exported here.
-from provisioning_common.certificates import tb_sha3, tb_trim
+from provisioning_common.certificates import tb_sha3, tb_trim, validity_problem
 
 __all__ = [
     "tb_sha3", "tb_trim", "mint_token", "token_id", "certificate_body", "hash_password", "verify_password",
@@ -67,9 +67,12 @@ def certificate_body(value: str) -> str:
     compact = "".join(body.split())
     try:
         der = base64.b64decode(compact, validate=True)
-        x509.load_der_x509_certificate(der)
+        cert = x509.load_der_x509_certificate(der)
     except Exception:  # binascii.Error, ValueError, x509.InvalidVersion, ...: all mean "not a certificate"
         raise ValueError("X509_CERTIFICATE value is not a valid X.509 certificate (PEM or base64 DER)") from None
+    problem = validity_problem(cert)
+    if problem:
+        raise ValueError(problem)
     return body
 
 

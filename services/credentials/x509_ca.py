@@ -15,7 +15,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
-from provisioning_common.certificates import CertificateRefused, SigningKey, load_pem_chain, load_signing_pair
+from provisioning_common.certificates import (
+    CertificateRefused,
+    SigningKey,
+    load_pem_chain,
+    load_signing_pair,
+    validity_problem,
+)
 
 __all__ = ["CertificateRefused", "verify_chain", "common_name", "issue_for_csr", "load_signing_pair"]
 
@@ -28,6 +34,9 @@ def verify_chain(chain: list[x509.Certificate], ca_pem: str) -> x509.Certificate
     """Validate ``chain`` (leaf first, then intermediates) up to the CA in ``ca_pem``; returns the leaf."""
     anchors = load_pem_chain(ca_pem)[:1]
     leaf, intermediates = chain[0], [c for c in chain[1:] if c != anchors[0]]
+    problem = validity_problem(leaf, _now())
+    if problem:
+        raise CertificateRefused(problem)
     verifier = (
         PolicyBuilder()
         .store(Store(anchors))

@@ -92,7 +92,8 @@ def create_app(settings: Settings, bus: Bus | None = None, *, exit_signals: bool
             yield
             device_api.stop()
 
-    app = FastAPI(title="Provisioning HTTP gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No API schema on a device-facing port (issue 13): no /openapi.json, /docs or /redoc.
+    app = FastAPI(title="Provisioning HTTP gateway", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.include_router(device_api.router)
     app.state.device_api = device_api
 

@@ -17,8 +17,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from provisioning_common.certificates import validity_problem
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +178,27 @@ async def start_plain_server(
 # TLS (pyOpenSSL over memory BIOs)
 
 
+#: OpenSSL's verification errors for a certificate outside its validity period (X509_V_ERR_*).
+_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
+
+#: TLS 1.2 suites: forward-secret key exchange (ECDHE) with an AEAD cipher (AES-GCM, ChaCha20-Poly1305) only -
+#: no static RSA key exchange, no CBC. TLS 1.3's suites all are, and are configured separately.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
 def _accept_any_certificate(
-    connection: SSL.Connection, certificate: object, errno: int, depth: int, preverify_ok: int
+    connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, preverify_ok: int
 ) -> bool:
-    # Authentication is done at MQTT CONNECT by the certificate's hash, not by a CA: accept everything here.
-    return True
+    """Authentication is done at MQTT CONNECT by the certificate's hash, not by a CA: any issuer is accepted
+    here. But the client's own certificate must be within its validity period (issue 13): OpenSSL reports
+    that after the issuer errors it goes on past, and refusing then ends the handshake with the TLS alert
+    that says so (certificate_expired, or bad_certificate for not yet valid); the gateway logs why at INFO.
+    (``TlsConnection`` checks the leaf again once the handshake is done, should OpenSSL not have reported it.)"""
+    if depth != 0 or errno not in (_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED):
+        return True
+    log.info("TLS client certificate refused: %s",
+             validity_problem(certificate.to_cryptography()) or "outside its validity period")
+    return False
 
 
 def make_server_context(cert_file: str, key_file: str) -> SSL.Context:
@@ -198,9 +216,7 @@ def make_server_context(cert_file: str, key_file: str) -> SSL.Context:
     )
     # Devices connect once to provision: no session resumption (no cache, no tickets).
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    # OpenSSL's defaults for TLS 1.2 (TLS 1.3 suites are configured separately and fine as they are), minus
-    # anything without authentication or with broken primitives.
-    context.set_cipher_list(b"DEFAULT:!aNULL:!eNULL:!MD5:!RC4:!3DES:!DES")
+    context.set_cipher_list(TLS12_CIPHERS)
     context.use_certificate_chain_file(cert_file)
     context.use_privatekey_file(key_file)
     context.check_privatekey()
@@ -326,6 +342,10 @@ class TlsConnection(asyncio.Protocol):
         self._cancel_handshake_timer()
         self._flush()
         self._chain = self._read_peer_chain()
+        problem = validity_problem(x509.load_der_x509_certificate(self._chain[0])) if self._chain else None
+        if problem:
+            self._fail(f"TLS client certificate refused: {problem}")
+            return False
         log.debug(
             "TLS handshake with %s done: %s %s, %d client certificate(s)",
             self._peer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 
@@ -100,3 +101,17 @@ def load_signing_pair(certificate_pem: str, key_pem: str) -> tuple[list[x509.Cer
         raise CertificateRefused("signingKeyPem does not match signingCertificatePem")
     check_ca(chain[0], "signingCertificatePem")
     return chain, key
+
+
+def validity_problem(cert: x509.Certificate, now: datetime.datetime | None = None) -> str | None:
+    """Why ``cert`` is not valid at ``now`` (default: the current time), or None (issue 13).
+
+    Expired and not-yet-valid device certificates are refused at provisioning (credentials) and at the TLS
+    handshake (mqtt_gateway.tls) with this reason; ThingsBoard's X.509 checks refuse them too (checkValidity).
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    if now > cert.not_valid_after_utc:
+        return f"X.509 certificate has expired (not valid after {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+    if now < cert.not_valid_before_utc:
+        return f"X.509 certificate is not yet valid (not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ})"
+    return None

@@ -7,6 +7,7 @@ exactly one scrypt verification with the same cost parameters, whether or not it
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from typing import Any
@@ -14,6 +15,10 @@ from typing import Any
 import pytest
 from credentials import hashing
 from credentials.service import CredentialsRefused, CredentialsService, prepare_credentials
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from provisioning_common.models import (
     AuthenticateRequest,
     CredentialsType,
@@ -115,3 +120,27 @@ async def test_dummy_hash_matches_nothing_and_is_made_once() -> None:
 async def test_login_without_password_costs_no_hash(stored_hash: str, verifications: list[tuple[str, str]]) -> None:
     result = await service(stored_hash).authenticate(AuthenticateRequest(client_id="c", username="unknown"))
     assert not result.authenticated and verifications == []
+
+
+# --- certificate validity at provisioning ---------------------------------------------------------------
+
+
+def _pem(not_before: datetime.datetime, not_after: datetime.datetime) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.mark.parametrize(("offset_days", "reason"), [(-400, "X.509 certificate has expired (not valid after "),
+                                                     (400, "X.509 certificate is not yet valid (not valid before ")])
+async def test_certificate_outside_its_validity_refused_at_provisioning(offset_days: int, reason: str) -> None:
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=offset_days)
+    pem = _pem(start, start + datetime.timedelta(days=30))
+    request = PrepareCredentialsRequest(credentials_type=CredentialsType.X509_CERTIFICATE,
+                                        credentials=SuppliedCredentials(certificate=pem))
+    with pytest.raises(CredentialsRefused) as refused:
+        await prepare_credentials(request)
+    assert str(refused.value).startswith(reason)
