@@ -21,6 +21,7 @@ it and noticing exhaustion are :mod:`provisioning_common.descriptors`, shared wi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections import Counter
@@ -437,10 +438,31 @@ class LimitedServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def trusted_proxies(setting: str) -> list[str]:
+    """``FORWARDED_ALLOW_IPS`` as uvicorn takes it: IPs and CIDRs (or ``*``); raises SystemExit on a typo.
+
+    uvicorn would take a malformed entry as a literal that never matches, silently trusting nobody."""
+    entries = [entry.strip() for entry in setting.split(",") if entry.strip()]
+    if entries == ["*"]:
+        return entries
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise SystemExit(f"FORWARDED_ALLOW_IPS: {entry!r} is not an IP address or network") from None
+    return entries
+
+
 def serve(app: object, *, host: str, port: int, settings: Settings, access_log: bool,
           timeout_graceful_shutdown: int) -> None:
-    """Run ``app`` with uvicorn (uvloop + httptools) under the HTTP_* limits of ``settings``."""
+    """Run ``app`` with uvicorn (uvloop + httptools) under the HTTP_* limits of ``settings``.
+
+    The client address (``scope["client"]``: rate limits, logs) is the peer's, or, when the peer is one of
+    ``FORWARDED_ALLOW_IPS``, the nearest address in ``X-Forwarded-For`` that is not a trusted proxy. By
+    default nobody is trusted (uvicorn alone would trust 127.0.0.1, so that any local proxy let its clients
+    choose their address)."""
     limits = fit_descriptor_limit(HttpLimits.from_settings(settings))
+    proxies = trusted_proxies(settings.forwarded_allow_ips)
     protocol = protocol_class(limits)
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -450,6 +472,8 @@ def serve(app: object, *, host: str, port: int, settings: Settings, access_log: 
         http=protocol,
         access_log=access_log,
         log_config=None,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
         timeout_keep_alive=limits.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=timeout_graceful_shutdown,
     )
