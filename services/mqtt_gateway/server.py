@@ -112,7 +112,9 @@ class MqttGateway:
         admission = _Admission(self.gate, self._watch)
         if self._settings.mqtt_port:
             server = await start_plain_server(
-                self._on_connection, host, self._settings.mqtt_port, admission=admission, refuse=self._refuse
+                self._on_connection, host, self._settings.mqtt_port, admission=admission, refuse=self._refuse,
+                proxy_protocol_timeout=self._settings.mqtt_connect_timeout_s if self._settings.mqtt_proxy_protocol
+                else None,
             )
             self._servers.append(server)
             self.ports["mqtt"] = server.sockets[0].getsockname()[1]
@@ -125,6 +127,7 @@ class MqttGateway:
                 server = await start_tls_server(
                     self._on_connection, host, self._settings.mqtts_port, context,
                     handshake_timeout=self._settings.mqtt_connect_timeout_s, admission=admission,
+                    proxy_protocol=self._settings.mqtt_proxy_protocol,
                 )
                 self._servers.append(server)
                 self.ports["mqtts"] = server.sockets[0].getsockname()[1]

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from provisioning_common.certificates import validity_problem
 
+from . import proxy_protocol
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -106,6 +108,19 @@ class PlainConnection:
         self._peer = _format_peer(writer.get_extra_info("peername"))
         self._closed = False
 
+    async def read_proxy_header(self, timeout: float) -> bool:
+        """``MQTT_PROXY_PROTOCOL``: take the client's address from the PROXY header; False (closed): none."""
+        try:
+            async with asyncio.timeout(timeout):
+                address = await proxy_protocol.read_header(self.reader)
+        except (proxy_protocol.ProxyHeaderError, asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            log.debug("closing %s: no valid PROXY header (%s)", self._peer, type(exc).__name__)
+            self.close()
+            return False
+        if address is not None:
+            self._peer = address
+        return True
+
     def write(self, data: bytes) -> None:
         if self._closed or self._writer.is_closing():
             return
@@ -148,11 +163,13 @@ async def start_plain_server(
     backlog: int = 1024,
     admission: Admission | None = None,
     refuse: ClientConnected | None = None,
+    proxy_protocol_timeout: float | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (plain TCP) and run ``client_connected(connection)`` per client, as a task.
 
     With ``admission``, a client it does not let in is handed to ``refuse`` instead (which may answer
-    it before closing), or closed at once when there is no ``refuse``.
+    it before closing), or closed at once when there is no ``refuse``. With ``proxy_protocol_timeout``,
+    every connection must start with a PROXY header within that many seconds (:mod:`.proxy_protocol`).
     """
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,6 +177,8 @@ async def start_plain_server(
         admitted = admission is None or admission.try_enter()
         handler = client_connected if admitted else refuse
         try:
+            if proxy_protocol_timeout is not None and not await connection.read_proxy_header(proxy_protocol_timeout):
+                return
             if handler is None:
                 connection.close()
             else:
@@ -237,8 +256,11 @@ class TlsConnection(asyncio.Protocol):
         handshake_timeout: float,
         tasks: set[asyncio.Task[None]],
         admission: Admission | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        #: MQTT_PROXY_PROTOCOL: bytes received before the PROXY header was complete (None: no header expected).
+        self._proxy_buffer: bytes | None = b"" if proxy_protocol else None
         self._ssl = SSL.Connection(context, None)
         self._ssl.set_accept_state()
         self._client_connected = client_connected
@@ -280,6 +302,22 @@ class TlsConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lost or self._transport is None:
             return
+        if self._proxy_buffer is not None:
+            # The PROXY header comes before the TLS handshake (within its timeout), then TLS goes on as usual.
+            self._proxy_buffer += data
+            try:
+                parsed = proxy_protocol.parse(self._proxy_buffer)
+            except proxy_protocol.ProxyHeaderError as exc:
+                self._fail(f"no valid PROXY header: {exc}")
+                return
+            if parsed is None:
+                return
+            length, address = parsed
+            if address is not None:
+                self._peer = address
+            data, self._proxy_buffer = self._proxy_buffer[length:], None
+            if not data:
+                return
         try:
             self._ssl.bio_write(data)
         except SSL.Error as exc:  # should not happen with a memory BIO
@@ -511,6 +549,7 @@ async def start_tls_server(
     handshake_timeout: float = 10.0,
     backlog: int = 1024,
     admission: Admission | None = None,
+    proxy_protocol: bool = False,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (TLS with ``context``) and run ``client_connected(connection)`` per client,
     as a task, once its handshake has succeeded. A failed or timed-out handshake closes that socket only.
@@ -520,7 +559,7 @@ async def start_tls_server(
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
     return await loop.create_server(
-        lambda: TlsConnection(context, client_connected, handshake_timeout, tasks, admission),
+        lambda: TlsConnection(context, client_connected, handshake_timeout, tasks, admission, proxy_protocol),
         host,
         port,
         backlog=backlog,

@@ -88,6 +88,10 @@ class Env:
             "ADMIN_API_TOKEN": self.admin_token,
             "DATA_ENCRYPTION_KEY": self.encryption_key,
             "PROVISION_TIMEOUT_S": "5",
+            # Every test client is on loopback: the provisions limits' defaults (per source, per profile) would
+            # refuse modules that provision hundreds of devices; tests/e2e/test_abuse_limits.py sets its own.
+            "PROVISION_RATE_LIMIT_PER_SOURCE": "",
+            "PROVISION_RATE_LIMIT_PER_PROFILE": "",
             "LOG_LEVEL": "INFO",
             **self.extra,
             **overrides,

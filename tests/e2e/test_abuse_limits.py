@@ -8,6 +8,7 @@ bound to a source address, paho bound to one, aiocoap's message encoder over a U
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -21,11 +22,12 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from aiocoap.numbers.codes import Code
-from devstack import Stack
+from devstack import Stack, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import Infra
 
+from . import mqtt_clients as mc
 from .conftest import Admin, Env, _create_database, _drop_database, tb_request
 
 #: Wrong secrets per (source, key) and per source, per minute; provisions per source and per profile.
@@ -255,3 +257,73 @@ def test_two_core_instances_enforce_one_shared_budget(env: Env, stack: Stack, ad
     assert answers.count(200) in (PER_KEY, PER_KEY + 1), answers
     assert answers[:PER_KEY] == [200] * PER_KEY and answers[-1] == 429
 
+
+
+class ProxyBalancer:
+    """A TCP load balancer that sends a PROXY v1 header (as HAProxy's ``send-proxy``), claiming for each
+    connection the client address ``claim(n)`` (the n-th connection), then relays bytes both ways."""
+
+    def __init__(self, upstream: int, claim: Any) -> None:
+        self._upstream, self._claim, self._count = upstream, claim, 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, (_, port) = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            claimed = self._claim(self._count)
+            self._count += 1
+            upstream.sendall(f"PROXY TCP4 {claimed} 127.0.0.1 {port} {self._upstream}\r\n".encode())
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._relay, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_mqtt_behind_a_proxy_protocol_balancer_is_limited_by_the_real_client_address(
+    env: Env, stack: Stack, admin: Admin
+) -> None:
+    """MQTT_PROXY_PROTOCOL=true: every connection reaches the gateway from the balancer (127.0.0.1), yet the
+    client whose wrong secrets used up its budget is refused and another client is not."""
+    port = free_port()
+    gateway = Stack(env.variables(MQTT_PORT=str(port), MQTTS_PORT="0", COAP_PORT="0", HTTP_PORT=str(free_port()),
+                                  MQTT_PROXY_PROTOCOL="true"), ["mqtt_gateway"]).start(timeout=60)
+    profile = admin.create_profile()
+    attacker = ProxyBalancer(port, lambda n: "198.51.100.20")
+    device_lb = ProxyBalancer(port, lambda n: "198.51.100.21")
+    try:
+        answers = [mqtt_via(attacker.port, wrong(profile)) for _ in range(PER_KEY + 1)]
+        assert [a["status"] for a in answers] == ["NOT_FOUND"] * PER_KEY + ["FAILURE"]
+        assert answers[-1]["errorMsg"] == TOO_MANY_FAILURES
+        assert mqtt_via(device_lb.port, device(profile))["status"] == "SUCCESS"
+        # A connection without a PROXY header (straight to the gateway) is closed before CONNACK.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"\x10\x12\x00\x04MQTT\x04\x02\x00\x3c\x00\x06abcdef")
+            assert sock.recv(16) == b""
+    finally:
+        attacker.close()
+        device_lb.close()
+        gateway.stop()
+
+
+def mqtt_via(port: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Provision through a balancer listening on ``port`` (paho, from 127.0.0.1)."""
+    return json.loads(mc.provision(port, body).payload)
