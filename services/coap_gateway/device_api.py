@@ -63,6 +63,7 @@ import enum
 import itertools
 import json
 import logging
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,9 +85,10 @@ from provisioning_common.device_api import (
     render_attributes,
     render_server_rpc,
 )
+from provisioning_common.device_auth import CLIENT_SOURCE, TooManyFailures
 from provisioning_common.device_link import Attachment, Downlink
 from provisioning_common.dialects import render_error
-from provisioning_common.models import AttributesQuery, AuthenticateRequest, Dialect
+from provisioning_common.models import AttributesQuery, Dialect
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi, is_json_document
 from pydantic import ValidationError
@@ -156,6 +158,15 @@ def query_value(query: tuple[str, ...], name: str) -> str | None:
 def _error(code: Code, message: str, **options: Any) -> aiocoap.Message:
     return aiocoap.Message(code=code, payload=render_error(Dialect.THINGSBOARD, message), content_format=JSON,
                            **options)
+
+
+def _source(remote: Any) -> str:
+    """The client's IP address (IPv4-mapped IPv6 as plain IPv4); empty when unknown."""
+    sockaddr = getattr(remote, "sockaddr", None)
+    if not sockaddr:
+        return ""
+    host = str(sockaddr[0])
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def unavailable() -> aiocoap.Message:
@@ -345,7 +356,12 @@ class DeviceApi:
     async def _device(self, token: str) -> str | aiocoap.Message:
         """The device owning ``token``, or the refusal to answer (4.01 unknown, 5.03 unreachable)."""
         try:
-            auth = await self._api.authenticate(AuthenticateRequest(token=token))
+            auth = await self._api.authenticate_token(token)
+        except TooManyFailures as exc:
+            # AUTH_FAILURES_PER_MINUTE unknown tokens from this address: CoAP's only, a forged UDP source holds
+            # back no other transport (each gateway process counts its own).
+            return _error(Code.TOO_MANY_REQUESTS, "Too many failed authentication attempts from this address",
+                          max_age=max(1, math.ceil(exc.retry_after_s)))
         except RpcError:
             return unavailable()
         if not auth.authenticated or not auth.device_id:
@@ -356,6 +372,7 @@ class DeviceApi:
 
     async def handle(self, request: aiocoap.Message, target: Target) -> aiocoap.Message:
         """Answer a (reassembled) request to a token path whose method passed the gateway's precheck."""
+        CLIENT_SOURCE.set(_source(request.remote))  # for the wrong-token limiter (issue 13)
         if not self.allow(target.token):
             return self.too_many()
         if request.code is Code.GET:
@@ -481,6 +498,7 @@ class DeviceApi:
         """Serve one observation on ``pipe`` until the client cancels it or it is ended; runs in aiocoap's
         render task, which aiocoap cancels when the client loses interest (RST, Observe = 1, gone)."""
         request = pipe.request
+        CLIENT_SOURCE.set(source)  # for the wrong-token limiter (issue 13)
         feature = Feature.ATTRIBUTES if target.route is Route.ATTRIBUTES else Feature.RPC
         refusal = None
         if self._closing:

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -44,7 +45,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from provisioning_common.bus import RpcError
 from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_RPC
 from provisioning_common.device_api import (
@@ -59,8 +60,9 @@ from provisioning_common.device_api import (
     render_attributes,
     render_server_rpc,
 )
+from provisioning_common.device_auth import CLIENT_SOURCE, TooManyFailures
 from provisioning_common.dialects import render_error
-from provisioning_common.models import AuthenticateRequest, Dialect
+from provisioning_common.models import Dialect
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi, is_json_document
 
@@ -123,6 +125,20 @@ def _too_many_requests() -> Response:
                     headers={"Retry-After": "1"})
 
 
+def _too_many_failures(retry_after_s: float) -> Response:
+    """The client's address used up AUTH_FAILURES_PER_MINUTE (unknown tokens): refused until its minute ends."""
+    body = {"status": 429, "message": "Too many failed authentication attempts from this address",
+            "errorCode": TB_TOO_MANY_REQUESTS, "timestamp": int(time.time() * 1000)}
+    return Response(json.dumps(body, separators=(",", ":")), status_code=429, media_type=JSON,
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
+async def _client_source(request: Request) -> None:
+    """Note the client's address (uvicorn's: a trusted proxy's X-Forwarded-For applied) for
+    :meth:`TransportApi.authenticate_token`; async, so that it runs in the endpoint's own context."""
+    CLIENT_SOURCE.set(request.client.host if request.client else "")
+
+
 def _refused(exc: RpcError) -> bool:
     """A service answered "no" (as opposed to: unreachable, timed out, down)."""
     return type(exc) is RpcError
@@ -151,7 +167,8 @@ class DeviceApi:
         self.rpc_ids = ServerRpcIds(lambda: api().links, settings)
         self._stopping: asyncio.Event | None = None
         self._too_large = render_error(Dialect.THINGSBOARD, f"Request body exceeds {settings.max_body_bytes} bytes")
-        self.router = APIRouter()
+        # Each device route first notes the client's address for the wrong-token limiter (issue 13).
+        self.router = APIRouter(dependencies=[Depends(_client_source)])
         self._mount()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -192,7 +209,9 @@ class DeviceApi:
     async def _device(self, token: str) -> str | Response:
         """The device id of ``token``, or the answer to give: 401, 429 or 503."""
         try:
-            auth = await self._api().authenticate(AuthenticateRequest(token=token))
+            auth = await self._api().authenticate_token(token)
+        except TooManyFailures as exc:
+            return _too_many_failures(exc.retry_after_s)
         except RpcError:
             return _unavailable()
         if not auth.authenticated or auth.device_id is None:

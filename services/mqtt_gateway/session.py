@@ -53,6 +53,7 @@ _REFUSED_IDENTIFIER = {3: 0x02, 4: 0x02, 5: 0x85}
 ASSIGNED_CLIENT_IDENTIFIER = 0x12
 _SERVER_UNAVAILABLE = {3: 0x03, 4: 0x03, 5: 0x88}
 _NOT_AUTHORIZED = {3: 0x05, 4: 0x05, 5: 0x87}
+_CONNECTION_RATE_EXCEEDED = 0x9F
 
 # MQTT 5 reason codes used on PUBACK / SUBACK / DISCONNECT.
 RC_UNSPECIFIED = 0x80
@@ -221,7 +222,9 @@ class MqttSession:
         """CONNACK by the device-authentication policy: a provisioning session, a device, or a refusal."""
         chain = [base64.b64encode(der).decode() for der in self._conn.peer_certificate_chain]
         presented = Presented.from_connect(connect.client_id, connect.username, connect.password, chain)
-        decision = await device_auth.decide(presented, self._api.authenticate, self._provision_chain)
+        decision = await device_auth.decide(presented, self._api.authenticate, self._provision_chain,
+                                            failures=self._api.auth_failures,
+                                            source=self._conn.peer_address.rsplit(":", 1)[0])
         if decision.verdict is Verdict.PROVISIONING:
             self._provisioning = True
         elif decision.verdict is Verdict.AUTHENTICATED and decision.device_id:
@@ -232,6 +235,10 @@ class MqttSession:
                 # ThingsBoard's answer when the credentials check fails (onError): retry later, not a denial.
                 log.warning("authentication unavailable: %s", decision.detail)
                 code = _SERVER_UNAVAILABLE[self._level]
+            elif decision.verdict is Verdict.LIMITED:
+                # Too many wrong logins from this address (AUTH_FAILURES_PER_MINUTE): MQTT 5 "connection rate
+                # exceeded"; 3.1.1 has no such code, so "not authorized".
+                code = _CONNECTION_RATE_EXCEEDED if self._level == 5 else _NOT_AUTHORIZED[self._level]
             else:
                 code = _NOT_AUTHORIZED[self._level]
             self._send(codec.encode_connack(code, protocol_level=self._level))

@@ -26,14 +26,23 @@ over the bus, and for the gateway the core's chain provisioning).
 
 from __future__ import annotations
 
+import contextvars
 import enum
+import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .bus import RpcError
 from .models import AuthenticateRequest, AuthenticateResult
+from .rate_limit import WindowCounter
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "CLIENT_SOURCE",
+    "AuthFailures",
+    "TooManyFailures",
     "PROVISION",
     "Decision",
     "Kind",
@@ -126,6 +135,8 @@ class Verdict(str, enum.Enum):
     ANONYMOUS = "anonymous"
     #: The credentials service did not answer: retry later, not a denial.
     UNAVAILABLE = "unavailable"
+    #: The client's address is over its wrong-credentials budget (:class:`AuthFailures`): refused unasked.
+    LIMITED = "limited"
 
 
 @dataclass(frozen=True)
@@ -148,13 +159,31 @@ ProvisionChain = Callable[[list[str]], Awaitable[str | None]]
 
 
 async def decide(
-    presented: Presented, authenticate: Authenticate, provision_chain: ProvisionChain | None = None
+    presented: Presented,
+    authenticate: Authenticate,
+    provision_chain: ProvisionChain | None = None,
+    *,
+    failures: AuthFailures | None = None,
+    source: str = "",
 ) -> Decision:
     """Run :func:`plan` for ``presented``: ask ``authenticate`` in order, then ``provision_chain`` (when
-    given and a certificate found nothing), and apply the verdict rules (rule 4)."""
+    given and a certificate found nothing), and apply the verdict rules (rule 4).
+
+    With ``failures``, a login that ends DENIED or ANONYMOUS counts against ``source`` (the client's
+    address), and a source over its budget is LIMITED before anything is asked (one login, one count:
+    a device whose first attempt misses and second finds it is not counted)."""
     steps = plan(presented)
     if steps.kind is Kind.PROVISIONING:
         return Decision(Verdict.PROVISIONING)
+    if failures is not None and failures.blocked(source):
+        return Decision(Verdict.LIMITED)
+    decision = await _decide(steps, authenticate, provision_chain)
+    if failures is not None and decision.verdict in (Verdict.DENIED, Verdict.ANONYMOUS):
+        failures.failed(source)
+    return decision
+
+
+async def _decide(steps: Plan, authenticate: Authenticate, provision_chain: ProvisionChain | None) -> Decision:
     for attempt in steps.attempts:
         try:
             result = await authenticate(attempt)
@@ -167,3 +196,81 @@ async def decide(
         if device_id:
             return Decision(Verdict.AUTHENTICATED, device_id)
     return Decision(Verdict.ANONYMOUS if steps.kind is Kind.ANONYMOUS else Verdict.DENIED)
+
+
+# --- wrong credentials per source (issue 13) -----------------------------------------------------------------
+
+#: The address of the client being served, set where a gateway's request enters (HTTP: a dependency of the
+#: device routes; CoAP: the device API's entry points); read by :meth:`TransportApi.authenticate_token`.
+#: Empty: unknown, and then not limited.
+CLIENT_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("client_source", default="")
+
+
+class TooManyFailures(Exception):
+    """The client's address used up its wrong-credentials budget: refused without a look-up."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("too many failed authentication attempts from this address")
+        self.retry_after_s = retry_after_s
+
+
+class AuthFailures:
+    """Wrong credentials (unknown tokens, MQTT logins that name no device) counted per client address in
+    one-minute windows, per gateway instance and so per transport: a source over ``per_minute`` is refused
+    without asking the credentials service until its minute ends (HTTP 429 + Retry-After, CoAP 4.29 +
+    Max-Age, MQTT CONNACK 0x9F / 3.1.1 "not authorized"). A forged UDP source can thus only hold back CoAP
+    at that address, never HTTP or MQTT. Tokens are >= 96-bit random (or a profile's documented minimum),
+    so the budget is not what keeps them secret: it keeps guessing floods off the bus and the database,
+    and makes them visible - one WARNING per episode (never a token), with counts; ``per_minute`` 0: off.
+    """
+
+    def __init__(self, per_minute: int, transport: str, *, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self._counter = WindowCounter(max(per_minute, 1), clock=clock)
+        self._on = per_minute > 0
+        self._per_minute = per_minute
+        self._transport = transport
+        self._clock = clock
+        self._log = logger
+        #: Every wrong attempt counted, and every attempt refused for being over the budget (since start).
+        self.failures = 0
+        self.refused = 0
+        self._episode_refused = 0
+        self._episode_until = -1.0
+
+    def retry_after_s(self) -> float:
+        return 60.0 - self._clock() % 60.0
+
+    def blocked(self, source: str) -> bool:
+        """Whether ``source`` is over its budget (counted as refused when it is)."""
+        if not self._on or not source or not self._counter.exhausted(source):
+            self._end_episode()
+            return False
+        self.refused += 1
+        self._episode_refused += 1
+        if self._episode_until < 0:
+            self._log.warning(
+                "%s: wrong credentials from %s reached %d a minute; that address is refused without a look-up"
+                " until its minute ends (one warning per episode; %d wrong attempts counted since start)",
+                self._transport, source, self._per_minute, self.failures,
+            )
+        self._episode_until = self._clock() + 120.0
+        return True
+
+    def check(self, source: str) -> None:
+        """:meth:`blocked`, raising :class:`TooManyFailures`."""
+        if self.blocked(source):
+            raise TooManyFailures(self.retry_after_s())
+
+    def failed(self, source: str) -> None:
+        """Count one wrong attempt from ``source``."""
+        if not self._on:
+            return
+        self.failures += 1
+        self._counter.record(source)
+
+    def _end_episode(self) -> None:
+        if self._episode_until >= 0 and self._clock() > self._episode_until:
+            self._log.info("%s: wrong-credentials episode over: %d attempts refused", self._transport,
+                           self._episode_refused)
+            self._episode_until, self._episode_refused = -1.0, 0

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     #: buckets. Wrong keys/secrets per source address and provision key, per minute (the gateways also
     #: allow this many malformed requests per source address per minute, per process).
     provision_failures_per_minute: int = Field(default=60, ge=1)
+    #: Wrong device credentials (unknown tokens on the HTTP/CoAP device API, MQTT logins naming no device)
+    #: per source address per minute, per gateway process (so per transport): beyond, that address is refused
+    #: without a look-up until its minute ends (README "Secrets at rest"); 0 turns it off.
+    auth_failures_per_minute: int = Field(default=120, ge=0)
     #: Wrong keys/secrets per source address over all keys, per minute.
     provision_source_failures_per_minute: int = Field(default=300, ge=1)
     #: Provisions (right secret) per device profile and per source address, in ThingsBoard's notation

@@ -27,6 +27,7 @@ from .contract import (
     TELEMETRY_EXCHANGE,
 )
 from .device_api import SESSION_LIMITS_METHOD, DeviceApiError, SessionLimitsInfo, load_json
+from .device_auth import CLIENT_SOURCE, AuthFailures
 from .device_link import DeviceLinks
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
@@ -75,6 +76,8 @@ class TransportApi:
         self._core_outage = OutageLog(log, "provisioning")
         # Malformed requests never reach the core's wrong-secret limiter: count them here, per source.
         self._malformed = MalformedRequestLimiter(settings.provision_failures_per_minute)
+        #: Wrong device credentials per source address (AUTH_FAILURES_PER_MINUTE), for this process's transport.
+        self.auth_failures = AuthFailures(settings.auth_failures_per_minute, service)
 
     @property
     def settings(self) -> Settings:
@@ -134,6 +137,17 @@ class TransportApi:
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
         """Ask the credentials service who owns these credentials. Raises RpcError when unreachable."""
         return await self._bus.call(AUTHENTICATE, request)
+
+    async def authenticate_token(self, token: str) -> AuthenticateResult:
+        """A device API token (HTTP/CoAP path), limited per source (``device_auth.CLIENT_SOURCE``): raises
+        :class:`~provisioning_common.device_auth.TooManyFailures` when the source is over its budget, and
+        RpcError when the credentials service is unreachable; a token naming no device counts against it."""
+        source = CLIENT_SOURCE.get()
+        self.auth_failures.check(source)
+        result = await self.authenticate(AuthenticateRequest(token=token))
+        if not (result.authenticated and result.device_id):
+            self.auth_failures.failed(source)
+        return result
 
     async def provision_x509_chain(
         self, chain: list[str], *, transport: Transport, source_address: str = ""

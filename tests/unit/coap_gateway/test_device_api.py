@@ -96,6 +96,9 @@ class StubApi:
         device = TOKENS.get(request.token)
         return AuthenticateResult(authenticated=device is not None, device_id=device)
 
+    async def authenticate_token(self, token: str) -> AuthenticateResult:
+        return await self.authenticate(AuthenticateRequest(token=token))
+
     async def get_attributes(self, query: AttributesQuery) -> AttributesSnapshot:
         self.queries.append(query)
         if self.down:

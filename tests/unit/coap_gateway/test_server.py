@@ -125,6 +125,9 @@ class StubApi:
         assert self.auth is not None
         return self.auth
 
+    async def authenticate_token(self, token: str) -> AuthenticateResult:
+        return await self.authenticate(AuthenticateRequest(token=token))
+
     async def publish_telemetry(self, device_id: str, payload: bytes) -> None:
         self.published.append((device_id, payload))
 

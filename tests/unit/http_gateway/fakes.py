@@ -205,6 +205,9 @@ class FakeApi:
         device = TOKENS.get(request.token)
         return AuthenticateResult(authenticated=device is not None, device_id=device)
 
+    async def authenticate_token(self, token: str) -> AuthenticateResult:
+        return await self.authenticate(AuthenticateRequest(token=token))
+
     async def get_attributes(self, query: AttributesQuery) -> AttributesSnapshot:
         self.queries.append(query)
         return self.snapshot
