@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import threading
 import uuid
 from typing import Any
 
 import asyncpg
 import httpx
+import paho.mqtt.client as paho
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from devstack import Stack
+from paho.mqtt.enums import CallbackAPIVersion
 from provisioning_common.db import repository
 from provisioning_common.secretbox import SecretBox
 
@@ -23,6 +28,15 @@ from tests.pki import csr_for, issue
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, tb_request
+
+#: A small wrong-credentials budget for this module's stack (AUTH_FAILURES_PER_MINUTE; default 120).
+AUTH_BUDGET = 5
+
+
+@pytest.fixture(scope="module")
+def env(env: Env) -> Env:
+    env.extra["AUTH_FAILURES_PER_MINUTE"] = str(AUTH_BUDGET)
+    return env
 
 
 async def pg_dump(env: Env) -> str:
@@ -155,3 +169,75 @@ def test_device_chosen_weak_token_refused_unless_the_profile_allows_it(
 def test_no_api_schema_on_the_device_port(http: httpx.Client) -> None:
     for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
         assert http.get(path).status_code == 404, path
+
+
+# --- wrong device credentials, limited per source address and transport --------------------------------------
+
+
+def coap(env: Env, source: str, path: str) -> str:
+    """One CoAP POST with libcoap's client from ``source``: what it printed (an error answer's code first)."""
+    done = subprocess.run(["coap-client-notls", "-a", source, "-m", "post", "-e", '{"t":1}', "-B", "5",
+                           f"coap://127.0.0.1:{env.coap_port}{path}"], capture_output=True, text=True, timeout=20)
+    return (done.stdout + done.stderr).strip()
+
+
+def mqtt_connack(env: Env, source: str, password: str) -> int:
+    """MQTT 5 CONNECT from ``source`` with a token as password; the CONNACK's reason code."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"c-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+    client.username_pw_set("device", password)
+    answered, codes = threading.Event(), []
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any = None) -> None:
+        codes.append(int(reason_code.value))
+        answered.set()
+
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", env.mqtt_port, bind_address=source)
+    client.loop_start()
+    try:
+        assert answered.wait(10), "no CONNACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0]
+
+
+@pytest.mark.skipif(shutil.which("coap-client-notls") is None, reason="needs libcoap's coap-client-notls")
+def test_wrong_tokens_limited_per_source_and_transport(env: Env, stack: Stack, admin: Admin,
+                                                       http: httpx.Client) -> None:
+    profile = admin.create_profile()
+    token = provisioned(http, tb_request(profile, deviceName=f"auth-{uuid.uuid4().hex[:6]}"))["credentialsValue"]
+    guesses = [f"guess-{uuid.uuid4().hex}" for _ in range(AUTH_BUDGET + 2)]
+
+    def from_address(source: str) -> httpx.Client:
+        return httpx.Client(base_url=env.http_url, timeout=10, transport=httpx.HTTPTransport(local_address=source))
+
+    # HTTP: the budget of wrong tokens answers 401, then the address is refused unasked (429 + Retry-After),
+    # whatever the token; another address is untouched.
+    with from_address("127.0.0.21") as guesser:
+        codes = [guesser.post(f"/api/v1/{g}/telemetry", json={"t": 1}).status_code for g in guesses]
+        assert codes == [401] * AUTH_BUDGET + [429] * 2
+        refused = guesser.post(f"/api/v1/{token}/telemetry", json={"t": 1})
+        assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.json()["message"] == "Too many failed authentication attempts from this address"
+    with from_address("127.0.0.22") as device:
+        assert device.post(f"/api/v1/{token}/telemetry", json={"t": 1}).status_code == 200
+
+    # CoAP (forgeable UDP sources): its own budget; an address it holds back still reaches HTTP and MQTT.
+    answers = [coap(env, "127.0.0.23", f"/api/v1/{g}/telemetry") for g in guesses]
+    assert all(a.startswith("4.01") for a in answers[:AUTH_BUDGET]), answers
+    assert all(a.startswith("4.29") for a in answers[AUTH_BUDGET:]), answers
+    with from_address("127.0.0.23") as same_address:
+        assert same_address.post(f"/api/v1/{token}/telemetry", json={"t": 1}).status_code == 200
+    assert mqtt_connack(env, "127.0.0.23", token) == 0
+
+    # MQTT: wrong logins, then "connection rate exceeded" (0x9F) before any look-up.
+    codes = [mqtt_connack(env, "127.0.0.24", g) for g in guesses]
+    assert codes == [0x86] * AUTH_BUDGET + [0x9F] * 2 or codes == [0x87] * AUTH_BUDGET + [0x9F] * 2, codes
+    assert mqtt_connack(env, "127.0.0.25", token) == 0
+
+    # Counted and visible, one WARNING per episode, and never a token in any log.
+    logs = stack.output()
+    assert "wrong credentials from 127.0.0.21 reached 5 a minute" in logs
+    for secret in [token, *guesses]:
+        assert secret not in logs
