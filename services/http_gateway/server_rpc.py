@@ -107,6 +107,7 @@ class ServerRpcIds:
                 raise RpcError(f"bus unavailable: {type(exc).__name__}") from None
             try:
                 queue = await channel.declare_queue(queue_name(self._settings, tag), exclusive=True, auto_delete=True)
+                await bus.bind_replies(queue)  # other instances forward answers with bus.reply (rpc.replies)
                 await queue.consume(self._on_forwarded, no_ack=True)
             except aiormq.exceptions.ChannelLockedResource:  # another instance owns this tag
                 with contextlib.suppress(Exception):

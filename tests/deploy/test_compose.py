@@ -41,7 +41,11 @@ REQUIRED_REFERENCE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*:\?[^}]+\}$")
 NON_SETTINGS = {"MQTT_TLS_HOSTNAMES"}  # mqtt_gateway.devcert
 
 
-SECRETS = ("RABBITMQ_PASSWORD", "POSTGRES_PASSWORD", "ADMIN_API_TOKEN", "DATA_ENCRYPTION_KEY")
+SECRETS = ("RABBITMQ_PASSWORD", "POSTGRES_PASSWORD", "ADMIN_API_TOKEN", "DATA_ENCRYPTION_KEY",
+           # one RabbitMQ user per service (provisioning_common.bus_permissions)
+           "RABBITMQ_PROVISIONING_CORE_PASSWORD", "RABBITMQ_CREDENTIALS_PASSWORD", "RABBITMQ_ADMIN_API_PASSWORD",
+           "RABBITMQ_HTTP_GATEWAY_PASSWORD", "RABBITMQ_MQTT_GATEWAY_PASSWORD", "RABBITMQ_COAP_GATEWAY_PASSWORD",
+           "RABBITMQ_MQTT_BRIDGE_PASSWORD", "RABBITMQ_BROKER_AUTH_PASSWORD", "RABBITMQ_BACKEND_PASSWORD")
 
 
 def docker_compose(env: Mapping[str, str], *args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess[str]:
@@ -103,7 +107,9 @@ def filled(example_env: dict[str, str]) -> dict[str, str]:
     from provisioning_common.secretbox import generate_key
 
     return {**example_env, "RABBITMQ_PASSWORD": "rabbit-pw", "POSTGRES_PASSWORD": "pg-pw",
-            "ADMIN_API_TOKEN": "admin-token", "DATA_ENCRYPTION_KEY": generate_key()}
+            "ADMIN_API_TOKEN": "admin-token", "DATA_ENCRYPTION_KEY": generate_key(),
+            **{name: f"{name.lower()}-pw" for name in SECRETS
+               if name.startswith("RABBITMQ_") and name != "RABBITMQ_PASSWORD"}}
 
 
 def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -337,7 +343,10 @@ def test_services_get_valid_settings_and_only_real_variables(
             settings = Settings()  # raises on an invalid value
         if "RABBITMQ_URL" in env:
             url = urlsplit(settings.rabbitmq_url.get_secret_value())
-            assert (url.scheme, url.hostname, url.port, url.password) == ("amqp", "rabbitmq", 5672, "rabbit-pw")
+            # Each service on its own RabbitMQ user (provisioning_common.bus_permissions), never the administrator.
+            user = name.replace("-", "_")
+            assert (url.scheme, url.hostname, url.port, url.username, url.password) == (
+                "amqp", "rabbitmq", 5672, user, f"rabbitmq_{user}_password-pw")
         if "DATABASE_URL" in env:
             url = urlsplit(settings.database_url.get_secret_value())
             assert (url.hostname, url.password, url.path) == ("postgres", "pg-pw", "/provisioning")

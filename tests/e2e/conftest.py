@@ -48,7 +48,8 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 
 async def drop_core_queue(rabbitmq_url: str, namespace: str) -> None:
     """Remove the core queue a lone gateway declared in its own namespace (no core ever consumed it)."""
-    await _drop_namespace(rabbitmq_url, [f"{namespace}provisioning_core"])
+    await _drop_namespace(rabbitmq_url, [f"{namespace}provisioning_core", f"{namespace}rpc.provisioning_core",
+                                         f"{namespace}rpc.replies"])
 
 
 @dataclass
@@ -130,7 +131,9 @@ def _drop_database(env: Env) -> None:
         _drop_namespace(
             env.infra.rabbitmq_url,
             [f"{env.namespace}{n}" for n in ("provisioning_core", "credentials", "device_api", "device.telemetry",
-                                                    "device.attributes", "device.rpc", "device.downlink")],
+                                                    "device.attributes", "device.rpc", "device.downlink",
+                                                    "credentials.internal", "rpc.provisioning_core", "rpc.credentials",
+                                                    "rpc.credentials.internal", "rpc.device_api", "rpc.replies")],
         )
     )
 

@@ -1,13 +1,22 @@
 """RPC and events over RabbitMQ: the one place that knows about correlation ids and reply queues.
 
 Every method is declared once in :mod:`.contract` (service, name, request and reply models). A
-caller (:meth:`Bus.call`) publishes the request to the method's service's durable queue with
-``reply_to`` = this process's own reply queue and a fresh ``correlation_id``, then awaits the
-matching reply, validated into the declared reply model. A service (:meth:`Bus.serve`) consumes its
-queue with a prefetch window, validates each body into the declared request model, and replies
-before it acks, so a crash between the two redelivers the request (at-least-once; handlers are
-idempotent by ``message_id``). Each process connects under its own service name, which the
-broker's management UI shows.
+caller (:meth:`Bus.call`) publishes the request to the method's service's direct exchange
+(``rpc.<service>``, which routes to the service's durable queue) with ``reply_to`` = this process's
+own reply queue and a fresh ``correlation_id``, then awaits the matching reply, validated into the
+declared reply model. A service (:meth:`Bus.serve`) consumes its queue with a prefetch window,
+validates each body into the declared request model, and replies before it acks, so a crash between
+the two redelivers the request (at-least-once; handlers are idempotent by ``message_id``). Each
+process connects under its own service name, which the broker's management UI shows.
+
+Least privilege (README, "Bus permissions"): nothing is published to the default exchange, which
+reaches every queue. Requests go to one exchange per service, so RabbitMQ's write permission on it
+says who may call that service; replies go to the ``rpc.replies`` topic exchange, routing key = the
+reply queue's name (``reply.<service>.<random>``), to which each process binds its own reply queue.
+Queues and exchanges a process does not own are only looked up (passive declarations need no
+permission) and declared only when missing - on a development broker, where every process may; a
+deployment declares them beforehand (``provisioning_common.bus_permissions``), so a request sent
+while its service is starting waits in the service's queue either way.
 
 Deadlines (like nameko's call context, in headers): every request carries an absolute
 ``x-deadline`` (Unix time). The serving side refuses a request already past it, runs the
@@ -46,7 +55,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
-from .contract import Handler, OneWay, Rpc, Service
+from .contract import REPLY_EXCHANGE, Handler, OneWay, Rpc, Service, request_exchange
 from .models import RpcFailure
 from .outage import OutageLog
 from .settings import Settings
@@ -60,6 +69,9 @@ Resp = TypeVar("Resp", bound=BaseModel)
 ERROR_HEADER = "x-rpc-error"
 #: Header of every request: the absolute deadline (Unix time, seconds) of the whole call chain.
 DEADLINE_HEADER = "x-deadline"
+#: ``reply_to`` of RabbitMQ's direct reply-to: answered on the default exchange, which needs write on
+#: ``amq.default`` (a development broker's guest); with least privilege, answer through REPLY_EXCHANGE.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 #: ``RpcFailure.code`` values a caller acts on.
 CODE_DEADLINE = "deadline_exceeded"
 CODE_UNAVAILABLE = "unavailable"
@@ -121,19 +133,37 @@ OUTBOX_MAX = 10_000
 UndeliveredHook = Callable[[BaseModel, BaseModel], Awaitable[None]]
 
 
+def service_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The arguments of every service's request queue: identical wherever it is declared (the services,
+    callers on a development broker, and a deployment's definitions), or RabbitMQ refuses the declaration."""
+    args: dict[str, Any] = {"x-queue-type": settings.bus_queue_type}
+    if settings.bus_queue_type == "quorum":
+        args["x-delivery-limit"] = 5
+    return args
+
+
+def reply_queue_prefix(settings: Settings, service_name: str) -> str:
+    """Reply queues of a process connected as ``service_name`` are named this + a random hex string."""
+    return settings.queue(f"reply.{service_name}." if service_name else "reply.")
+
+
 class Bus:
     """One robust connection per process: a confirmed publishing channel and a private reply queue."""
 
-    def __init__(self, settings: Settings, connection: AbstractRobustConnection) -> None:
+    def __init__(self, settings: Settings, connection: AbstractRobustConnection, service_name: str = "") -> None:
         self._settings = settings
         self._connection = connection
         self._channel: AbstractChannel | None = None
-        self._reply_queue_name = settings.queue(f"reply.{uuid.uuid4().hex}")
+        self._reply_queue_name = reply_queue_prefix(settings, service_name) + uuid.uuid4().hex
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        #: Queues and exchanges known to exist (looked up, or declared), by name.
         self._declared: set[str] = set()
+        self._declaring: dict[str, asyncio.Lock] = {}
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._exchanges: dict[str, AbstractExchange] = {}
         self._reply_consumer_started = False
+        self._reply_consumer_lock = asyncio.Lock()
+        self._direct_reply_channel: AbstractChannel | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -155,7 +185,7 @@ class Bus:
             client_properties={"connection_name": service_name},
             reconnect_interval=settings.bus_reconnect_interval_s,
         )
-        bus = cls(settings, connection)
+        bus = cls(settings, connection, service_name)
         bus._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return bus
 
@@ -191,27 +221,111 @@ class Bus:
 
     # --- queues ------------------------------------------------------------------------
 
-    async def _declare_service_queue(self, service: str, channel: AbstractChannel | None = None) -> AbstractQueue:
-        """Declare a service's request queue with identical arguments on every side.
+    async def _on_temporary_channel(self, action: Callable[[AbstractChannel], Awaitable[None]]) -> None:
+        """Run ``action`` on a channel of its own, closed afterwards: a failed lookup or a refused
+        declaration closes that channel (AMQP), never the ones publishing and consuming."""
+        channel = await self._connection.channel()
+        try:
+            await action(channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
-        Callers declare it too, so that requests wait for a service that is starting instead
-        of being dropped as unroutable.
-        """
-        args: dict[str, Any] = {"x-queue-type": self._settings.bus_queue_type}
-        if self._settings.bus_queue_type == "quorum":
-            args["x-delivery-limit"] = 5
-        queue = await (channel or self.channel).declare_queue(
-            self._settings.queue(service), durable=True, arguments=args
+    async def _ensure(
+        self,
+        key: str,
+        look_up: Callable[[AbstractChannel], Awaitable[None]],
+        declare: Callable[[AbstractChannel], Awaitable[None]],
+    ) -> None:
+        """Make sure what ``key`` names exists: looked up (passive declarations: no permission needed),
+        declared only when missing. Once per process; the broker keeps durable ones across restarts.
+
+        Raises :class:`RpcError` when it is missing and this user may not declare it."""
+        if key in self._declared:
+            return
+        lock = self._declaring.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._declared:
+                return
+            try:
+                await self._on_temporary_channel(look_up)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                try:
+                    await self._on_temporary_channel(declare)
+                except aiormq.exceptions.ChannelAccessRefused:
+                    raise RpcError(f"{key} is not declared, and this RabbitMQ user may not declare it "
+                                   "(a deployment declares the bus's queues and exchanges beforehand)") from None
+            self._declared.add(key)
+
+    async def _declare_service_route(self, channel: AbstractChannel, service: str) -> AbstractQueue:
+        """A service's durable request queue, its direct exchange, and the binding between them, declared
+        with identical arguments everywhere (:func:`service_queue_arguments`)."""
+        name = self._settings.queue(service)
+        queue = await channel.declare_queue(name, durable=True, arguments=service_queue_arguments(self._settings))
+        exchange = await channel.declare_exchange(
+            self._settings.queue(request_exchange(service)), ExchangeType.DIRECT, durable=True
         )
-        self._declared.add(service)
+        await queue.bind(exchange, routing_key=name)
         return queue
+
+    async def _ensure_service_route(self, service: str) -> None:
+        """A caller's side: the service's exchange and queue exist (requests wait in the queue for a
+        service that is starting instead of being dropped as unroutable)."""
+        queue_name = self._settings.queue(service)
+        exchange_name = self._settings.queue(request_exchange(service))
+
+        async def look_up(channel: AbstractChannel) -> None:
+            await channel.declare_queue(queue_name, passive=True)
+            await channel.declare_exchange(exchange_name, passive=True)
+
+        async def declare(channel: AbstractChannel) -> None:
+            await self._declare_service_route(channel, service)
+
+        await self._ensure(exchange_name, look_up, declare)
+
+    async def _ensure_exchange(self, full_name: str, kind: ExchangeType) -> AbstractExchange:
+        """A durable exchange this process uses but does not own, as an exchange of the publishing channel."""
+        exchange = self._exchanges.get(full_name)
+        if exchange is not None:
+            return exchange
+
+        async def look_up(channel: AbstractChannel) -> None:
+            await channel.declare_exchange(full_name, passive=True)
+
+        async def declare(channel: AbstractChannel) -> None:
+            await channel.declare_exchange(full_name, kind, durable=True)
+
+        await self._ensure(full_name, look_up, declare)
+        exchange = await self.channel.get_exchange(full_name, ensure=False)
+        self._exchanges[full_name] = exchange
+        return exchange
+
+    async def _request_exchange(self, service: str) -> AbstractExchange:
+        await self._ensure_service_route(service)
+        name = self._settings.queue(request_exchange(service))
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = await self.channel.get_exchange(name, ensure=False)
+        return exchange
+
+    async def reply_exchange(self) -> AbstractExchange:
+        """``rpc.replies`` (contract.REPLY_EXCHANGE), where every answer goes, routing key = its ``reply_to``."""
+        return await self._ensure_exchange(self._settings.queue(REPLY_EXCHANGE), ExchangeType.TOPIC)
+
+    async def bind_replies(self, queue: AbstractQueue) -> None:
+        """Make ``queue`` reachable by :meth:`reply` (and services' replies): bound to ``rpc.replies`` by its name."""
+        await queue.bind(await self.reply_exchange(), routing_key=queue.name)
 
     async def _ensure_reply_consumer(self) -> None:
         if self._reply_consumer_started:
             return
-        self._reply_consumer_started = True
-        queue = await self.channel.declare_queue(self._reply_queue_name, exclusive=True, auto_delete=True)
-        await queue.consume(self._on_reply, no_ack=True)
+        async with self._reply_consumer_lock:  # concurrent first calls wait until replies can reach us
+            if self._reply_consumer_started:
+                return
+            queue = await self.channel.declare_queue(self._reply_queue_name, exclusive=True, auto_delete=True)
+            await self.bind_replies(queue)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._reply_consumer_started = True
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
@@ -251,9 +365,6 @@ class Bus:
         budget = deadline - now
         if budget <= 0:
             raise DeadlineExceeded(f"{service}.{method}: deadline already passed")
-        await self._ensure_reply_consumer()
-        if service not in self._declared:
-            await self._declare_service_queue(service)
         body = payload.model_dump_json().encode()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
@@ -274,9 +385,9 @@ class Bus:
         )
         try:
             async with asyncio.timeout(budget + grace):
-                await self.channel.default_exchange.publish(
-                    message, routing_key=self._settings.queue(service), mandatory=True
-                )
+                await self._ensure_reply_consumer()
+                exchange = await self._request_exchange(service)
+                await exchange.publish(message, routing_key=self._settings.queue(service), mandatory=True)
                 reply = await future
         except TimeoutError:
             raise RpcTimeout(f"{service}.{method} did not answer within {budget + grace:.3g}s") from None
@@ -318,9 +429,8 @@ class Bus:
             while self._outbox and not self._closing:
                 service, method, body = self._outbox[0]
                 try:
-                    if service not in self._declared:
-                        await self._declare_service_queue(service)
-                    await self.channel.default_exchange.publish(
+                    exchange = await self._request_exchange(service)
+                    await exchange.publish(
                         aio_pika.Message(body, content_type="application/json", type=method,
                                          message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                         routing_key=self._settings.queue(service),
@@ -343,12 +453,9 @@ class Bus:
             log.warning("%d one-way messages (abandoned requests) not sent before stopping", len(self._outbox))
 
     async def exchange(self, name: str) -> AbstractExchange:
-        """A durable topic exchange of the device-data contract (``contract.*_EXCHANGE``), declared once."""
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await self.channel.declare_exchange(self._settings.queue(name), ExchangeType.TOPIC, durable=True)
-            self._exchanges[name] = exchange
-        return exchange
+        """A durable topic exchange of the device-data contract (``contract.*_EXCHANGE``): looked up once,
+        declared only when missing (a deployment declares them; a development broker lets us)."""
+        return await self._ensure_exchange(self._settings.queue(name), ExchangeType.TOPIC)
 
     async def publish_event(self, exchange_name: str, routing_key: str, body: bytes) -> None:
         """Publish to a durable topic exchange (declared once), with publisher confirms.
@@ -410,7 +517,7 @@ class Bus:
         The message carries this process's reply queue as ``reply_to``, a fresh ``correlation_id``,
         an ``x-deadline`` header and an ``expiration``: whoever handles it (a gateway for a device's
         server-side RPC, the operator's backend for a client-side RPC) publishes the answer body to
-        the default exchange with routing key ``reply_to`` and the same ``correlation_id`` (:meth:`reply`).
+        ``rpc.replies`` with routing key ``reply_to`` and the same ``correlation_id`` (:meth:`reply`).
         Raises :class:`NoRoute` when nothing is bound for ``routing_key``, :class:`RpcTimeout` when no
         answer came within ``timeout``, :class:`ConnectionLost` when the bus dropped meanwhile.
         """
@@ -442,20 +549,41 @@ class Bus:
         return bytes(reply.body)
 
     async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
-        """Answer a message that asked (:meth:`ask`, or :meth:`call`'s protocol) on its ``reply_to``.
+        """Answer a message that asked (:meth:`ask`, or :meth:`call`'s protocol) on its ``reply_to``:
+        published to ``rpc.replies`` with routing key ``reply_to`` (the asker bound its queue there).
 
+        A ``reply_to`` of RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to...``) can only be answered
+        on the default exchange, which least-privilege users may not write: that is tried on a channel of
+        its own, so a refusal closes only that one (and the answer is dropped, with a warning).
         Dropped silently when the asker is gone (its reply queue no longer exists): it stopped waiting.
         Raises :class:`RpcError` when the broker cannot take it."""
+        message = aio_pika.Message(body, content_type="application/json", correlation_id=correlation_id)
         try:
-            await self.channel.default_exchange.publish(
-                aio_pika.Message(body, content_type="application/json", correlation_id=correlation_id),
-                routing_key=reply_to,
-                mandatory=True,
-            )
+            if reply_to.startswith(DIRECT_REPLY_TO):
+                await self._reply_direct(message, reply_to)
+                return
+            exchange = await self.reply_exchange()
+            await exchange.publish(message, routing_key=reply_to, mandatory=True)
         except aiormq.exceptions.PublishError:
             return
+        except RpcError:
+            raise
         except Exception as exc:
             raise RpcError(f"bus unavailable: {type_name(exc)}") from None
+
+    async def _reply_direct(self, message: aio_pika.Message, reply_to: str) -> None:
+        channel = self._direct_reply_channel
+        if channel is None or channel.is_closed:
+            channel = self._direct_reply_channel = await self._connection.channel()
+        try:
+            await channel.default_exchange.publish(message, routing_key=reply_to)
+        except aiormq.exceptions.ChannelAccessRefused:
+            self._direct_reply_channel = None
+            with contextlib.suppress(Exception):
+                await channel.close()
+            log.warning("an answer to a direct reply-to (amq.rabbitmq.reply-to) was dropped: this RabbitMQ user "
+                        "may not write to the default exchange; ask with a reply queue bound to %s instead",
+                        self._settings.queue(REPLY_EXCHANGE))
 
     # --- service side ------------------------------------------------------------------
 
@@ -476,13 +604,16 @@ class Bus:
         entry_points = service.entry_points(handlers)
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self._settings.bus_prefetch)
-        queue = await self._declare_service_queue(service.name, channel)
+        queue = await self._declare_service_route(channel, service.name)
+        self._declared.add(self._settings.queue(request_exchange(service.name)))
+        await self.reply_exchange()  # publishing a reply to a missing exchange would close this channel
+        replies = await channel.get_exchange(self._settings.queue(REPLY_EXCHANGE), ensure=False)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._in_flight += 1
             self._idle.clear()
             try:
-                await self._handle(channel, entry_points, service.name, message, on_undelivered)
+                await self._handle(replies, entry_points, service.name, message, on_undelivered)
             finally:
                 self._in_flight -= 1
                 if self._in_flight == 0:
@@ -493,7 +624,7 @@ class Bus:
 
     async def _handle(
         self,
-        channel: AbstractChannel,
+        replies: AbstractExchange,
         handlers: dict[str, Handler],
         service: str,
         message: AbstractIncomingMessage,
@@ -546,7 +677,9 @@ class Bus:
             _deadline.reset(token)
         if message.reply_to and reply is not None:  # None: a one-way method was handled
             try:
-                await channel.default_exchange.publish(
+                # Always rpc.replies, never the default exchange (a forged reply_to cannot make a
+                # service write where its user may not, which would close its consuming channel).
+                await replies.publish(
                     aio_pika.Message(
                         reply.model_dump_json().encode(),
                         content_type="application/json",

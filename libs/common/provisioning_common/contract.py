@@ -173,13 +173,18 @@ PROVISION_X509_CHAIN = CORE.rpc("provision_x509_chain", X509ChainProvisionReques
 #: A gateway answered "timed out" without the core's answer: undo what the request committed.
 ABANDON = CORE.one_way("abandon", ProvisionRequest)
 
-#: credentials: hashing, minting and checking device credentials, and the device CA.
+#: credentials, the part the gateways and broker_auth call: checking a device's login.
 CREDENTIALS = Service("credentials")
-PREPARE = CREDENTIALS.rpc("prepare", PrepareCredentialsRequest, PrepareCredentialsResult)
-MINT_TOKENS = CREDENTIALS.rpc("mint_tokens", MintTokensRequest, MintTokensResult)
-VERIFY_CHAIN = CREDENTIALS.rpc("verify_chain", VerifyChainRequest, VerifyChainResult)
-ISSUE_CERTIFICATE = CREDENTIALS.rpc("issue_certificate", IssueCertificateRequest, IssueCertificateResult)
 AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, AuthenticateResult)
+
+#: credentials.internal: hashing and minting credentials, and the device CA (signing). Served by the same
+#: process on a queue of its own, whose exchange only provisioning-core and admin-api may write to (their
+#: RabbitMQ users; README, "Bus permissions"): a gateway's account cannot get a certificate signed.
+CREDENTIALS_INTERNAL = Service("credentials.internal")
+PREPARE = CREDENTIALS_INTERNAL.rpc("prepare", PrepareCredentialsRequest, PrepareCredentialsResult)
+MINT_TOKENS = CREDENTIALS_INTERNAL.rpc("mint_tokens", MintTokensRequest, MintTokensResult)
+VERIFY_CHAIN = CREDENTIALS_INTERNAL.rpc("verify_chain", VerifyChainRequest, VerifyChainResult)
+ISSUE_CERTIFICATE = CREDENTIALS_INTERNAL.rpc("issue_certificate", IssueCertificateRequest, IssueCertificateResult)
 
 #: device_api: a provisioned device's attributes in Postgres, for the gateways (served by the
 #: provisioning-core process, on its own queue so that device traffic never queues provisioning).
@@ -187,6 +192,22 @@ DEVICE_API = Service("device_api")
 GET_ATTRIBUTES = DEVICE_API.rpc("get_attributes", AttributesQuery, AttributesSnapshot)
 #: Stores the client attributes a device published, then announces them on ATTRIBUTES_EXCHANGE.
 SAVE_CLIENT_ATTRIBUTES = DEVICE_API.rpc("save_client_attributes", ClientAttributesUpdate, AttributesSaved)
+
+#: Every RPC service, for the bus's permission model (``provisioning_common.bus_permissions``).
+SERVICES = (CORE, CREDENTIALS, CREDENTIALS_INTERNAL, DEVICE_API)
+
+
+def request_exchange(service: str) -> str:
+    """The direct exchange a service's requests are published to (before ``BUS_NAMESPACE``): one per
+    service, so that RabbitMQ's write permission on it says who may call that service."""
+    return f"rpc.{service}"
+
+
+#: Replies (and answers to ``Bus.ask``) go through this topic exchange, routing key = the reply queue's
+#: name, to which each process binds its own reply queue: nobody needs the default exchange, which would
+#: reach every queue. A topic exchange so that RabbitMQ's topic permissions can say whose reply queues a
+#: user may bind (read) - a user's own, never ``#``.
+REPLY_EXCHANGE = "rpc.replies"
 
 # --- device data on the bus: what the operator's backend consumes and produces (README, "Device data
 # on RabbitMQ"). Every exchange is a durable topic exchange (named with BUS_NAMESPACE in front) and every
@@ -197,8 +218,9 @@ TELEMETRY_EXCHANGE = "device.telemetry"
 #: Uplink: client attributes a device published (a JSON object), once stored, from device_api.
 ATTRIBUTES_EXCHANGE = "device.attributes"
 #: Uplink: a device's client-side RPC, ``{"method": ..., "params": ...}``, with ``reply_to`` and
-#: ``correlation_id`` set: the backend answers by publishing any JSON to the default exchange with
-#: routing key ``reply_to`` and the same ``correlation_id``; the device receives that body.
+#: ``correlation_id`` set: the backend answers by publishing any JSON to REPLY_EXCHANGE (or, where its
+#: user may write it, the default exchange) with routing key ``reply_to`` and the same ``correlation_id``;
+#: the device receives that body.
 RPC_REQUEST_EXCHANGE = "device.rpc"
 #: Downlink, to devices: the message's AMQP ``type`` says what it is (DOWNLINK_*). The gateway
 #: instance holding the device's session has its queue bound by the device id while the session

@@ -1,5 +1,6 @@
 """An in-memory stand-in for RabbitMQ: what the Bus uses of aio_pika (queues by name, a consumer each,
-the default exchange), so that calls, replies and one-way messages make real round trips in unit tests."""
+exchanges that route by routing key = queue name, as the Bus binds them), so that calls, replies and
+one-way messages make real round trips in unit tests."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ class _Queue:
     async def cancel(self, tag: str) -> None:
         self.broker.consumers.pop(self.name, None)
 
+    async def bind(self, exchange: Any, routing_key: str = "") -> None:
+        pass
+
 
 class _Exchange:
     def __init__(self, broker: Broker) -> None:
@@ -87,6 +91,15 @@ class _Channel:
     async def declare_queue(self, name: str, **_: Any) -> _Queue:
         self.broker.declared.append(name)
         return _Queue(self.broker, name)
+
+    async def declare_exchange(self, name: str, *_: Any, **__: Any) -> _Exchange:
+        return _Exchange(self.broker)
+
+    async def get_exchange(self, name: str, ensure: bool = True) -> _Exchange:
+        return _Exchange(self.broker)
+
+    async def close(self) -> None:
+        pass
 
     async def set_qos(self, **_: Any) -> None:
         pass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from provisioning_common.contract import CORE, CREDENTIALS, ContractError, Handler, Service
+from provisioning_common.contract import CORE, CREDENTIALS, CREDENTIALS_INTERNAL, ContractError, Handler, Service
 from provisioning_common.secretbox import SecretBox, generate_key
 from pydantic import BaseModel
 
@@ -175,8 +175,10 @@ def test_the_services_serve_exactly_their_contract() -> None:
     core = ProvisioningCore(None, None, SecretBox(generate_key()), RateLimiter.in_memory())  # type: ignore[arg-type]
     assert set(CORE.entry_points(core.handlers())) == {"provision", "provision_x509_chain", "abandon"}
     credentials = CredentialsService(pool=None)  # type: ignore[arg-type]
-    assert set(CREDENTIALS.entry_points(credentials.handlers())) == {
-        "prepare", "mint_tokens", "verify_chain", "issue_certificate", "authenticate"}
+    handlers = list(credentials.handlers())
+    assert set(CREDENTIALS.entry_points([h for h in handlers if h.method.service is CREDENTIALS])) == {"authenticate"}
+    assert set(CREDENTIALS_INTERNAL.entry_points([h for h in handlers if h.method.service is CREDENTIALS_INTERNAL])) \
+        == {"prepare", "mint_tokens", "verify_chain", "issue_certificate"}
 
 
 # --- the types, as mypy sees them ----------------------------------------------------------------

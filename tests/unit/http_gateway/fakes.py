@@ -146,6 +146,9 @@ class FakeBus:
     async def exchange(self, name: str) -> str:
         return name
 
+    async def bind_replies(self, queue: FakeQueue) -> None:
+        pass
+
     async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
         if self.down:
             raise RpcError("bus unavailable")
