@@ -15,6 +15,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import SchemaNotFoundError
+from provisioning_common.bus_permissions import USERS, password_variable
 from provisioning_common.settings import Settings
 
 from . import crds
@@ -32,7 +33,9 @@ STATEFUL = {"mqtt-bridge"}
 SERVICES = AUTOSCALED | {"admin-api"} | STATEFUL
 SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|KEY$|_KEY|DATABASE_URL", re.I)
 #: Environment variables of the pods that are not settings (parts of RABBITMQ_URL).
-HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}
+HELPER_VARIABLES = {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD", "RABBITMQ_ADMIN_USERNAME", "RABBITMQ_ADMIN_PASSWORD",
+                    # provisioning-core's init container bus-users (provisioning_common.bus_permissions)
+                    *(password_variable(user.name) for user in USERS)}
 
 Doc = dict[str, Any]
 
@@ -285,8 +288,14 @@ def test_graceful_shutdown_fits_in_the_termination_grace_period(rendered: tuple[
 def test_migrations_run_in_the_cores_init_container(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
     core = by_kind(docs, "Deployment")["provisioning-core"]
-    (init,) = pod_spec(core)["initContainers"]
+    init, bus_users = pod_spec(core)["initContainers"]
     assert init["args"] == ["provisioning_common.db", "migrate"]
+    # The bus's users and permissions (provisioning_common.bus_permissions) before the services connect.
+    assert bus_users["args"] == ["provisioning_common.bus_permissions", "apply", "http://rabbitmq:15672"]
+    given = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in bus_users["env"]}
+    assert given.pop("RABBITMQ_ADMIN_USERNAME") == {"name": "rabbitmq-default-user", "key": "username"}
+    assert given.pop("RABBITMQ_ADMIN_PASSWORD") == {"name": "rabbitmq-default-user", "key": "password"}
+    assert {name: ref["key"] for name, ref in given.items()} == {password_variable(u.name): u.name for u in USERS}
     assert init["image"] == pod_spec(core)["containers"][0]["image"]
     assert any(e["name"] == "DATABASE_URL" for e in init["env"])
 
@@ -388,12 +397,23 @@ def test_secrets_only_by_reference(rendered: tuple[str, list[Doc]]) -> None:
             assert not userinfo or re.fullmatch(r"\$\([A-Z_]+\):\$\([A-Z_]+\)", userinfo[1]), f"{name}: {variable}"
     assert referenced == {
         ("rabbitmq-default-user", "username"), ("rabbitmq-default-user", "password"),
+        *(("rabbitmq-bus-users", user.name) for user in USERS),
         ("provisioning-db-app", "uri"), ("provisioning-secrets", "data-encryption-key"),
         ("provisioning-secrets", "admin-api-token"), ("provisioning-secrets", "mqtt-broker-url"),
     }
     for _name, variable in _env(docs):
         if variable["name"] == "RABBITMQ_URL":
             assert variable["value"] == "amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@rabbitmq:5672/"
+    # Each service on its own RabbitMQ user (README, "Bus permissions"), never the operator's administrator.
+    for name, deployment in workloads(docs).items():
+        if name == "postgres":
+            continue
+        (container,) = containers(deployment, init=False)
+        env = {e["name"]: e for e in container.get("env", [])}
+        if "RABBITMQ_URL" in env:
+            user = name.replace("-", "_")
+            assert env["RABBITMQ_USERNAME"] == {"name": "RABBITMQ_USERNAME", "value": user}, name
+            assert env["RABBITMQ_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "rabbitmq-bus-users", "key": user}
 
 
 def test_bridge_mode(rendered: tuple[str, list[Doc]]) -> None:
