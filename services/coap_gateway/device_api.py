@@ -93,6 +93,8 @@ from provisioning_common.settings import Settings
 from provisioning_common.transport_api import TransportApi, is_json_document
 from pydantic import ValidationError
 
+from .state import fit_to
+
 log = logging.getLogger(__name__)
 
 JSON = ContentFormat.JSON
@@ -506,21 +508,21 @@ class DeviceApi:
         elif not self.allow(target.token):
             refusal = self.too_many()
         if refusal is not None:
-            pipe.add_response(refusal, is_last=True)
+            pipe.add_response(fit_to(request, refusal), is_last=True)
             return
         device = await self._device(target.token)
         if isinstance(device, aiocoap.Message):
-            pipe.add_response(device, is_last=True)
+            pipe.add_response(fit_to(request, device), is_last=True)
             return
         key = (device, feature)
         previous = self._observations.get(key)
         replaces_own = previous is not None and previous.source == source
         if previous is None and len(self._observations) >= MAX_OBSERVATIONS:
-            pipe.add_response(_error(Code.SERVICE_UNAVAILABLE, "Too many observations on this gateway",
-                                     max_age=FULL_RETRY_S), is_last=True)
+            pipe.add_response(fit_to(request, _error(Code.SERVICE_UNAVAILABLE, "Too many observations on this gateway",
+                                                     max_age=FULL_RETRY_S)), is_last=True)
             return
         if not replaces_own and self._per_source[source] >= MAX_OBSERVATIONS_PER_SOURCE:
-            pipe.add_response(self.too_many("Too many observations from this address"), is_last=True)
+            pipe.add_response(fit_to(request, self.too_many("Too many observations from this address")), is_last=True)
             return
         observation = _Observation(feature, device, source, asyncio.current_task())
         self._register(key, observation)

@@ -29,11 +29,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiocoap
+import aiocoap.error
 import aiocoap.resource
+from aiocoap.blockwise import Block1Spool, Block2Cache, _extract_block_key
+from aiocoap.messagemanager import MessageManager
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
-from aiocoap.pipe import Pipe
+from aiocoap.pipe import Pipe, error_to_message, run_driving_pipe
 from provisioning_common.dialects import render_error
 from provisioning_common.models import MSG_TIMEOUT, Dialect, ProvisionStatus, Transport
 from provisioning_common.settings import Settings
@@ -41,6 +44,7 @@ from provisioning_common.transport_api import OutcomeKind, TransportApi
 
 from .device_api import METHODS, DeviceApi, Route, Target, is_observation
 from .malformed import MalformedDatagrams
+from .state import ExchangeTable, InProgress, TransferTable, fit_to, source_ip
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +87,9 @@ def exceeds_limit(payload_size: int, block1: Any, size1: int | None, limit: int)
     return start + payload_size > limit
 
 
-def source_ip(remote: Any) -> str:
-    """The client's IP address (IPv4-mapped IPv6 addresses as plain IPv4), for per-address rate limits."""
-    sockaddr = getattr(remote, "sockaddr", None)
-    if not sockaddr:
-        return ""
-    host = str(sockaddr[0])
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+#: How often the CoAP state tables drop what expired, and at most how often caps reached are reported.
+SWEEP_INTERVAL_S = 10.0
+STATE_SUMMARY_INTERVAL_S = 60.0
 
 
 #: How long a stopping gateway keeps its socket open for the ACKs of its last separate responses.
@@ -114,6 +114,18 @@ class CoapGateway:
         self._api = api
         self._settings = settings
         self._limit = settings.max_body_bytes
+        # Bounded state (state.py): deduplication, block-wise transfers, requests in progress.
+        tuning = TransportTuning()
+        self.exchanges = ExchangeTable(tuning.EXCHANGE_LIFETIME, settings.coap_max_exchanges,
+                                       settings.coap_max_exchanges_per_source)
+        self.transfers_in = TransferTable(tuning.MAX_TRANSMIT_WAIT, settings.coap_max_blockwise_transfers,
+                                          settings.coap_max_blockwise_transfers_per_source)
+        self.transfers_out = TransferTable(tuning.MAX_TRANSMIT_WAIT, settings.coap_max_blockwise_transfers,
+                                           settings.coap_max_blockwise_transfers_per_source)
+        self.in_progress = InProgress(settings.coap_max_exchanges, settings.coap_max_exchanges_per_source)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._reported = (0, 0, 0, 0)
+        self._reported_at = 0.0
         self._site = _Site(self)
         self.device_api = DeviceApi(api, settings, self._site.chunk)
         self._context: aiocoap.Context | None = None
@@ -148,9 +160,16 @@ class CoapGateway:
         # Malformed datagrams are counted and summarized instead of logged one by one (with tracebacks).
         self.malformed.install(asyncio.get_running_loop())
         # UDP only: aiocoap's default server transports would also open CoAP over TCP, TLS and WebSockets.
-        self._context = await aiocoap.Context.create_server_context(
+        self._context = await _Context.create_server_context(
             self._site, bind=(self._settings.bind_host, self._settings.coap_port), transports=["udp6"]
         )
+        for interface in self._context.request_interfaces:
+            manager = getattr(interface, "token_interface", None)
+            if isinstance(manager, MessageManager):
+                self.exchanges.install(manager, self.refusal)
+        loop = asyncio.get_running_loop()
+        self._reported_at = loop.time()
+        self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     async def stop(self, drain_timeout: float) -> None:
         """Answer new requests 5.03, end the observations (5.03, to observe elsewhere), let the requests in
@@ -170,7 +189,47 @@ class CoapGateway:
         if self._context is not None:
             await self._context.shutdown()
             self._context = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self.malformed.uninstall()
+        log.info("coap_gateway CoAP state: %s", self.state_summary())
+        self.exchanges.clear()
+        self.transfers_in.clear()
+        self.transfers_out.clear()
+
+    # --- bounded state ---------------------------------------------------------------------------
+
+    def state_summary(self) -> str:
+        """What the state tables hold now and did since start (logged at stop; tests and the bench read it)."""
+        e, i, o, p = self.exchanges, self.transfers_in, self.transfers_out, self.in_progress
+        return (f"requests={e.requests} refused_on_sight={e.refused_on_sight} duplicates={e.duplicates}"
+                f" malformed={self.malformed.total}"
+                f" exchanges_held={len(e)}/{e.max_total} exchanges_evicted={e.evicted}"
+                f" transfers_held={len(i) + len(o)} transfers_evicted={i.evicted + o.evicted}"
+                f" in_progress={p.total} refused_total={p.refused_total} refused_source={p.refused_source}")
+
+    def _sweep(self) -> None:
+        """Drop what expired; report caps reached (one WARNING per STATE_SUMMARY_INTERVAL_S at most)."""
+        self.exchanges.expire()
+        self.transfers_in.expire()
+        self.transfers_out.expire()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._reported_at >= STATE_SUMMARY_INTERVAL_S:
+            counts = (self.exchanges.evicted, self.transfers_in.evicted + self.transfers_out.evicted,
+                      self.in_progress.refused_total, self.in_progress.refused_source)
+            delta = [new - old for new, old in zip(counts, self._reported, strict=True)]
+            if any(delta):
+                log.warning(
+                    "CoAP state at its caps in the last %.0f s: %d requests forgotten before EXCHANGE_LIFETIME"
+                    " (COAP_MAX_EXCHANGES %d, per source %d), %d block-wise transfers dropped"
+                    " (COAP_MAX_BLOCKWISE_TRANSFERS %d, per source %d), %d requests refused while %d were in"
+                    " progress, %d for their source", now - self._reported_at, delta[0], self.exchanges.max_total,
+                    self.exchanges.max_per_source, delta[1], self.transfers_in.max_total,
+                    self.transfers_in.max_per_source, delta[2], self.in_progress.max_total, delta[3])
+            self._reported, self._reported_at = counts, now
+        self._sweeper = loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     async def listener_answers(self) -> bool:
         """Whether the UDP listener still reads: a CoAP ping (empty CON, RFC 7252 §4.3) gets its RST.
@@ -221,6 +280,15 @@ class CoapGateway:
             return self.too_large()
         return None
 
+    def refusal(self, request: aiocoap.Message) -> aiocoap.Message | None:
+        """:meth:`precheck`'s answer, no larger than the request (:func:`fit_to`), for the message layer to send
+        at once (state.ExchangeTable); None to process the request."""
+        try:
+            answer = self.precheck(request)
+        except Exception:  # an odd request the regular path handles (and reports)
+            return None
+        return None if answer is None else fit_to(request, answer)
+
     def too_large(self) -> aiocoap.Message:
         return aiocoap.Message(code=Code.REQUEST_ENTITY_TOO_LARGE, payload=self._body_too_large,
                                content_format=JSON, size1=self._limit)
@@ -238,6 +306,13 @@ class CoapGateway:
             return self.too_large()
         target = route(request.opt.uri_path)
         assert target is not None  # checked by precheck
+        source = source_ip(request.remote)
+        refused = self.in_progress.enter(source)
+        if refused is not None:
+            # COAP_MAX_EXCHANGES requests in progress (5.03), or COAP_MAX_EXCHANGES_PER_SOURCE of this
+            # source's (4.29): retry in a second, no body.
+            code = Code.SERVICE_UNAVAILABLE if refused == "total" else Code.TOO_MANY_REQUESTS
+            return aiocoap.Message(code=code, max_age=RETRY_AFTER_S)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -245,6 +320,7 @@ class CoapGateway:
                 return await self._provision(request)
             return await self.device_api.handle(request, target)
         finally:
+            self.in_progress.leave(source)
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
@@ -278,8 +354,12 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
     """The server context's one resource: sees the whole Uri-Path and drives block-wise transfer itself."""
 
     def __init__(self, gateway: CoapGateway) -> None:
-        super().__init__()  # aiocoap's Block1Spool (request reassembly) and Block2Cache (answer chunking)
+        super().__init__()
         self._gateway = gateway
+        # aiocoap's reassembly and answer chunking, on the gateway's bounded tables (state.py).
+        self._block1 = _Spool(gateway.transfers_in)
+        self._block2 = Block2Cache()
+        self._block2._completes = gateway.transfers_out
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         return True
@@ -302,7 +382,9 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
         request = pipe.request
         early = self._gateway.precheck(request)
         if early is not None:
-            _respond(pipe, early)
+            _respond(pipe, fit_to(request, early))
+            # The same answer every time: nothing to remember it for (a retransmission is answered again).
+            self._gateway.exchanges.forget(request.remote, request.mid)
             return
         target = route(request.opt.uri_path)
         if target is not None and is_observation(request, target):
@@ -314,7 +396,13 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
             # for a block without its predecessors; aiocoap renders both.
             request = self._block1.feed_and_take(request)
         except ValueError:
-            _respond(pipe, self._gateway.incomplete())
+            _respond(pipe, fit_to(request, self._gateway.incomplete()))
+            self._gateway.exchanges.forget(request.remote, request.mid)
+            return
+        except aiocoap.error.BadRequest:
+            # A block whose size does not match its Block1 option: 4.00, no body.
+            _respond(pipe, aiocoap.Message(code=Code.BAD_REQUEST))
+            self._gateway.exchanges.forget(request.remote, request.mid)
             return
         response = await self._block2.extract_or_insert(request, lambda: self._gateway.handle(request))
         if response.mtype is not None or response.mid is not None:
@@ -324,7 +412,32 @@ class _Site(aiocoap.resource.Resource, aiocoap.resource.PathCapable):  # type: i
             response = response.copy(mid=None)
             response.mtype = None
         response.opt.block1 = request.opt.block1
+        if response.code in (Code.TOO_MANY_REQUESTS, Code.SERVICE_UNAVAILABLE):
+            # Refusals without a look (rate limits, wrong-token limit, busy): what a forged source draws.
+            response = fit_to(request, response)
         _respond(pipe, response)
+
+
+class _Context(aiocoap.Context):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's server context, whose render task per request is not named after the request: formatting
+    it (``repr``, the client's address through ``ipaddress``) was a fifth of the CPU a garbage datagram costs."""
+
+    def render_to_pipe(self, pipe: Pipe) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe))
+
+
+class _Spool(Block1Spool):  # type: ignore[misc]  # aiocoap is untyped
+    """aiocoap's Block1 reassembly on a bounded table; a transfer is dropped at its last block (aiocoap kept
+    it MAX_TRANSMIT_WAIT longer: a retransmitted last block is a duplicate, answered from the exchange table)."""
+
+    def __init__(self, table: TransferTable) -> None:
+        self._assemblies = table
+
+    def feed_and_take(self, req: aiocoap.Message) -> aiocoap.Message:
+        assembled = super().feed_and_take(req)
+        if req.opt.block1 is not None:
+            self._assemblies.pop(_extract_block_key(req))
+        return assembled
 
 
 def _respond(pipe: Pipe, response: aiocoap.Message) -> None:

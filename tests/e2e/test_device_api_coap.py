@@ -338,10 +338,15 @@ async def test_observe_codes_and_a_replaced_observation(
     answer = await asyncio.wait_for(first.response, 15)
     assert (answer.code, answer.opt.observe, answer.payload) == (Code.VALID, 0, b"")  # ThingsBoard: 2.03
     first_notifications = first.observation.__aiter__()
+    # Waiting for the first observation's end before it can come: aiocoap's iterator is a lossy queue of
+    # one, and the terminal 2.02 is followed at once by the end of the observation, which overwrites it
+    # when nobody awaits it yet (the gateway ends the old observation before it answers the new one).
+    ending = asyncio.create_task(first_notifications.__anext__())
+    await asyncio.sleep(0)  # the task now awaits the iterator's pending notification
     # A second observation of the same device replaces the first (ThingsBoard): the first ends.
     second = coap.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
     assert (await asyncio.wait_for(second.response, 15)).code is Code.VALID
-    ended = await asyncio.wait_for(first_notifications.__anext__(), 15)
+    ended = await asyncio.wait_for(ending, 15)
     assert (ended.code, ended.opt.observe) == (Code.DELETED, None)  # ThingsBoard: the old one gets 2.02
     with pytest.raises(StopAsyncIteration):
         await first_notifications.__anext__()

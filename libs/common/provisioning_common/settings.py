@@ -82,6 +82,16 @@ class Settings(BaseSettings):
 
     #: CoAP gateway: UDP port of its listener (ThingsBoard's 5683; 0 disables it, never "a random port").
     coap_port: int = Field(default=5683, ge=0, le=65535)
+    #: CoAP state per gateway process (README "CoAP", limits), held for anyone before authentication:
+    #: requests remembered to recognize retransmissions (RFC 7252's EXCHANGE_LIFETIME, 247 s; when full
+    #: the oldest is forgotten, its own oldest first for a source at its cap), and the most requests in
+    #: progress at once (beyond: 5.03, or 4.29 for the source, with Max-Age 1).
+    coap_max_exchanges: int = Field(default=50_000, ge=1)
+    coap_max_exchanges_per_source: int = Field(default=2_000, ge=1)
+    #: Block-wise transfers held (reassemblies of Block1 requests and chunked Block2 answers, each);
+    #: when full the least recently active is dropped (its next block gets 4.08 and the client restarts).
+    coap_max_blockwise_transfers: int = Field(default=1_000, ge=1)
+    coap_max_blockwise_transfers_per_source: int = Field(default=100, ge=1)
 
     #: Fernet key (urlsafe base64, 32 bytes) encrypting what must be readable again later:
     #: credentials of pre-provisioned devices until they are handed out, and replayable answers.
