@@ -223,7 +223,7 @@ def test_disabled_profile_is_not_found(http: httpx.Client, admin: Admin) -> None
 
 
 def test_token_used_by_another_device_is_refused(http: httpx.Client, profile: dict) -> None:
-    token = f"shared-{uuid.uuid4().hex[:8]}"
+    token = f"shared-token-{uuid.uuid4().hex[:8]}"  # >= 16 characters: a device-chosen token's minimum
     assert provision(http, tb_request(profile, deviceName=f"a-{token}", token=token)).json()["status"] == "SUCCESS"
     assert provision(http, tb_request(profile, deviceName=f"b-{token}", token=token)).content == FAILURE
 
@@ -233,7 +233,7 @@ async def test_concurrent_requests_for_one_name_yield_one_success(
 ) -> None:
     """20 different requests (each its own token) race for one name: exactly one wins."""
     name = f"race-{uuid.uuid4().hex[:6]}"
-    bodies = [json.dumps(tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=f"t{i}-{name}"))
+    bodies = [json.dumps(tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=f"tk{i:02}-{name}"))
               for i in range(20)]
     async with httpx.AsyncClient(base_url=env.http_url, timeout=15) as client:
         responses = await asyncio.gather(*(client.post("/api/v1/provision", content=body) for body in bodies))
