@@ -1,6 +1,6 @@
 """A backend's side of the device data on RabbitMQ (README, "Device data on RabbitMQ"), with aio-pika only.
 
-    python examples/backend_consumer.py --amqp amqp://guest:guest@127.0.0.1:5672/
+    python examples/backend_consumer.py --amqp amqp://backend:<RABBITMQ_BACKEND_PASSWORD>@rabbitmq:5672/
     python examples/backend_consumer.py --amqp ... --device <device id>   # also: RPC + attribute push to it
 
 It consumes every device's telemetry and client attributes, answers the devices' client-side RPCs
@@ -8,6 +8,10 @@ It consumes every device's telemetry and client attributes, answers the devices'
 that device a two-way server-side RPC and a shared-attribute update. Copy what you need: each part is a
 few lines. Every exchange is a durable topic exchange whose routing key is the device id; put your
 BUS_NAMESPACE in front of the names (``--namespace``).
+
+It needs only the ``backend`` RabbitMQ user's permissions (README, "Bus permissions"): queues named
+``backend.*``, the exchanges looked up (a deployment declares them), answers published to ``rpc.replies``
+with routing key = the asker's queue, and its own reply queue bound there for its server-side RPCs.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ import uuid
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage
 
 TELEMETRY = "device.telemetry"  # device -> backend: JSON object or array
 ATTRIBUTES = "device.attributes"  # device -> backend: the client attributes it published, once stored
 RPC_REQUESTS = "device.rpc"  # device -> backend: {"method", "params"}; answer to reply_to + correlation_id
 DOWNLINK = "device.downlink"  # backend -> device: type "rpc" ({"method", "params"}) or "attributes"
-#: RabbitMQ's direct reply-to: answers to our server-side RPCs come back on this channel, no queue needed.
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+#: Answers (ours to client-side RPCs, the devices' to our server-side RPCs) go through this topic exchange,
+#: routing key = the asker's reply queue.
+REPLIES = "rpc.replies"
 
 
 class DeviceOffline(Exception):
@@ -39,6 +45,8 @@ class Backend:
         self.channel, self.ns = channel, namespace
         self.connection: AbstractConnection | None = None
         self._answers: dict[str, asyncio.Future[bytes]] = {}
+        self._reply_queue = f"{namespace}backend.replies.{uuid.uuid4().hex}"
+        self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
     async def connect(cls, url: str, namespace: str = "") -> Backend:
@@ -56,13 +64,32 @@ class Backend:
         """Consume telemetry, attributes and client-side RPCs of every device (binding key ``#``)."""
         for name, handler in ((TELEMETRY, self._telemetry), (ATTRIBUTES, self._attributes),
                               (RPC_REQUESTS, self._client_rpc)):
-            exchange = await self.channel.declare_exchange(self.ns + name, aio_pika.ExchangeType.TOPIC, durable=True)
+            exchange = await self.exchange(name)
             # A durable queue of our own keeps the data while this backend restarts.
             queue = await self.channel.declare_queue(f"{self.ns}backend.{name}", durable=True)
             await queue.bind(exchange, routing_key="#")
             await queue.consume(handler)
-        reply_queue = await self.channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        # Where the devices' answers to our server-side RPCs come back: bound to rpc.replies by its name.
+        reply_queue = await self.channel.declare_queue(self._reply_queue, exclusive=True)
+        await reply_queue.bind(await self.exchange(REPLIES), routing_key=self._reply_queue)
         await reply_queue.consume(self._rpc_answer, no_ack=True)
+
+    async def exchange(self, name: str) -> AbstractExchange:
+        """A durable topic exchange, looked up (the backend user may not declare it: the deployment does);
+        declared only when missing, on a development broker whose guest may."""
+        if name in self._exchanges:
+            return self._exchanges[name]
+        assert self.connection is not None
+        probe = await self.connection.channel()
+        try:
+            await probe.declare_exchange(self.ns + name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            await self.channel.declare_exchange(self.ns + name, aio_pika.ExchangeType.TOPIC, durable=True)
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        self._exchanges[name] = await self.channel.get_exchange(self.ns + name, ensure=False)
+        return self._exchanges[name]
 
     # --- uplink: override these three ------------------------------------------------------------------
 
@@ -91,7 +118,7 @@ class Backend:
             call = json.loads(message.body)
             result = await self.answer(message.routing_key or "", call["method"], call.get("params"))
             if message.reply_to:  # the device's gateway waits on reply_to for our correlation_id
-                await self.channel.default_exchange.publish(
+                await (await self.exchange(REPLIES)).publish(
                     aio_pika.Message(json.dumps(result).encode(), content_type="application/json",
                                      correlation_id=message.correlation_id),
                     routing_key=message.reply_to)
@@ -99,7 +126,7 @@ class Backend:
     # --- downlink ---------------------------------------------------------------------------------------
 
     async def _downlink(self, device_id: str, body: Any, kind: str, timeout: float, **properties: Any) -> None:
-        exchange = await self.channel.declare_exchange(self.ns + DOWNLINK, aio_pika.ExchangeType.TOPIC, durable=True)
+        exchange = await self.exchange(DOWNLINK)
         message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json", type=kind,
                                    expiration=timeout, headers={"x-deadline": f"{time.time() + timeout:.3f}"},
                                    **properties)
@@ -114,7 +141,7 @@ class Backend:
         answer = self._answers[correlation_id] = asyncio.get_running_loop().create_future()
         try:
             await self._downlink(device_id, {"method": method, "params": params}, "rpc", timeout,
-                                 reply_to=DIRECT_REPLY_TO, correlation_id=correlation_id)
+                                 reply_to=self._reply_queue, correlation_id=correlation_id)
             return json.loads(await asyncio.wait_for(answer, timeout))
         finally:
             self._answers.pop(correlation_id, None)

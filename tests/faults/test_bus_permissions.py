@@ -204,3 +204,17 @@ async def test_only_the_core_and_the_admin_api_may_call_the_internal_credentials
                     await exchange.publish(message, routing_key="nowhere")
         finally:
             await connection.close()
+
+
+async def test_the_backend_example_runs_on_the_backend_user(deployment: Deployment) -> None:
+    """examples/backend_consumer.py with the ``backend`` user: its queues, bindings, its reply queue on
+    rpc.replies and a downlink publish (to a device without a session: DeviceOffline, not a refusal)."""
+    from tests.e2e.test_backend_consumer import example
+
+    backend = await example.Backend.connect(deployment.url("backend"), deployment.env.namespace)
+    try:
+        await backend.start()
+        with pytest.raises(example.DeviceOffline):
+            await backend.rpc(str(uuid.uuid4()), "getState", timeout=5)
+    finally:
+        await backend.close()
