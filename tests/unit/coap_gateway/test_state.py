@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import aiocoap
+import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import ACK, CON, NON
 from coap_gateway.server import CoapGateway
@@ -132,7 +133,7 @@ def test_fit_to_leaves_out_an_error_body_larger_than_the_request() -> None:
     assert created.payload == b"y" * 100
 
 
-async def test_garbage_is_answered_on_sight_and_leaves_nothing() -> None:
+async def test_garbage_is_answered_on_sight_and_leaves_nothing(caplog: pytest.LogCaptureFixture) -> None:
     port = free_udp_port()
     gateway = CoapGateway(SlowApi(), Settings(coap_port=port, bind_host="127.0.0.1", coap_max_exchanges=10,
                                               coap_max_exchanges_per_source=10))
@@ -153,6 +154,11 @@ async def test_garbage_is_answered_on_sight_and_leaves_nothing() -> None:
             await client.send(message(PROVISION, b'{"provisionDeviceKey":"k"}', mid=mid))
             await client.recv()
         assert len(gateway.exchanges) == 10 and gateway.exchanges.evicted == 10
+        gateway._reported_at -= 61  # a minute later: the caps reached are reported once
+        gateway._sweep()
+        gateway._sweep()
+        reports = [r.getMessage() for r in caplog.records if "CoAP state at its caps" in r.getMessage()]
+        assert len(reports) == 1 and "10 requests forgotten before EXCHANGE_LIFETIME" in reports[0]
     finally:
         client.sock.close()
         await gateway.stop(drain_timeout=1)
