@@ -50,11 +50,14 @@ def source_ip(remote: Any) -> str:
 
 
 def datagram_size(message: Any) -> int:
-    """The size of a received request on the wire (reassembled: all its blocks), for :func:`fit_to`."""
+    """The size of a received request on the wire (reassembled: all its blocks), for :func:`fit_to`
+    (aiocoap's ``encode`` is for outgoing messages only)."""
+    payload = len(message.payload)
     try:
-        return len(message.encode())
-    except Exception:  # an odd message aiocoap decoded but would not encode: count what is sure
-        return 4 + len(message.token or b"") + len(message.payload)
+        options = len(message.opt.encode())
+    except Exception:  # an odd option aiocoap decoded but would not encode: count what is sure
+        options = 0
+    return 4 + len(message.token or b"") + options + (1 + payload if payload else 0)
 
 
 def fit_to(request: Any, response: Any) -> Any:

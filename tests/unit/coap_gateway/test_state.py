@@ -12,7 +12,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import ACK, CON, NON
 from coap_gateway.server import CoapGateway
-from coap_gateway.state import ExchangeTable, InProgress, TransferTable, fit_to
+from coap_gateway.state import ExchangeTable, InProgress, TransferTable, datagram_size, fit_to
 from provisioning_common.settings import Settings
 
 from .test_listener import PROVISION, Client, SlowApi, free_udp_port, message
@@ -131,6 +131,8 @@ def test_fit_to_leaves_out_an_error_body_larger_than_the_request() -> None:
         assert bool(answer.payload) is kept and (answer.opt.content_format == 50) is kept
     created = fit_to(small, aiocoap.Message(code=Code.CREATED, payload=b"y" * 100))
     assert created.payload == b"y" * 100
+    received = aiocoap.Message.decode(message(PROVISION, b"z" * 50, token=b"tk"))  # aiocoap cannot encode it
+    assert datagram_size(received) == len(message(PROVISION, b"z" * 50, token=b"tk")) == 4 + 2 + 17 + 1 + 50
 
 
 async def test_garbage_is_answered_on_sight_and_leaves_nothing(caplog: pytest.LogCaptureFixture) -> None:
