@@ -144,3 +144,14 @@ async def test_certificate_outside_its_validity_refused_at_provisioning(offset_d
     with pytest.raises(CredentialsRefused) as refused:
         await prepare_credentials(request)
     assert str(refused.value).startswith(reason)
+
+
+async def test_innoway_token_as_password_costs_no_hash(verifications: list[tuple[str, str]]) -> None:
+    """Any user name with a device's token as password (Innoway): MQTT_BASIC misses, the token rule will
+    succeed, so no dummy hash is paid."""
+    token = "innoway-token-0123456789abcdef"
+    row = {"device_id": uuid.uuid4(), "device_name": "dev", "credentials_type": "ACCESS_TOKEN",
+           "secret_hash": None, "public_value": None}
+    service = CredentialsService(_Pool({hashing.token_id(token): row}))  # type: ignore[arg-type]
+    result = await service.authenticate(AuthenticateRequest(client_id="c", username="any", password=token))
+    assert not result.authenticated and verifications == []  # MQTT_BASIC denies; device_auth then asks the token
