@@ -440,7 +440,8 @@ async def well_formed_requests(port: int, findings: Findings, requests: list[tup
 def stack(env: Env) -> Iterator[Stack]:
     """The module's services, with the wrong-secret limit out of the way: the fuzz sends thousands of wrong
     secrets from 127.0.0.1, and the normal provision at the end comes from there too."""
-    running = Stack(env.variables(PROVISION_FAILURES_PER_MINUTE="100000000")).start(timeout=60)
+    running = Stack(env.variables(PROVISION_FAILURES_PER_MINUTE="100000000",
+                                    PROVISION_SOURCE_FAILURES_PER_MINUTE="100000000")).start(timeout=60)
     try:
         yield running
     finally:

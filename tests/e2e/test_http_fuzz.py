@@ -46,7 +46,8 @@ PATHS = ["/api/v1/provision", "/api/provision"]
 @pytest.fixture(scope="module")
 def stack(env: Env) -> Iterator[Stack]:
     """The HTTP provisioning pipeline only (no MQTT/CoAP gateways), with the malformed-request limit raised."""
-    variables = env.variables(PROVISION_FAILURES_PER_MINUTE="1000000000", LOG_LEVEL="WARNING")
+    variables = env.variables(PROVISION_FAILURES_PER_MINUTE="1000000000",
+                              PROVISION_SOURCE_FAILURES_PER_MINUTE="1000000000", LOG_LEVEL="WARNING")
     running = Stack(variables, ["credentials", "provisioning_core", "admin_api", "http_gateway"]).start(timeout=60)
     try:
         yield running
