@@ -95,6 +95,8 @@ async def read_header(reader: asyncio.StreamReader) -> str | None:
                 raise ProxyHeaderError("PROXY v1 header too long")
             header += await reader.readexactly(1)
     else:
+        if not V2_SIGNATURE.startswith(start):  # e.g. a CONNECT straight from a client: no need to wait for more
+            raise ProxyHeaderError("no PROXY protocol header")
         header = start + await reader.readexactly(7)
         if not header.startswith(V2_SIGNATURE):
             raise ProxyHeaderError("no PROXY protocol header")
