@@ -29,7 +29,7 @@ from ..models import ProvisionRequest, ProvisionResult
 from ..rate_limit import WindowCounter
 from ._json import DialectError
 
-#: The core's answer to a source over its failure limit (provisioning_core's FailureLimiter).
+#: The core's answer to a source over its wrong-secret limit (provisioning_core.rate_limit).
 MSG_TOO_MANY_FAILURES = "Too many failed provisioning attempts; retry later"
 
 
@@ -123,7 +123,7 @@ def check_request(request: ProvisionRequest, wire_names: Mapping[str, str]) -> N
 class MalformedRequestLimiter:
     """Malformed provision requests per source address, in fixed one-minute windows.
 
-    Malformed requests never reach the core, so its FailureLimiter (wrong secrets) cannot see them;
+    Malformed requests never reach the core, so its rate limits (wrong secrets) cannot see them;
     this counts them in each gateway process with the same PROVISION_FAILURES_PER_MINUTE, so a source
     that keeps sending garbage is answered like one that keeps guessing secrets. At most
     ``max_sources`` addresses are tracked per window (memory stays bounded under spoofed floods).
