@@ -90,14 +90,8 @@ def attributes_query(device_id: str, client_keys: str | None, shared_keys: str |
 
     As in ThingsBoard: a scope that is named is answered with exactly those keys; naming neither
     asks for every client and shared attribute."""
-    client, shared = parse_keys(client_keys), parse_keys(shared_keys)
-    if client is None and shared is None:
-        client, shared = [], []
-    # An explicitly empty list ("clientKeys=") means no keys of that scope, not all of them.
-    if client_keys is not None and client == []:
-        client = None
-    if shared_keys is not None and shared == []:
-        shared = None
+    # A scope named with no keys ("clientKeys=") is a scope not asked for, not all of its keys.
+    client, shared = parse_keys(client_keys) or None, parse_keys(shared_keys) or None
     if client is None and shared is None:
         client, shared = [], []
     return AttributesQuery(device_id=device_id, client_keys=client, shared_keys=shared)
