@@ -110,6 +110,8 @@ class MqttBridge:
         self._broker = broker
         self._client_id = instance_client_id(settings.mqtt_bridge_client_id)
         self._filter = topics.subscription(settings.mqtt_bridge_share_group)
+        #: MQTT 5 (properties, session expiry) or 3.1.1 (brokers without MQTT 5, e.g. RabbitMQ before 3.13).
+        self._v5 = settings.mqtt_bridge_protocol == "5"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         #: Connection generation, bumped by paho's thread on connect and disconnect (under ``_lock``).
@@ -135,20 +137,19 @@ class MqttBridge:
         self._loop = asyncio.get_running_loop()
         # Reading the CA file is blocking file I/O: keep it off the loop.
         self._client = await asyncio.to_thread(self._make_client)
-        self._client.connect_async(
-            self._broker.host,
-            self._broker.port,
-            keepalive=30,
-            clean_start=False,
-            properties=self._connect_properties(),
-        )
+        if self._v5:
+            self._client.connect_async(self._broker.host, self._broker.port, keepalive=30, clean_start=False,
+                                       properties=self._connect_properties())
+        else:  # MQTT 3.1.1: a persistent session is clean_session=False, set on the client
+            self._client.connect_async(self._broker.host, self._broker.port, keepalive=30)
         self._client.loop_start()
 
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False,
             manual_ack=True,
         )
         if self._broker.username is not None:
@@ -250,8 +251,11 @@ class MqttBridge:
             self._call(log.warning, "the broker's Receive Maximum (%s) is below %d answers in flight",
                        props.ReceiveMaximum, ANSWERS_IN_FLIGHT)
         # Subscribe on every connect: cheap, and correct even if the broker lost the session.
-        client.subscribe(self._filter, options=SubscribeOptions(
-            qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+        if self._v5:
+            client.subscribe(self._filter, options=SubscribeOptions(
+                qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+        else:
+            client.subscribe(self._filter, qos=1)
         self._call(log.info, "connected to %r as %s (session present: %s)", self._broker, self._client_id,
                    bool(flags.session_present))
 
@@ -329,7 +333,12 @@ class MqttBridge:
             self.counters[target.value] += 1
             count = self.counters[target.value]
             if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: visible, yet no log flood
-                log.info("ignored a message on %r: %s (%d so far)", delivery.topic[:200], target.value, count)
+                if target is topics.Ignored.FOREIGN_RESPONSE_TOPIC:
+                    # Someone asked for an answer on another client's topic (topics only: no payload, no secret).
+                    log.warning("refused a request on %r whose Response Topic %r is not its own: %s (%d so far)",
+                                delivery.topic[:200], (delivery.response_topic or "")[:200], target.value, count)
+                else:
+                    log.info("ignored a message on %r: %s (%d so far)", delivery.topic[:200], target.value, count)
             self._ack(delivery)
             return
         request_id = topics.request_id(delivery.topic, delivery.payload, target)
@@ -368,13 +377,7 @@ class MqttBridge:
             # The device is told (as the MQTT gateway tells it); nothing stays provisioned behind this
             # answer's back (deadlines and abandon, README Guarantees). TransportApi logs the outage once.
             log.debug("answered %s with a time-out", target.response_topic[:200])
-        props = _properties(PacketTypes.PUBLISH)
-        if target.correlation_data is not None:
-            props.CorrelationData = target.correlation_data
-        props.ContentType = _CONTENT_TYPE.get(outcome.dialect, "application/json")
-        if outcome.dialect is not Dialect.PROTOBUF:
-            props.PayloadFormatIndicator = 1  # UTF-8 text
-        props.MessageExpiryInterval = ANSWER_EXPIRY_S
+        props = self._answer_properties(target, outcome.dialect) if self._v5 else None
         assert self._client is not None
         info = self._client.publish(target.response_topic, outcome.body, qos=1, retain=False, properties=props)
         acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -393,6 +396,17 @@ class MqttBridge:
             log.warning("the broker refused to take an answer for %s: check its ACL for %s",
                         target.response_topic[:200], self._client_id)
         return True
+
+    @staticmethod
+    def _answer_properties(target: topics.Route, dialect: Dialect) -> Properties:
+        props = _properties(PacketTypes.PUBLISH)
+        if target.correlation_data is not None:
+            props.CorrelationData = target.correlation_data
+        props.ContentType = _CONTENT_TYPE.get(dialect, "application/json")
+        if dialect is not Dialect.PROTOBUF:
+            props.PayloadFormatIndicator = 1  # UTF-8 text
+        props.MessageExpiryInterval = ANSWER_EXPIRY_S
+        return props
 
     async def log_summary_every(self, interval_s: float) -> None:
         """An INFO line with the counters now and then, when they changed."""

@@ -1,16 +1,14 @@
 """Bridge-mode topic schemes, request ids and rate-limit keys: pure functions, no I/O.
 
-Two ways for a device to ask, both answered on a topic that only it may read (the broker's ACL
-grants ``provision/response/<own client id>`` to each client):
-
-* MQTT 5: PUBLISH to ``provision/request`` with the Response Topic and Correlation Data properties.
-  The Response Topic must be ``provision/response/<one level>`` (we recommend the client id): the
-  bridge never publishes outside ``provision/response/``, whatever a device asks for.
-* MQTT 3.1.1 (or 5): PUBLISH to ``provision/request/<client id>``; the answer goes to
-  ``provision/response/<client id>`` (a Response Topic property on this topic is not followed,
-  since only the topic's client id is vouched for by the ACL), echoing Correlation Data if present.
-
-Anything else on ``provision/request/#`` is ignored and counted, as are retained messages.
+A device asks on ``provision/request/<its client id>`` and is answered on
+``provision/response/<its client id>``. The client id in the request topic is the only identity the
+bridge can trust: the broker's ACL lets each client write ``provision/request/%c`` (its own id) and
+read ``provision/response/%c``, so the broker vouches that the request came from that client. An MQTT 5
+device may add Correlation Data (echoed) and a Response Topic, which must then be its own response
+topic: a Response Topic that names anyone else is refused and counted (issue 14: an answer, or a
+rate-limit refusal, pushed onto another client's topic). The bare ``provision/request`` carries no
+vouched identity and is ignored, as is anything else on ``provision/request/#`` and retained messages.
+Rate-limit keys come from the topic's client id too, never from the message.
 """
 
 from __future__ import annotations
@@ -39,12 +37,12 @@ __all__ = [
 class Ignored(str, enum.Enum):
     """Why a message on ``provision/request/#`` got no answer."""
 
-    #: Not ``provision/request`` nor ``provision/request/<one level>``.
+    #: Not ``provision/request/<one level>``.
     TOPIC = "ignored_topic"
-    #: ``provision/request`` without a Response Topic (an MQTT 3.1.1 client on the MQTT 5 topic).
-    NO_RESPONSE_TOPIC = "ignored_no_response_topic"
-    #: A Response Topic outside ``provision/response/<one level>``.
-    BAD_RESPONSE_TOPIC = "ignored_bad_response_topic"
+    #: The bare ``provision/request``: the broker vouches for no client id there, so nobody to answer.
+    NO_CLIENT_ID = "ignored_no_client_id"
+    #: A Response Topic that is not the asking client's own ``provision/response/<client id>``.
+    FOREIGN_RESPONSE_TOPIC = "refused_foreign_response_topic"
     #: A retained message (handed out on subscribing), not a request made now.
     RETAINED = "ignored_retained"
 
@@ -65,18 +63,20 @@ def subscription(share_group: str) -> str:
 
 
 def route(topic: str, response_topic: str | None, correlation_data: bytes | None) -> Route | Ignored:
-    """Decide where the answer to a message on ``topic`` goes, or why there is none."""
+    """Decide where the answer to a message on ``topic`` goes, or why there is none.
+
+    Only ``provision/request/<client id>`` is answered, on ``provision/response/<client id>``; a
+    Response Topic, when set, must be exactly that (anything else names another client, or no client).
+    """
     if topic == REQUEST_TOPIC:
-        if not response_topic:
-            return Ignored.NO_RESPONSE_TOPIC
-        client = response_topic[len(RESPONSE_PREFIX):] if response_topic.startswith(RESPONSE_PREFIX) else ""
-        if not is_single_level(client):
-            return Ignored.BAD_RESPONSE_TOPIC
-        return Route(response_topic, correlation_data, client)
+        return Ignored.NO_CLIENT_ID
     if topic.startswith(REQUEST_TOPIC + "/"):
         client = topic[len(REQUEST_TOPIC) + 1:]
         if is_single_level(client):
-            return Route(RESPONSE_PREFIX + client, correlation_data, client)
+            own = RESPONSE_PREFIX + client
+            if response_topic and response_topic != own:
+                return Ignored.FOREIGN_RESPONSE_TOPIC
+            return Route(own, correlation_data, client)
     return Ignored.TOPIC
 
 
@@ -103,8 +103,9 @@ def request_id(topic: str, payload: bytes, target: Route) -> str:
 def rate_limit_key(target: Route) -> str:
     """What the core's per-source failure limit counts for a bridged request.
 
-    The device's network address is the broker's business and never reaches us; the client id
-    is the closest thing to a source we have (namespaced so it never equals an IP address key).
+    The device's network address is the broker's business and never reaches us; the client id of the
+    request topic, which the broker's ACL vouches for (never anything the message says), is the closest
+    thing to a source we have (namespaced so it never equals an IP address key).
     A guesser can change client ids, which is why the per-provision-key limit remains the real
     brake, exactly as for HTTP clients behind changing addresses.
     """

@@ -1,7 +1,9 @@
-"""A private Mosquitto for one test module: its own port, config, password file and persistence folder.
+"""A private Mosquitto for one test module: its own ports, password file and persistence folder.
 
-Started from ``/usr/sbin/mosquitto`` with a generated config that uses the shipped ACL file
-(``deploy/brokers/mosquitto/acl``); the machine's own Mosquitto (and its port 1883) is never touched.
+Started from ``/usr/sbin/mosquitto`` with the shipped ``deploy/brokers/mosquitto/mosquitto.conf`` and its
+ACL files, unchanged but for ports (on 127.0.0.1), file paths, the log (a file, everything) and, as root,
+``user root``; the machine's own Mosquitto (and its port 1883) is never touched. A TLS listener, when
+asked for, is added with the accounts listener's settings.
 """
 
 from __future__ import annotations
@@ -20,8 +22,21 @@ from pathlib import Path
 from devstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_ACL = REPO / "deploy" / "brokers" / "mosquitto" / "acl"
+SHIPPED = REPO / "deploy" / "brokers" / "mosquitto"
+SHIPPED_CONF = SHIPPED / "mosquitto.conf"
+SHIPPED_ACL = SHIPPED / "acl"
+SHIPPED_LISTENER_ACL = SHIPPED / "provisioning-listener.acl"
 BRIDGE_USER = "provisioning-bridge"
+
+
+def shipped_config(replacements: dict[str, str]) -> str:
+    """The shipped mosquitto.conf with each ``old`` line (or path) replaced; every one must occur."""
+    text = SHIPPED_CONF.read_text()
+    for old, new in replacements.items():
+        if old not in text:
+            raise AssertionError(f"{old!r} is no longer in {SHIPPED_CONF}: update tests/e2e/mosquitto.py")
+        text = text.replace(old, new)
+    return text
 
 
 def mosquitto_binary() -> str | None:
@@ -47,24 +62,25 @@ class Mosquitto:
         self.bridge_password = secrets.token_urlsafe(16)
         self.log_file = folder / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        (folder / "passwd").write_text(password_line(BRIDGE_USER, self.bridge_password))
-        lines = [
-            # Mosquitto 2 started as root switches to the "mosquitto" user unless told to stay.
-            "user root" if os.geteuid() == 0 else "",
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            f"password_file {folder / 'passwd'}",
-            f"acl_file {SHIPPED_ACL}",
-            "persistence true",
-            f"persistence_location {folder}/",
-            "max_queued_messages 100000",
-            f"log_dest file {self.log_file}",
-            "log_type all",
-        ]
-        if tls:  # listener options follow their listener line
-            lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {tls[0]}", f"keyfile {tls[1]}"]
+        self.provisioning_port = free_port()
+        self.passwd = folder / "passwd"
+        self.passwd.write_text(password_line(BRIDGE_USER, self.bridge_password))
+        text = shipped_config({
+            "listener 1883\n": f"listener {self.port} 127.0.0.1\n",
+            "listener 1884\n": f"listener {self.provisioning_port} 127.0.0.1\n",
+            "/etc/mosquitto/passwd": str(self.passwd),
+            "/etc/mosquitto/provisioning.acl": str(SHIPPED_ACL),
+            "/etc/mosquitto/provisioning-listener.acl": str(SHIPPED_LISTENER_ACL),
+            "/var/lib/mosquitto/": f"{folder}/",
+        })
+        # Mosquitto 2 started as root switches to the "mosquitto" user unless told to stay.
+        head = "user root\n" if os.geteuid() == 0 else ""
+        tail = f"\nlog_dest file {self.log_file}\nlog_type all\n"
+        if tls:  # listener options follow their listener line; per_listener_settings: its own auth
+            tail += (f"listener {self.tls_port} 127.0.0.1\ncertfile {tls[0]}\nkeyfile {tls[1]}\n"
+                     f"allow_anonymous true\npassword_file {self.passwd}\nacl_file {SHIPPED_ACL}\n")
         self.config = folder / "mosquitto.conf"
-        self.config.write_text("\n".join(line for line in lines if line) + "\n")
+        self.config.write_text(head + text + tail)
 
     @property
     def bridge_url(self) -> str:

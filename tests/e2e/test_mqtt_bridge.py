@@ -153,7 +153,8 @@ class Device:
         self.client.publish(topic, payload, qos=1, properties=props)
 
     def provision_v5(self, body: dict[str, Any] | bytes, correlation: bytes) -> None:
-        self.publish("provision/request", body, correlation=correlation, response_topic=self.response_topic)
+        self.publish(f"provision/request/{self.client_id}", body, correlation=correlation,
+                     response_topic=self.response_topic)
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[mqtt.MQTTMessage]:
         with self.arrived:
@@ -270,42 +271,52 @@ def test_mqtt311_device_asks_on_its_client_id_topic_in_either_dialect(
     assert answer(not_found) == {"errorMsg": "Provision data was not found!", "status": "NOT_FOUND"}
 
 
-def test_answers_stay_private_and_forged_or_unroutable_requests_get_nothing(
+def test_answers_stay_private_and_a_response_topic_hijack_gets_the_victim_nothing(
     broker: Mosquitto, bridges: Bridges, profile: dict[str, Any]
 ) -> None:
+    """Issue 14's hijack: an attacker asks with the victim's Response Topic (a good request, and wrong secrets
+    to exhaust the victim's rate limit). The victim, subscribed to its own response topic, gets nothing of it,
+    and its own request afterwards is answered SUCCESS; a spy subscribed to everything sees only its own."""
     mark = len(broker.log())
     spy = Device(broker, mqtt.MQTTv5, subscribe="provision/response/#")
     spy.client.subscribe([("provision/request/#", 1), ("#", 1)])
     victim = Device(broker, mqtt.MQTTv311)
     try:
+        # Someone else's request topic and the bare provision/request are not writable (the broker's ACL);
+        spy.publish(f"provision/request/{victim.client_id}", tb_request(profile, deviceName="forged"))
+        spy.publish("provision/request", tb_request(profile, deviceName="bare"),
+                    response_topic=victim.response_topic, correlation=b"1")
+        # on its own request topic, a Response Topic naming the victim is refused by the bridge (and counted).
+        spy.publish(f"provision/request/{spy.client_id}", tb_request(profile, deviceName=f"hj-{uuid.uuid4().hex[:8]}"),
+                    response_topic=victim.response_topic, correlation=b"hijack")
+        for i in range(5):
+            spy.publish(f"provision/request/{spy.client_id}", tb_request(profile, provisionDeviceSecret=f"wrong{i}"),
+                        response_topic=victim.response_topic, correlation=b"w%d" % i)
+        # Positive signals first: the bridges are done with the six requests that reached them (the broker
+        # handles one client's publications in order, so the refused ones came before), and the spy's own
+        # legitimate request is answered to it, so anything the broker routed before has arrived.
+        wait_bridges_done(broker, mark, 6)
+        round_trip([spy], profile, f"spy-{uuid.uuid4().hex[:8]}")
         victim.publish(
             f"provision/request/{victim.client_id}", tb_request(profile, deviceName=f"pv-{uuid.uuid4().hex[:8]}")
         )
         victim.wait_for(1)
-        # Someone else's request topic is not writable, so no answer can be provoked for the victim;
-        # an MQTT 5 request whose Response Topic points outside provision/response/ is ignored, as is
-        # one without any Response Topic.
-        spy.publish(f"provision/request/{victim.client_id}", tb_request(profile, deviceName="forged"))
-        spy.publish("provision/request", tb_request(profile, deviceName="elsewhere"), response_topic="devices/x",
-                    correlation=b"1")
-        spy.publish("provision/request", tb_request(profile, deviceName="nowhere"))
-        # Positive signals first: the bridges are done with the three requests that reached them (the
-        # victim's, "elsewhere", "nowhere"; the broker handles one client's publications in order, so the
-        # forged one came before), and then the spy's own request is answered to it, so anything the broker
-        # had routed to the spy before has arrived.
-        wait_bridges_done(broker, mark, 3)
-        round_trip([spy], profile, f"spy-{uuid.uuid4().hex[:8]}")
         delivered, _ = bridge_deliveries(broker.log()[mark:])
     finally:
         spy.close()
         victim.close()
     assert {(m.topic, correlation_of(m)) for m in spy.messages} == {(spy.response_topic, b"control")}
     assert answer(spy.messages[0])["status"] == "SUCCESS"
-    assert delivered == 4  # the three above and the spy's own: the forged request reached no bridge
-    assert f"Denied PUBLISH from {spy.client_id} (d0, q1, r0, m" in broker.log()[mark:]
-    assert len(victim.messages) == 1
+    assert len(victim.messages) == 1 and answer(victim.messages[0])["status"] == "SUCCESS"
+    assert delivered == 8  # the six refused by the bridge, the spy's own and the victim's
+    log = broker.log()[mark:]
+    assert f"Denied PUBLISH from {spy.client_id} (d0, q1, r0, m" in log
+    # The forged request on the victim's topic reached no bridge: only the victim's own did.
+    assert sum(1 for line in log.splitlines() if _SENT_TO_BRIDGE.search(line)
+               and f"'provision/request/{victim.client_id}'" in line) == 1
     output = bridges.output()
-    assert "ignored_bad_response_topic" in output and "ignored_no_response_topic" in output
+    assert "refused_foreign_response_topic" in output and "is not its own" in output
+    assert profile["provisionDeviceSecret"] not in output
 
 
 async def test_two_bridges_answer_500_concurrent_requests_exactly_once(

@@ -169,6 +169,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    #: Bridge mode (issue 14). The MQTT version mqtt_bridge speaks to the operator's broker: "5" (Mosquitto,
+    #: EMQX, RabbitMQ 3.13+) or "3.1.1" (RabbitMQ before 3.13, whose MQTT plugin has no MQTT 5).
+    mqtt_bridge_protocol: str = Field(default="5", pattern=r"^(5|3\.1\.1)$")
+    #: broker_auth answers only requests that carry this secret (``Authorization: Bearer <secret>``, or HTTP
+    #: Basic with it as the password, e.g. RabbitMQ's ``http://broker:<secret>@broker-auth:8090/auth/user``);
+    #: unset: anyone who can reach BRIDGE_AUTH_PORT may ask (a WARNING at start-up says so).
+    broker_auth_secret: SecretStr | None = None
+
     def queue(self, name: str) -> str:
         """Name of a bus queue or exchange inside this deployment's namespace."""
         return f"{self.bus_namespace}{name}"

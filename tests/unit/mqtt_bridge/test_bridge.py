@@ -4,9 +4,11 @@ on the connection the request came on; coalesce a redelivery; acknowledge what c
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from mqtt_bridge import topics
 from mqtt_bridge.bridge import MqttBridge, _Delivery, parse_broker_url
 from provisioning_common.models import Dialect
@@ -58,7 +60,7 @@ async def _bridge() -> tuple[MqttBridge, FakeClient, FakeApi]:
     return bridge, client, api
 
 
-def _delivery(mid: int = 7, topic: str = "provision/request", epoch: int = 1, correlation: bytes | None = b"c",
+def _delivery(mid: int = 7, topic: str = "provision/request/dev-1", epoch: int = 1, correlation: bytes | None = b"c",
               response_topic: str | None = "provision/response/dev-1") -> _Delivery:
     return _Delivery(mid, 1, topic, b'{"provisionDeviceKey":"k","provisionDeviceSecret":"s"}', response_topic,
                      correlation, epoch)
@@ -81,7 +83,7 @@ async def test_answer_is_published_then_the_request_acknowledged_after_the_broke
     await _settle()
     assert client.acked == [7]
     [call] = api.calls
-    assert call["request_id"] == topics.request_id("provision/request", _delivery().payload,
+    assert call["request_id"] == topics.request_id("provision/request/dev-1", _delivery().payload,
                                                    topics.Route("provision/response/dev-1", b"c", "dev-1"))
     assert call["source_address"] == "mqtt-client:dev-1" and call["protobuf_fallback"] is True
 
@@ -115,12 +117,37 @@ async def test_a_redelivery_during_the_first_attempt_is_answered_once_and_both_a
 
 async def test_unroutable_messages_are_acknowledged_and_counted_without_provisioning() -> None:
     bridge, client, api = await _bridge()
-    bridge._dispatch(_delivery(mid=1, response_topic=None))
-    bridge._dispatch(_delivery(mid=2, response_topic="elsewhere/x"))
+    bridge._dispatch(_delivery(mid=1, topic="provision/request", response_topic=None))
+    bridge._dispatch(_delivery(mid=2, response_topic="provision/response/victim"))
     bridge._dispatch(_delivery(mid=3, topic="provision/request/a/b"))
     await _settle()
     assert api.calls == [] and client.published == [] and sorted(client.acked) == [1, 2, 3]
-    assert bridge.counters == {"ignored_no_response_topic": 1, "ignored_bad_response_topic": 1, "ignored_topic": 1}
+    assert bridge.counters == {"ignored_no_client_id": 1, "refused_foreign_response_topic": 1, "ignored_topic": 1}
+
+
+async def test_a_foreign_response_topic_is_logged_without_the_payload(caplog: pytest.LogCaptureFixture) -> None:
+    bridge, _client, api = await _bridge()
+    with caplog.at_level(logging.INFO):
+        bridge._dispatch(_delivery(response_topic="provision/response/victim"))
+        await _settle()
+    [record] = [r for r in caplog.records if "not its own" in r.getMessage()]
+    assert record.levelname == "WARNING" and "provision/response/victim" in record.getMessage()
+    assert "provisionDeviceSecret" not in caplog.text and api.calls == []
+
+
+async def test_mqtt311_bridge_publishes_answers_without_properties() -> None:
+    api = FakeApi()
+    bridge = MqttBridge(api, Settings(provision_timeout_s=2, mqtt_bridge_protocol="3.1.1"),  # type: ignore[arg-type]
+                        parse_broker_url("mqtt://h"))
+    client = FakeClient()
+    bridge._client = client  # type: ignore[assignment]
+    bridge._loop = asyncio.get_running_loop()
+    bridge._epoch, bridge._connected = 1, True
+    bridge._dispatch(_delivery(correlation=None, response_topic=None))
+    await _settle()
+    [(topic, payload, props)] = client.published
+    assert (topic, payload, props) == ("provision/response/dev-1", ANSWER, None)
+    assert api.calls[0]["source_address"] == "mqtt-client:dev-1"
 
 
 async def test_a_retained_request_is_never_answered() -> None:

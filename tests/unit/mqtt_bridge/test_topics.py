@@ -15,32 +15,30 @@ PAYLOAD = b'{"provisionDeviceKey":"k","provisionDeviceSecret":"s"}'
 # --- routing ------------------------------------------------------------------------------------
 
 
-def test_mqtt5_request_goes_to_its_response_topic_with_its_correlation_data() -> None:
-    assert topics.route("provision/request", "provision/response/dev-1", b"\x01") == Route(
+def test_mqtt5_request_goes_to_its_own_response_topic_with_its_correlation_data() -> None:
+    assert topics.route("provision/request/dev-1", "provision/response/dev-1", b"\x01") == Route(
         "provision/response/dev-1", b"\x01", "dev-1")
 
 
-def test_mqtt311_request_goes_to_the_client_ids_response_topic() -> None:
-    assert topics.route("provision/request/dev-1", None, None) == Route("provision/response/dev-1", None, "dev-1")
-
-
-def test_client_id_topic_wins_over_a_response_topic_property_and_keeps_correlation_data() -> None:
-    # Only the topic's client id is vouched for by the broker's ACL (write provision/request/%c).
-    assert topics.route("provision/request/dev-1", "provision/response/someone-else", b"c") == Route(
-        "provision/response/dev-1", b"c", "dev-1")
+@pytest.mark.parametrize("response_topic", [None, ""])
+def test_mqtt311_request_goes_to_the_client_ids_response_topic(response_topic: str | None) -> None:
+    assert topics.route("provision/request/dev-1", response_topic, None) == Route(
+        "provision/response/dev-1", None, "dev-1")
 
 
 @pytest.mark.parametrize("response_topic", [
-    "devices/dev-1/inbox", "provision/response/", "provision/response/a/b", "provision/response/+",
-    "provision/response/#", "provision/responses/dev-1", "/provision/response/dev-1",
+    "provision/response/someone-else", "devices/dev-1/inbox", "provision/response/", "provision/response/dev-1/x",
+    "provision/response/+", "provision/response/#", "provision/responses/dev-1", "/provision/response/dev-1",
+    "provision/response/dev-10",
 ])
-def test_a_response_topic_outside_one_level_under_provision_response_is_refused(response_topic: str) -> None:
-    assert topics.route("provision/request", response_topic, b"c") is Ignored.BAD_RESPONSE_TOPIC
+def test_a_response_topic_that_is_not_the_askers_own_is_refused(response_topic: str) -> None:
+    # Issue 14: only the request topic's client id is vouched for by the broker's ACL (write provision/request/%c).
+    assert topics.route("provision/request/dev-1", response_topic, b"c") is Ignored.FOREIGN_RESPONSE_TOPIC
 
 
-@pytest.mark.parametrize("response_topic", [None, ""])
-def test_mqtt5_topic_without_response_topic_is_ignored(response_topic: str | None) -> None:
-    assert topics.route("provision/request", response_topic, None) is Ignored.NO_RESPONSE_TOPIC
+@pytest.mark.parametrize("response_topic", [None, "", "provision/response/dev-1"])
+def test_the_bare_request_topic_names_no_client_and_is_ignored(response_topic: str | None) -> None:
+    assert topics.route("provision/request", response_topic, None) is Ignored.NO_CLIENT_ID
 
 
 @pytest.mark.parametrize("topic", [
@@ -76,7 +74,7 @@ def test_request_id_changes_with_client_payload_correlation_and_scheme() -> None
         _id(payload=PAYLOAD + b" "),
         _id(correlation=b"1"),
         _id(correlation=b"2"),
-        _id(topic="provision/request", correlation=b"1"),
+        _id(topic="provision/request/dev-1x", correlation=b"1"),
     }
     assert len(ids) == 6
 
