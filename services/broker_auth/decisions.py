@@ -4,7 +4,7 @@ Three kinds of broker user, told apart by the device-authentication policy the M
 (``provisioning_common.device_auth``):
 
 * provisioning clients: username or client id ``provision`` (any password, as ThingsBoard), client id
-  = a single topic level without wildcards. They may publish to ``provision/request`` and
+  = a single topic level without wildcards. They may publish to
   ``provision/request/<own id>`` and subscribe to ``provision/response/<own id>`` only.
 * devices: credentials the credentials service knows (ThingsBoard's token as username, Innoway's
   token as password, MQTT_BASIC per spec §9). Their topics are the operator's business, except the
@@ -70,7 +70,6 @@ def rabbitmq_login(decision: device_auth.Decision) -> Verdict:
 def provisioning_acl(client_id: str) -> list[dict[str, str]]:
     """EMQX (5.8+) ACL returned with an allowed provisioning client: its own topics, nothing else."""
     return [
-        {"permission": "allow", "action": "publish", "topic": f"eq {REQUEST_TOPIC}"},
         {"permission": "allow", "action": "publish", "topic": f"eq {REQUEST_TOPIC}/{client_id}"},
         {"permission": "allow", "action": "subscribe", "topic": f"eq {RESPONSE_PREFIX}{client_id}"},
         {"permission": "deny", "action": "all", "topic": "#"},
@@ -101,7 +100,10 @@ def rabbitmq_topic(username: str, permission: str, routing_key: str, client_id: 
             return Verdict.DENY  # no client id from the broker (RabbitMQ < 3.8): nothing is safe to allow
         assert client_id is not None
         if permission == "write":
-            allowed = {amqp_key(REQUEST_TOPIC), amqp_key(f"{REQUEST_TOPIC}/{client_id}")}
+            # Its own request topic only: the bridge answers on the response topic of the client id in the
+            # request topic, so a client that could write another id's topic (or the bare one) could have
+            # answers pushed to someone else (issue 14).
+            allowed = {amqp_key(f"{REQUEST_TOPIC}/{client_id}")}
         elif permission == "read":
             allowed = {amqp_key(f"{RESPONSE_PREFIX}{client_id}")}
         else:

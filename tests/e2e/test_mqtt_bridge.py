@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -30,6 +32,9 @@ from .conftest import Admin, Env, tb_request
 from .mosquitto import Mosquitto, mosquitto_binary
 
 BRIDGE_IDS = ("bridge-a", "bridge-b")
+#: What the broker sends broker_auth (BROKER_AUTH_SECRET): EMQX as a header, RabbitMQ in its URLs' user info.
+AUTH_SECRET = "broker-secret-" + uuid.uuid4().hex
+AUTH_HEADERS = {"Authorization": f"Bearer {AUTH_SECRET}"}
 ERROR_BODY_KEYS = {"errorMsg", "status"}
 
 
@@ -96,7 +101,8 @@ def bridges(env: Env, stack: Stack, broker: Mosquitto) -> Iterator[Bridges]:
 @pytest.fixture(scope="module")
 def broker_auth(env: Env, stack: Stack) -> Iterator[Stack]:
     port = free_port()
-    service = Stack(env.variables(BRIDGE_AUTH_PORT=str(port)), ["broker_auth"]).start(timeout=30)
+    service = Stack(env.variables(BRIDGE_AUTH_PORT=str(port), BROKER_AUTH_SECRET=AUTH_SECRET),
+                    ["broker_auth"]).start(timeout=30)
     service.env["URL"] = f"http://127.0.0.1:{port}"
     try:
         yield service
@@ -514,7 +520,7 @@ def test_emqx_http_authenticator_shape(auth_url: str, http: httpx.Client, profil
     basic = http.post("/api/v1/provision", json=tb_request(
         profile, deviceName=basic_id, credentialsType="MQTT_BASIC", clientId=basic_id, username="u", password="pw"))
     assert basic.json()["status"] == "SUCCESS"
-    with httpx.Client(base_url=auth_url, timeout=10) as client:
+    with httpx.Client(base_url=auth_url, timeout=10, headers=AUTH_HEADERS) as client:
         def ask(**body: str) -> dict[str, Any]:
             response = client.post("/emqx/auth", json=body)
             assert response.status_code == 200 and response.headers["content-type"] == "application/json"
@@ -546,7 +552,7 @@ def test_rabbitmq_auth_backend_http_shape(
     auth_url: str, http: httpx.Client, profile: dict[str, Any], method: str
 ) -> None:
     token = _token_device(http, profile)
-    with httpx.Client(base_url=auth_url, timeout=10) as client:
+    with httpx.Client(base_url=auth_url, timeout=10, headers=AUTH_HEADERS) as client:
         def ask(path: str, **params: str) -> str:
             # POST sends application/x-www-form-urlencoded.
             response = client.get(path, params=params) if method == "GET" else client.post(path, data=params)
@@ -582,7 +588,7 @@ def test_rabbitmq_auth_backend_http_shape(
                            "variable_map.username": username, "variable_map.vhost": "/",
                            "variable_map.client_id": client_id})
 
-        assert topic("provision", "write", "provision.request") == "allow"
+        assert topic("provision", "write", "provision.request") == "deny"
         assert topic("provision", "write", "provision.request.dev-7") == "allow"
         assert topic("provision", "write", "provision.request.dev-8") == "deny"
         assert topic("provision", "read", "provision.response.dev-7") == "allow"
@@ -606,10 +612,120 @@ def test_no_secret_reaches_a_log_line(broker: Mosquitto, bridges: Bridges, broke
         token = answer(device.wait_for(1)[0])["credentialsValue"]
     finally:
         device.close()
-    with httpx.Client(base_url=auth_url, timeout=10) as client:
+    with httpx.Client(base_url=auth_url, timeout=10, headers=AUTH_HEADERS) as client:
         assert client.get("/auth/user", params={"username": "x", "password": token}).text == "allow"
+        # Anyone but the broker (no secret, or a wrong one) is refused before anything is looked at.
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+            refused = client.get("/auth/user", params={"username": "x", "password": token}, headers=headers)
+            assert refused.status_code == 401
+        basic = httpx.BasicAuth("rabbitmq", AUTH_SECRET)
+        assert client.get("/auth/user", params={"username": "x", "password": token}, auth=basic).text == "allow"
     logs = bridges.output() + broker_auth.output()
-    for secret in (profile["provisionDeviceSecret"], token, broker.bridge_password):
+    assert "without the broker's secret" in logs
+    for secret in (profile["provisionDeviceSecret"], token, broker.bridge_password, AUTH_SECRET):
         assert secret not in logs
         assert secret not in broker.log()  # (Mosquitto logs topics and sizes, never payloads)
     assert "mqtt_bridge ready: subscribed to $share/provisioning/provision/request/#" in logs
+
+
+# --- every client kind on the shipped Mosquitto configuration, with clients we did not write (issue 14) ----
+
+
+def _cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _rr(port: int, client_id: str, body: dict[str, Any], *login: str, version: str = "5") -> tuple[int, str]:
+    """mosquitto_rr (mosquitto-clients): one request on the client's own topic, its answer or the error."""
+    done = _cli("mosquitto_rr", "-h", "127.0.0.1", "-p", str(port), "-i", client_id, *login, "-V", version,
+                "-q", "1", "-t", f"provision/request/{client_id}", "-e", f"provision/response/{client_id}",
+                "-m", json.dumps(body), "-W", "15")
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_rr") is None, reason="mosquitto-clients is not installed")
+def test_each_client_kind_logs_in_or_is_refused_as_the_readme_says_on_mosquitto(
+    broker: Mosquitto, bridges: Bridges, profile: dict[str, Any]
+) -> None:
+    """README "Broker configuration" > Mosquitto, row by row, with mosquitto_rr/mosquitto_sub and tb-mqtt-client."""
+    run = uuid.uuid4().hex[:8]
+    accounts, provisioning = broker.port, broker.provisioning_port
+    # The shipped files load without a warning (a pattern without %c warns: "does not contain '%c' or '%u'").
+    assert "Warning" not in broker.log() and "Error" not in broker.log()
+    ok: dict[str, dict[str, Any]] = {}
+    # Provisioning clients: anonymous on the accounts listener; user name "provision", with or without a
+    # password (ThingsBoard's provisioning CONNECT), on the provisioning listener; MQTT 3.1.1 or 5.
+    for kind, port, login, version in (
+        ("anonymous-v5", accounts, (), "5"),
+        ("anonymous-v311", accounts, (), "311"),
+        ("provision-no-password", provisioning, ("-u", "provision"), "5"),
+        ("provision-password", provisioning, ("-u", "provision", "-P", "anything"), "311"),
+        ("any-user", provisioning, ("-u", "whoever", "-P", "x"), "5"),
+    ):
+        rc, out = _rr(port, f"{kind}-{run}", tb_request(profile, deviceName=f"{kind}-{run}"), *login, version=version)
+        assert rc == 0, (kind, out)
+        ok[kind] = json.loads(out)
+        assert ok[kind]["status"] == "SUCCESS" and ok[kind]["credentialsType"] == "ACCESS_TOKEN", (kind, out)
+    # Refused: a user name the password_file does not know, on the accounts listener (even "provision", and
+    # a freshly provisioned token as ThingsBoard's user name: Mosquitto cannot ask broker_auth without a plugin).
+    token = ok["anonymous-v5"]["credentialsValue"]
+    for login in (("-u", "provision"), ("-u", "provision", "-P", "x"), ("-u", token),
+                  ("-u", "provisioning-bridge", "-P", "wrong")):
+        rc, out = _rr(accounts, f"refused-{run}", tb_request(profile, deviceName=f"refused-{run}"), *login)
+        assert rc != 0 and "not authori" in out.lower(), (login, out)
+    # ThingsBoard's own device SDK with its new token as user name: refused on Mosquitto, as the README says.
+    from tb_device_mqtt import TBDeviceMqttClient
+
+    refused = threading.Event()
+    results: list[int] = []
+
+    def on_connect(_client: Any, _userdata: Any, _flags: Any, code: Any, *_rest: Any) -> None:
+        results.append(int(getattr(code, "value", code)))
+        refused.set()
+
+    tb = TBDeviceMqttClient("127.0.0.1", accounts, username=token, client_id=f"tb-{run}")
+    tb.connect(callback=on_connect, timeout=1)
+    try:
+        assert refused.wait(10) and results[0] == 135, results  # MQTT 5 "Not authorized"
+    finally:
+        tb.disconnect()
+    # On the provisioning listener even a client calling itself provisioning-bridge gets no request.
+    spy = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(provisioning), "-u", "provisioning-bridge",
+                            "-i", f"fake-bridge-{run}", "-t", "provision/request/#", "-t", "provision/response/#",
+                            "-q", "1", "-v"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.3)
+        rc, out = _rr(provisioning, f"late-{run}", tb_request(profile, deviceName=f"late-{run}"), "-u", "provision")
+        assert rc == 0 and json.loads(out)["status"] == "SUCCESS", out  # positive signal: answered meanwhile
+    finally:
+        spy.terminate()
+        seen = spy.communicate(timeout=5)[0]
+    assert "provision/" not in seen, seen
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients is not installed")
+def test_hijack_with_mosquitto_pub_gets_the_victim_nothing(
+    broker: Mosquitto, bridges: Bridges, profile: dict[str, Any]
+) -> None:
+    """Issue 14's reproduction as a user would run it: mosquitto_pub asks with the victim's Response Topic."""
+    run = uuid.uuid4().hex[:8]
+    victim, attacker = f"victim-{run}", f"attacker-{run}"
+    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-i", victim, "-V", "5",
+                            "-t", f"provision/response/{victim}", "-q", "1", "-v"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.3)
+        for i in range(3):
+            done = _cli("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-i", attacker, "-V", "5",
+                        "-q", "1", "-t", f"provision/request/{attacker}",
+                        "-D", "publish", "response-topic", f"provision/response/{victim}",
+                        "-m", json.dumps(tb_request(profile, deviceName=f"hj{i}-{run}")))
+            assert done.returncode == 0, done.stderr
+        # Positive signal: the attacker's own legitimate request, sent after them, is answered to it.
+        rc, out = _rr(broker.port, attacker, tb_request(profile, deviceName=f"own-{run}"))
+        assert rc == 0 and json.loads(out)["status"] == "SUCCESS", out
+    finally:
+        sub.terminate()
+        seen = sub.communicate(timeout=5)[0]
+    assert seen == "", seen
+    assert "refused_foreign_response_topic" in bridges.output()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+
 import httpx
+import pytest
 from broker_auth.app import create_app
 from provisioning_common.bus import RpcTimeout
 from provisioning_common.contract import AUTHENTICATE, Rpc
@@ -74,3 +77,64 @@ async def test_client_id_provision_is_a_provisioning_client_without_asking_crede
         assert emqx.json()["result"] == "allow" and emqx.json()["acl"][-1]["permission"] == "deny"
         rabbit = await client.get("/auth/user", params={"username": "tok", "password": "x", "client_id": "provision"})
         assert rabbit.text == "allow"
+
+
+# --- only the broker may ask; wrong credentials are rate-limited (issue 14) ---------------------------
+
+
+class _CountingBus(_Bus):
+    def __init__(self, known: bool | None) -> None:
+        super().__init__(known)
+        self.calls = 0
+
+    async def call(self, rpc: Rpc[AuthenticateRequest, AuthenticateResult], payload: AuthenticateRequest,
+                   **kwargs: object) -> AuthenticateResult:
+        self.calls += 1
+        return await super().call(rpc, payload, **kwargs)
+
+
+async def test_with_a_secret_only_requests_carrying_it_are_answered(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(broker_auth_secret="s3cret-for-broker")
+    transport = httpx.ASGITransport(app=create_app(settings, bus=_Bus(True)))  # type: ignore[arg-type]
+    body = {"clientid": "c", "username": "tok", "password": ""}
+    basic = "Basic " + base64.b64encode(b"rabbitmq:s3cret-for-broker").decode()
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker-auth") as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic !!"},
+                        {"authorization": "Basic " + base64.b64encode(b"s3cret-for-broker").decode()},
+                        {"x-broker-secret": "s3cret-for-broker"}):
+            refused = await client.post("/emqx/auth", json=body, headers=headers)
+            assert refused.status_code == 401, headers
+            assert (await client.get("/auth/topic", params={"username": "x"}, headers=headers)).status_code == 401
+        ok = await client.post("/emqx/auth", json=body, headers={"authorization": "Bearer s3cret-for-broker"})
+        assert ok.status_code == 200 and ok.json()["result"] == "allow"
+        rabbit = await client.post("/auth/user", data={"username": "tok", "password": ""},
+                                   headers={"authorization": basic})
+        assert rabbit.text == "allow"
+        assert (await client.get("/live")).status_code == 200  # the probes need no secret
+        # RabbitMQ's HTTP backend sends no header of ours: the secret as the first path segment.
+        in_path = await client.post("/s3cret-for-broker/auth/user", data={"username": "tok", "password": ""})
+        assert in_path.text == "allow"
+        for path in ("/wrong/auth/user", "/s3cret-for-broker", "/s3cret-for-broke/auth/user",
+                     "/auth/s3cret-for-broker"):
+            assert (await client.post(path, data={"username": "tok"})).status_code == 401, path
+    assert "s3cret" not in caplog.text and "without the broker's secret" in caplog.text
+
+
+async def test_wrong_credentials_are_limited_per_address_like_the_gateways() -> None:
+    bus = _CountingBus(False)
+    app = create_app(Settings(auth_failures_per_minute=3), bus=bus)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://broker-auth") as client:
+        for _ in range(5):
+            emqx = await client.post("/emqx/auth", json={"clientid": "c", "username": "guess", "password": "x",
+                                                         "peerhost": "10.0.0.9"})
+            assert emqx.json()["result"] == "deny"
+        assert bus.calls == 3 * 2  # two look-ups per login (MQTT_BASIC, then the password as a token); then none
+        other = await client.post("/emqx/auth", json={"clientid": "c", "username": "guess", "password": "x",
+                                                       "peerhost": "10.0.0.10"})
+        assert other.json()["result"] == "deny" and bus.calls == 8  # another address is asked about
+        # RabbitMQ sends no address: the client id is the key.
+        for _ in range(4):
+            user = await client.post("/auth/user", data={"username": "g", "password": "x", "client_id": "r"})
+            assert user.text == "deny"
+        assert bus.calls == 8 + 3 * 2
+    assert app.state.auth_failures.refused == 3

@@ -41,8 +41,7 @@ def test_login_verdicts_per_broker(verdict: device_auth.Verdict, emqx: Verdict, 
 
 def test_emqx_acl_for_a_provisioning_client_is_its_own_topics_then_nothing() -> None:
     acl = decisions.provisioning_acl("dev-1")
-    assert acl[:3] == [
-        {"permission": "allow", "action": "publish", "topic": "eq provision/request"},
+    assert acl[:2] == [
         {"permission": "allow", "action": "publish", "topic": "eq provision/request/dev-1"},
         {"permission": "allow", "action": "subscribe", "topic": "eq provision/response/dev-1"},
     ]
@@ -55,7 +54,7 @@ def test_amqp_key_is_rabbitmqs_translation() -> None:
 
 
 @pytest.mark.parametrize(("permission", "key", "verdict"), [
-    ("write", "provision.request", Verdict.ALLOW),
+    ("write", "provision.request", Verdict.DENY),  # the bare topic vouches for no client id (issue 14)
     ("write", "provision.request.dev-1", Verdict.ALLOW),
     ("write", "provision.request.dev-2", Verdict.DENY),
     ("write", "provision.response.dev-1", Verdict.DENY),
