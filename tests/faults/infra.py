@@ -402,12 +402,15 @@ class PrivateRabbitMQ(_Instance):
 
     kind = "rabbitmq"
 
-    def __init__(self, base_dir: str | Path | None = None) -> None:
-        super().__init__(Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="fault-rabbit-")))
+    def __init__(self, base_dir: str | Path | None = None, *, prefix: str = "fault", extra_config: str = "",
+                 plugins: Iterable[str] = ()) -> None:
+        """``extra_config``: rabbitmq.conf lines appended to this node's own; ``plugins``: enabled at boot
+        (e.g. ``rabbitmq_mqtt``: its listener then belongs in ``extra_config``, on a port of ours)."""
+        super().__init__(Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix=f"{prefix}-rabbit-")))
         self.amqp_port = free_port()
         self.dist_port = free_port({self.amqp_port})
         self.epmd_port = free_port({self.amqp_port, self.dist_port})
-        self.node_name = f"fault-{uuid.uuid4().hex[:8]}@localhost"
+        self.node_name = f"{prefix}-{uuid.uuid4().hex[:8]}@localhost"
         self.home = self.base_dir / "home"
         self.mnesia_dir = self.base_dir / "mnesia"
         self.log_dir = self.base_dir / "log"
@@ -418,12 +421,12 @@ class PrivateRabbitMQ(_Instance):
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
             "loopback_users.guest = true\n"
             "log.console = false\n"
-            "log.file.level = info\n"
+            "log.file.level = info\n" + extra_config
         )
         self.env_file = self.base_dir / "rabbitmq-env.conf"
         self.env_file.write_text("# private node: nothing here (never the machine's /etc/rabbitmq/rabbitmq-env.conf)\n")
         self.plugins_file = self.base_dir / "enabled_plugins"
-        self.plugins_file.write_text("[].\n")
+        self.plugins_file.write_text(f"[{','.join(plugins)}].\n")
         self.output_file = self.log_dir / "stdout.log"
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
