@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""The provisioning rate limiter's statement alone (migration 0007's ``rate_limit_admit``), as the core calls it.
+"""The provisioning rate limiter alone (provisioning_core.rate_limit.PostgresStore), as the core calls it.
 
     python bench/rate_limit_sql.py [--database-url URL] [-n 20000] [-c 64] [--profiles 1]
 
 Each call is what one provision with the right secret costs: check the source's two wrong-secret
-buckets, take one token from the profile's two provisions buckets and the source's two (six buckets,
-one statement, one round trip). ``-c`` connections call concurrently; with one profile (``--profiles
-1``) every call takes from the same hot row, the worst case for row locks. Limits are set high so that
+buckets, take one token from the profile's two provisions buckets and the source's two (six buckets).
+``-c`` callers call concurrently, as ``-c`` concurrent provisions would; the store batches what arrives
+while a batch is in flight into one transaction. With one profile (``--profiles 1``) every call takes
+from the same hot row, the worst case for row locks. Limits are set high so that
 nothing is refused. Prints calls per second and latency percentiles; DATABASE_URL (or --database-url)
 must name a database with the migrations applied (``make up`` or ``python -m devstack migrate``).
 """
@@ -21,7 +22,7 @@ import statistics
 import time
 
 import asyncpg
-from provisioning_common.db import repository
+from provisioning_core.rate_limit import Bucket, PostgresStore
 
 
 async def main() -> None:
@@ -32,7 +33,8 @@ async def main() -> None:
     parser.add_argument("-c", type=int, default=64)
     parser.add_argument("--profiles", type=int, default=1)
     args = parser.parse_args()
-    pool = await asyncpg.create_pool(args.database_url, min_size=args.c, max_size=args.c)
+    pool = await asyncpg.create_pool(args.database_url, min_size=4, max_size=8)
+    store = PostgresStore(pool)
     latencies: list[float] = []
     refused = 0
 
@@ -40,11 +42,12 @@ async def main() -> None:
         nonlocal refused
         source = f"10.{i % 250}.{i // 250 % 250}.{random.randrange(250)}"
         profile = f"bench-{i % args.profiles}"
-        buckets = [f"fs:{source}", f"fk:{source}|key", f"pp:{profile}:60", f"pp:{profile}:3600",
-                   f"ps:{source}:60", f"ps:{source}:3600"]
+        names = [f"fs:{source}", f"fk:{source}|key", f"pp:{profile}:60", f"pp:{profile}:3600",
+                 f"ps:{source}:60", f"ps:{source}:3600"]
+        periods = [60, 60, 60, 3600, 60, 3600]
+        buckets = [Bucket(name, 10**9, period) for name, period in zip(names, periods, strict=True)]
         start = time.perf_counter()
-        code, _ = await repository.rate_limit_admit(
-            pool, buckets, [1e-6] * 6, [60, 60, 60, 3600, 60, 3600], [False, False, True, True, True, True])
+        code, _ = await store.admit(buckets[:2], buckets[2:])
         latencies.append(time.perf_counter() - start)
         refused += code != 0
 
@@ -58,7 +61,7 @@ async def main() -> None:
     await asyncio.gather(*(worker() for _ in range(args.c)))
     elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100)
-    print(f"rate_limit_admit: {args.n} calls, {args.c} concurrent, {args.profiles} profile(s): "
+    print(f"PostgresStore.admit: {args.n} calls, {args.c} concurrent, {args.profiles} profile(s): "
           f"{args.n / elapsed:.0f} calls/s; latency ms p50 {q[49] * 1000:.2f} p95 {q[94] * 1000:.2f} "
           f"p99 {q[98] * 1000:.2f}; refused {refused}")
     await pool.execute("DELETE FROM rate_limit_buckets WHERE bucket LIKE 'pp:bench-%' OR bucket LIKE 'ps:10.%'")

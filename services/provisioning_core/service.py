@@ -152,8 +152,9 @@ class ProvisioningCore:
             return checked.result()
         profile = await self._profiles.get(req.provision_key)
         decision = rules.decide_strategy(req, profile, checked.name)
-        # The rate limits (one statement): whatever the secret, a source over its wrong-secret limit gets the
-        # same refusal, so it learns nothing from its guesses; a right secret never meets others' failures.
+        # The rate limits (one transaction per batch of concurrent requests): whatever the secret, a source over
+        # its wrong-secret limit gets the same refusal, so it learns nothing from its guesses; a right secret never
+        # meets others' failures.
         if isinstance(decision, rules.Refusal):
             if decision.failed_attempt:
                 verdict = await self._limiter.wrong_secret(req)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -684,18 +684,41 @@ async def delete_attributes(
 # --- rate limits shared by every provisioning-core instance (migration 0007) -------------------------
 
 
-async def rate_limit_admit(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    buckets: list[str],
-    emission: list[float],
-    period: list[float],
-    take: list[bool],
-) -> tuple[int, float]:
-    """One call of ``rate_limit_admit`` (see its migration): (0 admitted | 1 a checked bucket | 2 a taken
-    bucket is empty, seconds until room)."""
-    row = await conn.fetchrow("SELECT * FROM rate_limit_admit($1, $2, $3, $4)", buckets, emission, period, take)
-    assert row is not None
-    return int(row["refused"]), float(row["retry_after"])
+async def rate_limit_batch(
+    pool: asyncpg.Pool,
+    take: Sequence[str],
+    check: Sequence[str],
+    decide: Callable[[dict[str, float], float], Mapping[str, float]],
+) -> None:
+    """One transaction over a batch of rate-limit buckets (migration 0007's ``rate_limit_buckets``).
+
+    The ``take`` buckets are created if missing and locked in name order (``take`` must be sorted: no
+    deadlocks between core instances), the ``check`` buckets are read without a lock, and ``decide`` gets
+    every bucket's ``tat`` (a missing row is a full bucket: absent from the dict) and the database's clock
+    in Unix seconds (one clock for every instance). What it returns for the ``take`` buckets is written
+    back before the locks are released.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "WITH taken AS ("
+            " INSERT INTO rate_limit_buckets (bucket, tat) SELECT b, 0 FROM unnest($1::text[]) AS b ORDER BY b"
+            " ON CONFLICT (bucket) DO UPDATE SET tat = rate_limit_buckets.tat RETURNING bucket, tat)"
+            " SELECT bucket, tat, extract(epoch FROM clock_timestamp())::float8 AS now FROM taken"
+            " UNION ALL SELECT bucket, tat, extract(epoch FROM clock_timestamp())::float8 FROM rate_limit_buckets"
+            "  WHERE bucket = ANY($2::text[])"
+            " UNION ALL SELECT NULL, NULL, extract(epoch FROM clock_timestamp())::float8",
+            list(take), list(check),
+        )
+        now = max(float(row["now"]) for row in rows)  # the last SELECT makes sure there is a row
+        before = {row["bucket"]: float(row["tat"]) for row in rows if row["bucket"] is not None}
+        after = decide(dict(before), now)
+        changed = [name for name in take if name in after and after[name] != before.get(name)]
+        if changed:
+            await conn.execute(
+                "UPDATE rate_limit_buckets k SET tat = r.tat FROM unnest($1::text[], $2::float8[]) AS r(bucket, tat)"
+                " WHERE k.bucket = r.bucket",
+                changed, [after[name] for name in changed],
+            )
 
 
 async def purge_rate_limits(conn: asyncpg.Connection | asyncpg.Pool) -> int:
