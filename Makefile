@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# make test's workers (pytest-xdist): each test file runs whole on one worker, so a module's shared stack
+# is started once; most tests wait on sockets and timers, so three workers pay on two cores.
+TEST_WORKERS ?= 3
 # The locked dependencies, with hashes (make lock writes both): the runtime ones plus the test extra
 # for the venv, the runtime ones alone for the Dockerfile.
 LOCK := requirements/test.txt
@@ -33,7 +36,7 @@ up: $(STAMP)
 ## The gates (ruff, mypy strict), then unit, end-to-end, fault and deployment tests against real
 ## RabbitMQ and Postgres; prints the slowest tests and the suite's wall time.
 test: lint
-	@start=$$(date +%s); $(PY) -m pytest --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS); rc=$$?; \
 	echo "suite wall time: $$(( $$(date +%s) - start )) s"; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; exit $$rc
 
