@@ -192,6 +192,9 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             return params
         client_id, username = params.get("clientid", ""), params.get("username", "")
         password = params.get("password", "")
+        reserved = decisions.bridge_identity(username, client_id, settings.mqtt_bridge_client_id)
+        if reserved is not None:
+            return _emqx(reserved)
         decision = await login(client_id, username, password, login_source(params))
         if isinstance(decision, Response):
             return decision
@@ -210,6 +213,8 @@ def create_app(settings: Settings, bus: Bus | None = None) -> FastAPI:
             return params
         username, password = params.get("username", ""), params.get("password", "")
         client_id = params.get("client_id", "")
+        if decisions.bridge_identity(username, client_id, settings.mqtt_bridge_client_id) is not None:
+            return _rabbit(Verdict.DENY)  # the bridge's account is RabbitMQ's internal one, never ours
         decision = await login(client_id, username, password, login_source(params))
         if isinstance(decision, Response):
             return decision

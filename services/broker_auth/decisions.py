@@ -41,6 +41,29 @@ def is_provisioning(username: str | None, client_id: str | None = None) -> bool:
     return device_auth.is_provisioning(client_id, username)
 
 
+#: The bridge's account on the operator's broker (deploy/brokers: the ACL files grant this name its rights).
+BRIDGE_USERNAME = "provisioning-bridge"
+
+
+def bridge_identity(username: str, client_id: str, bridge_client_id_prefix: str) -> Verdict | None:
+    """A login that uses the bridge's identity is never ours to admit.
+
+    * The bridge's user name: its account lives in the broker's own user store (EMQX's built-in database,
+      RabbitMQ's internal one). EMQX: ``ignore``, so the next authenticator checks the password; RabbitMQ:
+      ``deny`` (its internal backend was asked first). Otherwise a device that provisioned MQTT_BASIC
+      credentials with this user name would get the bridge's ACL rights.
+    * A client id of the bridge's (``MQTT_BRIDGE_CLIENT_ID`` followed by ``-<host>``): ``deny``. A device
+      taking over that id would take over the bridge's session, and with it the queued requests.
+    None: not the bridge's identity, decide as usual.
+    """
+    if username == BRIDGE_USERNAME:
+        return Verdict.IGNORE
+    if bridge_client_id_prefix and (client_id == bridge_client_id_prefix
+                                    or client_id.startswith(bridge_client_id_prefix + "-")):
+        return Verdict.DENY
+    return None
+
+
 def provisioning_client_ok(client_id: str | None) -> bool:
     """A client id that can safely name a response topic (MQTT level, AMQP word, ACL ``%c``/``${clientid}``)."""
     return (

@@ -138,3 +138,19 @@ async def test_wrong_credentials_are_limited_per_address_like_the_gateways() -> 
             assert user.text == "deny"
         assert bus.calls == 8 + 3 * 2
     assert app.state.auth_failures.refused == 3
+
+
+async def test_the_bridges_user_name_and_client_ids_are_not_admitted_even_with_a_devices_credentials() -> None:
+    bus = _CountingBus(True)  # every look-up would find a device
+    app = create_app(Settings(), bus=bus)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://broker-auth") as client:
+        emqx = await client.post("/emqx/auth", json={"clientid": "c", "username": "provisioning-bridge",
+                                                     "password": "p"})
+        assert emqx.json()["result"] == "ignore"  # EMQX's built-in database checks the bridge's password
+        emqx = await client.post("/emqx/auth", json={"clientid": "provisioning-bridge-h", "username": "provision",
+                                                     "password": "p"})
+        assert emqx.json()["result"] == "deny"
+        rabbit = await client.post("/auth/user", data={"username": "provisioning-bridge", "password": "p",
+                                                       "client_id": "c"})
+        assert rabbit.text == "deny"
+    assert bus.calls == 0

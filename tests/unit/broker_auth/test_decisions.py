@@ -107,3 +107,16 @@ def test_rabbitmq_devices_never_touch_the_provisioning_topics(key: str, verdict:
 ])
 def test_rabbitmq_resources(resource: str, name: str, permission: str, client_id: str | None, verdict: Verdict) -> None:
     assert decisions.rabbitmq_resource(resource, name, permission, client_id) is verdict
+
+
+@pytest.mark.parametrize(("username", "client_id", "verdict"), [
+    ("provisioning-bridge", "provisioning-bridge-host", Verdict.IGNORE),  # its own store decides (EMQX: next)
+    ("provisioning-bridge", "anything", Verdict.IGNORE),
+    ("provision", "provisioning-bridge-host", Verdict.DENY),  # would take over the bridge's session
+    ("token", "provisioning-bridge", Verdict.DENY),
+    ("provision", "provisioning-bridge2", None),
+    ("provision", "dev-1", None),
+    ("", "", None),
+])
+def test_the_bridges_identity_is_never_admitted_here(username: str, client_id: str, verdict: Verdict | None) -> None:
+    assert decisions.bridge_identity(username, client_id, "provisioning-bridge") is verdict
