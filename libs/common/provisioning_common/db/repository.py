@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -727,3 +727,267 @@ async def purge_rate_limits(conn: asyncpg.Connection | asyncpg.Pool) -> int:
         "DELETE FROM rate_limit_buckets WHERE tat < extract(epoch FROM clock_timestamp())"
     )
     return int(status.split()[-1])
+
+
+# =====================================================================================================
+# --- bulk import of pre-provisioned devices and CSV export (admin API, routers.imports; migration 0010) --
+# =====================================================================================================
+# An import job's row holds its progress; the rows of one batch (devices and their credentials) are
+# written in one transaction with multi-row statements (unnest), so a batch is all there or not at all.
+# The instance running a job holds a session advisory lock on it for as long as it runs: a job still
+# 'running' whose lock is free lost its runner (process killed) and is marked failed when read.
+
+#: First key of the two-key advisory locks of import jobs (the second is the job id's hashtext).
+_IMPORT_LOCK_CLASS = 16_016
+
+
+@dataclass(frozen=True)
+class ImportRowError:
+    """One rejected row of an import: its line in the file, the field (column) and why. Never a value."""
+
+    line: int
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImportJobRecord:
+    id: uuid.UUID
+    profile_id: uuid.UUID
+    status: str
+    on_existing: str
+    atomic: bool
+    message: str | None
+    total: int | None
+    processed: int
+    created: int
+    updated: int
+    skipped: int
+    rejected: int
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    errors: tuple[ImportRowError, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImportCounts:
+    processed: int
+    created: int
+    updated: int
+    skipped: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class ImportedDevice:
+    """A validated row, its credentials prepared (None: an update that keeps the device's credentials)."""
+
+    line: int
+    device_id: uuid.UUID
+    name: str
+    device_key: str | None
+    prepared: PreparedCredentials | None
+    value_enc: bytes | None
+
+
+@dataclass(frozen=True)
+class ExistingForImport:
+    """What already holds a batch's names, device keys and credentials."""
+
+    #: name -> (device id, profile id)
+    names: dict[str, tuple[uuid.UUID, uuid.UUID]]
+    #: device key (in the import's profile) -> device id
+    device_keys: dict[str, uuid.UUID]
+    #: credentials id -> device id
+    credentials: dict[str, uuid.UUID]
+
+
+_IMPORT_JOB = (
+    "id, profile_id, status, on_existing, atomic, message, total, processed, created, updated, skipped, rejected,"
+    " created_at, updated_at"
+)
+
+
+async def create_import_job(
+    conn: asyncpg.Connection | asyncpg.Pool, job_id: uuid.UUID, profile_id: uuid.UUID, *, on_existing: str,
+    atomic: bool, total: int,
+) -> None:
+    await conn.execute(
+        "INSERT INTO import_jobs (id, profile_id, on_existing, atomic, total) VALUES ($1, $2, $3, $4, $5)",
+        job_id, profile_id, on_existing, atomic, total,
+    )
+
+
+async def hold_import_job(conn: asyncpg.Connection, job_id: uuid.UUID) -> None:
+    """Take the job's session advisory lock on ``conn`` (the runner's own connection, kept for the whole job):
+    released by Postgres when the connection ends, which is how a dead runner is noticed."""
+    await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _IMPORT_LOCK_CLASS, str(job_id))
+
+
+async def release_import_job(conn: asyncpg.Connection, job_id: uuid.UUID) -> None:
+    await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", _IMPORT_LOCK_CLASS, str(job_id))
+
+
+async def record_import_progress(
+    conn: asyncpg.Connection | asyncpg.Pool, job_id: uuid.UUID, counts: ImportCounts,
+    errors: Sequence[ImportRowError] = (),
+) -> None:
+    """Set the job's counters and add rejected rows (a row already recorded is kept)."""
+    await conn.execute(
+        "WITH errs AS (INSERT INTO import_job_errors (job_id, line, field, reason)"
+        "  SELECT $1, * FROM unnest($7::bigint[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING)"
+        " UPDATE import_jobs SET processed = $2, created = $3, updated = $4, skipped = $5, rejected = $6,"
+        " updated_at = now() WHERE id = $1",
+        job_id, counts.processed, counts.created, counts.updated, counts.skipped, counts.rejected,
+        [e.line for e in errors], [e.field for e in errors], [e.reason for e in errors],
+    )
+
+
+async def finish_import_job(
+    conn: asyncpg.Connection | asyncpg.Pool, job_id: uuid.UUID, status: str, message: str | None = None,
+    counts: ImportCounts | None = None,
+) -> None:
+    if counts is None:
+        await conn.execute(
+            "UPDATE import_jobs SET status = $2, message = $3, updated_at = now() WHERE id = $1",
+            job_id, status, message,
+        )
+        return
+    await conn.execute(
+        "UPDATE import_jobs SET status = $2, message = $3, processed = $4, created = $5, updated = $6,"
+        " skipped = $7, rejected = $8, updated_at = now() WHERE id = $1",
+        job_id, status, message, counts.processed, counts.created, counts.updated, counts.skipped, counts.rejected,
+    )
+
+
+async def import_job(pool: asyncpg.Pool, job_id: uuid.UUID, *, max_errors: int) -> ImportJobRecord | None:
+    """A job with its first ``max_errors`` rejected rows (by line). A job 'running' without a runner (its
+    advisory lock is free: the process that ran it died) is marked failed first."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(f"SELECT {_IMPORT_JOB} FROM import_jobs WHERE id = $1", job_id)
+        if row is None:
+            return None
+        if row["status"] == "running":
+            async with conn.transaction():
+                orphan = await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock($1, hashtext($2))", _IMPORT_LOCK_CLASS, str(job_id)
+                )
+                if orphan:
+                    row = await conn.fetchrow(
+                        "UPDATE import_jobs SET status = 'failed', message = $2, updated_at = now()"
+                        f" WHERE id = $1 AND status = 'running' RETURNING {_IMPORT_JOB}",
+                        job_id, "the admin API instance running the import stopped; rows written before stay"
+                        " (re-upload the file to finish: existing devices are skipped)",
+                    ) or await conn.fetchrow(f"SELECT {_IMPORT_JOB} FROM import_jobs WHERE id = $1", job_id)
+        errors = await conn.fetch(
+            "SELECT line, field, reason FROM import_job_errors WHERE job_id = $1 ORDER BY line, field LIMIT $2",
+            job_id, max_errors,
+        )
+    rejected = tuple(ImportRowError(e["line"], e["field"], e["reason"]) for e in errors)
+    return ImportJobRecord(**dict(row), errors=rejected)
+
+
+async def existing_for_import(
+    conn: asyncpg.Connection, profile_id: uuid.UUID, names: Sequence[str], device_keys: Sequence[str],
+    credentials_ids: Sequence[str],
+) -> ExistingForImport:
+    """Which of these names (any profile), device keys (this profile) and credentials ids are taken; three
+    indexed look-ups in one statement."""
+    rows = await conn.fetch(
+        "SELECT 'n' AS kind, name AS key, id, profile_id FROM devices WHERE name = ANY($2::text[])"
+        " UNION ALL SELECT 'k', device_key, id, profile_id FROM devices"
+        "  WHERE profile_id = $1 AND device_key = ANY($3::text[])"
+        " UNION ALL SELECT 'c', credentials_id, device_id, NULL FROM device_credentials"
+        "  WHERE credentials_id = ANY($4::text[])",
+        profile_id, list(names), list(device_keys), list(credentials_ids),
+    )
+    found = ExistingForImport({}, {}, {})
+    for row in rows:
+        if row["kind"] == "n":
+            found.names[row["key"]] = (row["id"], row["profile_id"])
+        elif row["kind"] == "k":
+            found.device_keys[row["key"]] = row["id"]
+        else:
+            found.credentials[row["key"]] = row["id"]
+    return found
+
+
+async def write_import_batch(
+    conn: asyncpg.Connection, profile_id: uuid.UUID, new: Sequence[ImportedDevice],
+    updates: Sequence[ImportedDevice],
+) -> None:
+    """Create ``new`` devices with their credentials (each device's id is also its default device key) and
+    apply ``updates`` (the device key when given; the credentials when given), in the caller's transaction:
+    a few multi-row statements. Raises ``asyncpg.UniqueViolationError`` when a name, device key or
+    credentials id was taken meanwhile (the caller retries row by row to find which)."""
+    if new:
+        await conn.execute(
+            "INSERT INTO devices (id, name, profile_id, device_key)"
+            " SELECT id, name, $1, coalesce(key, id::text) FROM unnest($2::uuid[], $3::text[], $4::text[])"
+            " AS r(id, name, key)",
+            profile_id, [d.device_id for d in new], [d.name for d in new], [d.device_key for d in new],
+        )
+    with_credentials = [d for d in (*new, *updates) if d.prepared is not None]
+    if with_credentials:
+        await conn.execute(
+            "INSERT INTO device_credentials (device_id, credentials_type, credentials_id, secret_hash, public_value,"
+            " value_enc) SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],"
+            " $6::bytea[]) ON CONFLICT (device_id) DO UPDATE SET credentials_type = EXCLUDED.credentials_type,"
+            " credentials_id = EXCLUDED.credentials_id, secret_hash = EXCLUDED.secret_hash,"
+            " public_value = EXCLUDED.public_value, value_enc = EXCLUDED.value_enc, created_at = now()",
+            [d.device_id for d in with_credentials],
+            [d.prepared.credentials_type.value for d in with_credentials if d.prepared is not None],
+            [d.prepared.credentials_id for d in with_credentials if d.prepared is not None],
+            [d.prepared.secret_hash for d in with_credentials if d.prepared is not None],
+            [public_value(d.prepared) for d in with_credentials if d.prepared is not None],
+            [d.value_enc for d in with_credentials],
+        )
+    keyed = [d for d in updates if d.device_key is not None]
+    if keyed:
+        await conn.execute(
+            "UPDATE devices d SET device_key = r.key FROM unnest($1::uuid[], $2::text[]) AS r(id, key)"
+            " WHERE d.id = r.id AND d.device_key IS DISTINCT FROM r.key",
+            [d.device_id for d in keyed], [d.device_key for d in keyed],
+        )
+
+
+def import_conflict(exc: asyncpg.UniqueViolationError) -> str:
+    """Which uniqueness rule a row broke: ``name``, ``device_key`` or ``credentials``."""
+    constraint = exc.constraint_name or ""
+    if "credentials" in constraint:
+        return "credentials"
+    if "device_key" in constraint:
+        return "device_key"
+    return "name"
+
+
+@dataclass(frozen=True)
+class ExportedDevice:
+    name: str
+    device_key: str
+    provision_state: str | None
+    credentials_type: str | None
+    created_at: datetime.datetime
+    #: When the device provisioned itself (the server attribute provisionState's time), ms since the epoch.
+    provisioned_ts: int | None
+
+
+async def export_devices(
+    pool: asyncpg.Pool, profile_id: uuid.UUID, *, chunk: int = 1000
+) -> AsyncIterator[list[ExportedDevice]]:
+    """The devices of a profile (oldest first) in chunks of ``chunk``, read through a server-side cursor in
+    one read-only transaction (an async iterator of lists of :class:`ExportedDevice`)."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        cursor = await conn.cursor(
+            "SELECT d.name, d.device_key, d.provision_state, c.credentials_type, d.created_at,"
+            " a.last_update_ts AS provisioned_ts FROM devices d"
+            " LEFT JOIN device_credentials c ON c.device_id = d.id"
+            " LEFT JOIN device_attributes a ON a.device_id = d.id AND a.scope = 'server' AND a.key = 'provisionState'"
+            " WHERE d.profile_id = $1 ORDER BY d.created_at, d.id",
+            profile_id,
+        )
+        while True:
+            rows = await cursor.fetch(chunk)
+            if not rows:
+                return
+            yield [ExportedDevice(**dict(row)) for row in rows]
