@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from ..events import ProvisionEvent
 from ..models import PreparedCredentials
 
 
@@ -991,3 +992,67 @@ async def export_devices(
             if not rows:
                 return
             yield [ExportedDevice(**dict(row)) for row in rows]
+
+
+# --- provisioning events (provisioning_common.events; migration 0011) ------------------------------------
+
+_EVENT_COLUMNS = ("time", "outcome", "reason", "transport", "dialect", "source_address", "profile_id", "device_id",
+                  "device_name", "request_id", "latency_ms")
+
+
+async def insert_provision_events(pool: asyncpg.Pool, events: Sequence[ProvisionEvent]) -> None:
+    """Store a batch of events with one ``COPY`` (provisioning-core's EventWriter, off the hot path)."""
+    records = [(e.time, e.outcome.value, e.reason.value, e.transport.value, e.dialect.value if e.dialect else None,
+                e.source_address, e.device_profile_id, e.device_id, e.device_name, e.request_id, e.latency_ms)
+               for e in events]
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table("provision_events", records=records, columns=_EVENT_COLUMNS)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """The admin API's filters of ``GET /api/provision-events`` (None: not filtered)."""
+
+    outcome: str | None = None
+    reason: str | None = None
+    profile_id: uuid.UUID | None = None
+    device_name: str | None = None
+    transport: str | None = None
+    since: datetime.datetime | None = None
+    until: datetime.datetime | None = None
+
+
+async def list_provision_events(
+    conn: asyncpg.Connection | asyncpg.Pool, where: EventFilter, *, limit: int, offset: int
+) -> tuple[list[ProvisionEvent], int]:
+    """One page of events, newest first, and how many match in all. ``since`` inclusive, ``until`` exclusive."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column, value, op in (("outcome", where.outcome, "="), ("reason", where.reason, "="),
+                              ("profile_id", where.profile_id, "="), ("device_name", where.device_name, "="),
+                              ("transport", where.transport, "="), ("time", where.since, ">="),
+                              ("time", where.until, "<")):
+        if value is not None:
+            args.append(value)
+            clauses.append(f"{column} {op} ${len(args)}")
+    clause = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM provision_events{clause}", *args)
+    rows = await conn.fetch(
+        f"SELECT {', '.join(_EVENT_COLUMNS)} FROM provision_events{clause}"
+        f" ORDER BY time DESC, id DESC LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
+        *args, limit, offset,
+    )
+    events = [ProvisionEvent(time=r["time"], outcome=r["outcome"], reason=r["reason"], transport=r["transport"],
+                             dialect=r["dialect"], source_address=r["source_address"],
+                             device_profile_id=r["profile_id"], device_id=r["device_id"],
+                             device_name=r["device_name"], request_id=r["request_id"], latency_ms=r["latency_ms"])
+              for r in rows]
+    return events, int(total)
+
+
+async def purge_provision_events(conn: asyncpg.Connection | asyncpg.Pool, older_than_days: float) -> int:
+    """Delete the events older than the retention (PROVISION_EVENTS_RETENTION_DAYS); returns how many."""
+    status = await conn.execute(
+        "DELETE FROM provision_events WHERE time < now() - make_interval(secs => $1)", older_than_days * 86400.0
+    )
+    return int(status.split()[-1])
