@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     #: unset: anyone who can reach BRIDGE_AUTH_PORT may ask (a WARNING at start-up says so).
     broker_auth_secret: SecretStr | None = None
 
+    #: Provisioning events (README "Provisioning events"): one record per decision, stored in Postgres in
+    #: batches, published to ``provisioning.events``, served by the admin API. false: none are recorded.
+    provision_events_enabled: bool = True
+    #: Events older than this many days are deleted by provisioning-core (checked every few minutes).
+    provision_events_retention_days: float = Field(default=30.0, gt=0, le=3650)
+
     def queue(self, name: str) -> str:
         """Name of a bus queue or exchange inside this deployment's namespace."""
         return f"{self.bus_namespace}{name}"
