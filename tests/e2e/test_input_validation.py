@@ -278,7 +278,7 @@ def test_admin_largest_page_is_an_empty_page(admin_http: httpx.Client) -> None:
     ("provisionDeviceSecret", f"s\x00{MARK}"), ("provisionDeviceSecret", "s" * 256),
     ("certificateRegExPattern", "(a\x00)"),
     ("signingCertificatePem", f"-----BEGIN\x00{MARK}"),
-])
+], ids=lambda v: v.replace(MARK, "MARK")[:40].encode("unicode_escape").decode())  # the same on every xdist worker
 def test_admin_profile_strings_are_checked(admin_http: httpx.Client, field: str, value: str) -> None:
     body: dict[str, Any] = {"name": f"p-{uuid.uuid4().hex[:8]}", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
                             field: value}

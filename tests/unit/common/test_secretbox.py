@@ -79,6 +79,7 @@ def test_generate_key_is_a_fernet_key() -> None:
 @pytest.mark.parametrize(
     "bad",
     ["not-a-key", "c2hvcnQ=", "A" * 43, generate_key()[:-2], generate_key() + ",garbage", "!" * 44],
+    ids=["not-a-key", "short", "43-chars", "truncated-key", "key-then-garbage", "not-base64"],  # same on every worker
 )
 def test_bad_key_raises_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="Fernet"):

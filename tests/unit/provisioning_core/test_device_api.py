@@ -102,7 +102,7 @@ async def test_saved_client_attributes_are_announced_keyed_by_device_id(repo: Fa
     assert json.loads(body) == values
 
 
-@pytest.mark.parametrize("device_id", ["not-a-uuid", str(uuid.uuid4())])
+@pytest.mark.parametrize("device_id", ["not-a-uuid", str(uuid.uuid4())], ids=["not-a-uuid", "unknown-uuid"])
 async def test_an_unknown_device_is_a_clear_error_and_nothing_is_announced(
     repo: FakeRepository, device_id: str
 ) -> None:
