@@ -31,12 +31,13 @@ import secrets
 import string
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from provisioning_common.db.repository import NamedDevice, ProfileRow
 from provisioning_common.dialects import innoway
 from provisioning_common.dialects.limits import MSG_TOO_MANY_FAILURES, field_problem
+from provisioning_common.events import Reason
 from provisioning_common.models import (
     MSG_FAILURE,
     MSG_NOT_FOUND,
@@ -78,25 +79,28 @@ class Refusal:
     """Answer ``status`` with ``message`` and write nothing.
 
     ``failed_attempt``: the request guessed a wrong provision key or secret, which counts against the
-    per-key and per-source limiter (ours, spec "Our deviations").
+    per-key and per-source limiter (ours, spec "Our deviations"). ``reason``: the provisioning event's
+    reason code (README "Provisioning events"), never told to the device, so not part of the answer's
+    equality either: each decision below names its own, in this module only.
     """
 
     status: ProvisionStatus
     message: str
     failed_attempt: bool = False
+    reason: Reason = field(default=Reason.UNSPECIFIED, compare=False)
 
     def result(self) -> ProvisionResult:
         return ProvisionResult(status=self.status, error_message=self.message)
 
 
-def not_found(*, failed_attempt: bool = False) -> Refusal:
-    """NOT_FOUND, ``"Provision data was not found!"`` (spec §2)."""
-    return Refusal(ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND, failed_attempt)
+def not_found(reason: Reason = Reason.UNSPECIFIED, *, failed_attempt: bool = False) -> Refusal:
+    """NOT_FOUND, ``"Provision data was not found!"`` (spec §2), whatever the ``reason``."""
+    return Refusal(ProvisionStatus.NOT_FOUND, MSG_NOT_FOUND, failed_attempt, reason)
 
 
-def failure(message: str = MSG_FAILURE) -> Refusal:
+def failure(message: str = MSG_FAILURE, *, reason: Reason = Reason.UNSPECIFIED) -> Refusal:
     """FAILURE, ``"Failed to provision device!"`` unless one of our documented reasons (spec §2, deviations)."""
-    return Refusal(ProvisionStatus.FAILURE, message)
+    return Refusal(ProvisionStatus.FAILURE, message, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def normalise_name(raw: str) -> str | Refusal:
     if not raw:
         return ""
     name = java_trim(raw)
-    return name if name else failure()
+    return name if name else failure(reason=Reason.BLANK_NAME)
 
 
 def valid_device_name(name: str) -> bool:
@@ -175,8 +179,23 @@ def check_request(req: ProvisionRequest) -> Refusal | Proceed:
     if isinstance(name, Refusal):
         return name
     if not req.provision_key or not req.provision_secret:
-        return not_found()
+        return not_found(Reason.MISSING_KEY_OR_SECRET)
     return Proceed(name)
+
+
+#: The event reason of each uniqueness rule a write can break (repository.DeviceConflict.what).
+_CONFLICT_REASONS = {"name": Reason.NAME_TAKEN, "device_key": Reason.DEVICE_KEY_TAKEN,
+                     "credentials": Reason.CREDENTIALS_IN_USE}
+
+
+def conflict(what: str) -> Refusal:
+    """A write refused by a uniqueness rule (``what``: name, device_key, credentials): ThingsBoard's FAILURE."""
+    return failure(reason=_CONFLICT_REASONS.get(what, Reason.UNSPECIFIED))
+
+
+def too_many_reason(*, failures: bool) -> Reason:
+    """The RATE_LIMITED event's reason: the wrong-secret limit, or the provisions limit."""
+    return Reason.TOO_MANY_FAILURES if failures else Reason.TOO_MANY_PROVISIONS
 
 
 def too_many(*, failures: bool, retry_after_s: float) -> ProvisionResult:
@@ -202,22 +221,25 @@ def decide_strategy(
     DISABLED, an unknown strategy and, ours, an X509_CERTIFICATE_CHAIN profile are NOT_FOUND
     (ThingsBoard: no answer at all for the latter).
     """
-    if profile is None or profile.provision_secret is None:
-        return not_found(failed_attempt=True)
+    if profile is None:
+        return not_found(Reason.UNKNOWN_KEY, failed_attempt=True)
     try:
         strategy = ProvisionStrategy(profile.provision_strategy)
     except ValueError:
-        return not_found(failed_attempt=True)
-    if strategy not in (ProvisionStrategy.ALLOW_CREATE_NEW_DEVICES, ProvisionStrategy.CHECK_PRE_PROVISIONED_DEVICES):
-        return not_found(failed_attempt=True)
+        return not_found(Reason.PROFILE_DISABLED, failed_attempt=True)
+    if strategy is ProvisionStrategy.X509_CERTIFICATE_CHAIN:
+        return not_found(Reason.X509_CHAIN_ONLY, failed_attempt=True)
+    json_strategies = (ProvisionStrategy.ALLOW_CREATE_NEW_DEVICES, ProvisionStrategy.CHECK_PRE_PROVISIONED_DEVICES)
+    if strategy not in json_strategies or profile.provision_secret is None:
+        return not_found(Reason.PROFILE_DISABLED, failed_attempt=True)
     if not secret_matches(profile, req.provision_secret):
-        return not_found(failed_attempt=True)
+        return not_found(Reason.WRONG_SECRET, failed_attempt=True)
     if strategy is ProvisionStrategy.ALLOW_CREATE_NEW_DEVICES:
         if not name:
             return CreateDevice(new_name(), generated=True)
-        return CreateDevice(name) if valid_device_name(name) else failure()
+        return CreateDevice(name) if valid_device_name(name) else failure(reason=Reason.INVALID_NAME)
     if not name:
-        return failure()  # no device has an empty name
+        return failure(reason=Reason.NAME_REQUIRED)  # no device has an empty name
     return ClaimDevice(name)
 
 
@@ -235,10 +257,12 @@ def decide_claim(profile: ProfileRow, device: NamedDevice | None) -> Refusal | C
     Absent, in another profile, or with any ``provisionState`` (claimed before) -> FAILURE. Ours: the
     credentials are kept (encrypted) only until handed out, so a device without them -> FAILURE too.
     """
-    if device is None or device.profile_id != profile.id or device.provision_state is not None:
-        return failure()
+    if device is None or device.profile_id != profile.id:
+        return failure(reason=Reason.NOT_PRE_PROVISIONED)
+    if device.provision_state is not None:
+        return failure(reason=Reason.ALREADY_PROVISIONED)
     if device.value_enc is None:
-        return failure()
+        return failure(reason=Reason.INTERNAL_ERROR)
     return ClaimPreProvisioned(device, device.value_enc)
 
 
@@ -273,23 +297,25 @@ def prepare_failure(credentials_error: str | None) -> Refusal:
     """The credentials service refused supplied credentials: ThingsBoard's generic FAILURE (spec §5),
     except a certificate that does not parse and a device-chosen token under the minimum (issue 13), whose
     reasons are told (our documented deviations)."""
-    if credentials_error and ("X.509" in credentials_error or credentials_error.startswith("Access token is too weak")):
-        return failure(credentials_error)
-    return failure()
+    if credentials_error and "X.509" in credentials_error:
+        return failure(credentials_error, reason=Reason.INVALID_CERTIFICATE)
+    if credentials_error and credentials_error.startswith("Access token is too weak"):
+        return failure(credentials_error, reason=Reason.TOO_WEAK_TOKEN)
+    return failure(reason=Reason.INVALID_CREDENTIALS)
 
 
 def issue_refusal(req: ProvisionRequest, profile: ProfileRow) -> Refusal | None:
     """Why an X509_CSR request cannot be issued a certificate before asking for one, or None."""
     if not profile.signing_certificate_pem or not profile.signing_key_enc:
-        return failure(MSG_NO_SIGNING_CA)
+        return failure(MSG_NO_SIGNING_CA, reason=Reason.NO_SIGNING_CA)
     if not req.credentials.csr:
-        return failure(MSG_CSR_REQUIRED)
+        return failure(MSG_CSR_REQUIRED, reason=Reason.CSR_REQUIRED)
     return None
 
 
 def issue_failure(credentials_error: str | None) -> Refusal:
     """The credentials service refused to issue a certificate for the CSR: its reason is told."""
-    return failure(credentials_error or MSG_FAILURE)
+    return failure(credentials_error or MSG_FAILURE, reason=Reason.CSR_REFUSED)
 
 
 def created_result(
@@ -377,11 +403,11 @@ class CreateX509Device:
 def verified_identity(verified: VerifyChainResult) -> Refusal | X509Identity:
     """The credentials service's verdict on a presented chain; a refusal tells its reason."""
     if not verified.ok or verified.profile_id is None or not verified.leaf_body or not verified.leaf_credentials_id:
-        return failure(verified.error_message or MSG_FAILURE)
+        return failure(verified.error_message or MSG_FAILURE, reason=Reason.CHAIN_INVALID)
     try:
         profile_id = uuid.UUID(verified.profile_id)
     except ValueError:
-        return failure()
+        return failure(reason=Reason.CHAIN_INVALID)
     return X509Identity(
         profile_id=profile_id,
         common_name=verified.leaf_common_name,
@@ -406,9 +432,9 @@ def x509_target(profile: ProfileRow | None, common_name: str | None) -> Refusal 
     pattern (default ``(.*)``) applied to the leaf CN; any other profile -> FAILURE, no name -> FAILURE
     with our reason."""
     if profile is None or profile.provision_strategy != ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
-        return failure()
+        return failure(reason=Reason.NOT_CHAIN_PROFILE)
     name = name_from_common_name(profile.certificate_regex or "(.*)", common_name)
-    return X509Target(profile, name) if name else failure(MSG_CN_MISMATCH)
+    return X509Target(profile, name) if name else failure(MSG_CN_MISMATCH, reason=Reason.CN_MISMATCH)
 
 
 def decide_x509_device(
@@ -421,10 +447,10 @@ def decide_x509_device(
     """
     if device is not None:
         if device.profile_id != profile.id or device.credentials_type != CredentialsType.X509_CERTIFICATE.value:
-            return failure()
+            return failure(reason=Reason.NAME_TAKEN)
         return RotateX509Credentials(device.id)
     if not profile.allow_create_by_x509:
-        return failure()
+        return failure(reason=Reason.CREATION_NOT_ALLOWED)
     return CreateX509Device(name)
 
 

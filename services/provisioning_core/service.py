@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import NamedTuple
 
 import asyncpg
 from provisioning_common.bus import (
@@ -41,19 +42,23 @@ from provisioning_common.contract import (
     PREPARE,
     PROVISION,
     PROVISION_X509_CHAIN,
+    REPORT_TIMEOUT,
     VERIFY_CHAIN,
     Handler,
 )
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
+from provisioning_common.events import EventSink, Outcome, ProvisionEvent, Reason, elapsed_ms
 from provisioning_common.models import (
     AbandonResult,
+    Dialect,
     IssueCertificateRequest,
     IssueCertificateResult,
     PrepareCredentialsRequest,
     ProvisionRequest,
     ProvisionResult,
     ProvisionStatus,
+    Transport,
     VerifyChainRequest,
     X509ChainProvisionRequest,
 )
@@ -68,6 +73,20 @@ from .token_pool import TokenPool
 log = logging.getLogger(__name__)
 
 
+class _Decided(NamedTuple):
+    """An answer with its provisioning event's reason and, when known, the profile it was about."""
+
+    result: ProvisionResult
+    reason: Reason
+    profile_id: uuid.UUID | None = None
+    #: The device's name when the request did not say it (an X.509 chain's CN gave it).
+    device_name: str | None = None
+
+
+def _refused(refusal: rules.Refusal, profile_id: uuid.UUID | None = None) -> _Decided:
+    return _Decided(refusal.result(), refusal.reason, profile_id)
+
+
 class ProvisioningCore:
     def __init__(
         self,
@@ -79,6 +98,7 @@ class ProvisioningCore:
         *,
         replay_window_s: float = 600.0,
         reply_grace_s: float = 2.0,
+        events: EventSink | None = None,
     ) -> None:
         self._pool = pool
         self._profiles = ProfileCache(pool, profile_ttl_s, box=box)
@@ -90,6 +110,8 @@ class ProvisioningCore:
         self._reply_grace_s = reply_grace_s
         self._replay_secret = box.derive_key(b"provision-replay-key")
         self._db = DatabaseGuard(log).run
+        #: Where every decision's provisioning event goes (README "Provisioning events"); by default nowhere.
+        self._events = events if events is not None else EventSink()
 
     def handlers(self) -> list[Handler]:
         """The entry points, one per method of :data:`contract.CORE`."""
@@ -97,6 +119,7 @@ class ProvisioningCore:
             PROVISION.handler(self.provision),
             PROVISION_X509_CHAIN.handler(self.provision_x509_chain),
             ABANDON.handler(self.abandon),
+            REPORT_TIMEOUT.handler(self.report_timeout),
         ]
 
     def replay_key(self, req: ProvisionRequest) -> str:
@@ -141,16 +164,45 @@ class ProvisioningCore:
         await self.undo(self.replay_key(req))
         return AbandonResult()
 
-    async def provision(self, req: ProvisionRequest) -> ProvisionResult:
-        return await self._db(self._provision(req))
+    async def report_timeout(self, event: ProvisionEvent) -> None:
+        """A gateway answered "timed out": its TIMED_OUT event joins the others (a gateway reports nothing else)."""
+        if event.outcome is Outcome.TIMED_OUT:
+            self._events.emit(event)
 
-    async def _provision(self, req: ProvisionRequest) -> ProvisionResult:
+    def _emit(self, outcome: Outcome, decided: _Decided, started: float, *, transport: Transport,
+              dialect: Dialect | None, source_address: str, request_id: str, device_name: str | None) -> None:
+        """The decision's one provisioning event (the writer only queues it: nothing here waits)."""
+        if not self._events.enabled:
+            return
+        result = decided.result
+        self._events.emit(ProvisionEvent(
+            outcome=outcome, reason=decided.reason, transport=transport, dialect=dialect,
+            source_address=source_address, device_profile_id=decided.profile_id,
+            device_id=uuid.UUID(result.device_id) if result.device_id else None,
+            device_name=result.device_name or decided.device_name or device_name, request_id=request_id,
+            latency_ms=elapsed_ms(started),
+        ))
+
+    async def provision(self, req: ProvisionRequest) -> ProvisionResult:
+        started = time.perf_counter()
+        decided = await self._db(self._provision(req))
+        if decided.reason in (Reason.TOO_MANY_FAILURES, Reason.TOO_MANY_PROVISIONS):
+            outcome = Outcome.RATE_LIMITED
+        else:
+            outcome = Outcome(decided.result.status.value)
+        self._emit(outcome, decided, started, transport=req.transport, dialect=req.dialect,
+                   source_address=req.source_address, request_id=req.request_id,
+                   device_name=rules.java_trim(req.device_name) or None)
+        return decided.result
+
+    async def _provision(self, req: ProvisionRequest) -> _Decided:
         # A duplicate delivery is detected where the device is written (the replay key is
         # claimed in the same statement), so the common case costs no extra query.
         checked = rules.check_request(req)
         if isinstance(checked, rules.Refusal):
-            return checked.result()
+            return _refused(checked)
         profile = await self._profiles.get(req.provision_key)
+        profile_id = profile.id if profile is not None else None
         decision = rules.decide_strategy(req, profile, checked.name)
         # The rate limits (one transaction per batch of concurrent requests): whatever the secret, a source over
         # its wrong-secret limit gets the same refusal, so it learns nothing from its guesses; a right secret never
@@ -160,14 +212,16 @@ class ProvisioningCore:
                 verdict = await self._limiter.wrong_secret(req)
             else:
                 verdict = await self._limiter.check_source(req)
-            return decision.result() if verdict.admitted else _too_many(verdict)
+            return _refused(decision, profile_id) if verdict.admitted else _too_many(verdict, profile_id)
         assert profile is not None  # decide_strategy refuses a request without a profile
         verdict = await self._limiter.right_secret(req, profile.id)
         if not verdict.admitted:
-            return _too_many(verdict)
+            return _too_many(verdict, profile.id)
         if isinstance(decision, rules.CreateDevice):
-            return await self._create_device(req, profile, decision.name)
-        return await self._claim_pre_provisioned(req, profile, decision.name)
+            decided = await self._create_device(req, profile, decision.name)
+        else:
+            decided = await self._claim_pre_provisioned(req, profile, decision.name)
+        return decided._replace(profile_id=profile.id)
 
     async def _replay(self, key: str) -> ProvisionResult | None:
         answer = await repository.replay_answer(self._pool, key)
@@ -197,7 +251,7 @@ class ProvisioningCore:
 
     async def _create_device(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
-    ) -> ProvisionResult:
+    ) -> _Decided:
         key = self.replay_key(req)
         token_length = rules.token_length(req.dialect)
         source = rules.credentials_source(req)
@@ -206,10 +260,10 @@ class ProvisioningCore:
             if source is rules.CredentialsSource.ISSUED_FROM_CSR:
                 refusal = rules.issue_refusal(req, profile)
                 if refusal is not None:
-                    return refusal.result()
+                    return _refused(refusal)
                 issued = await self._issue_certificate(req, profile, name)
                 if not issued.ok or issued.prepared is None:
-                    return rules.issue_failure(issued.error_message).result()
+                    return _refused(rules.issue_failure(issued.error_message))
                 prepared, ca_certificates = issued.prepared, issued.ca_certificates
             elif source is rules.CredentialsSource.GENERATED_TOKEN:
                 prepared = await self._tokens.take(token_length)
@@ -219,13 +273,13 @@ class ProvisioningCore:
                     enforce_token_minimum=not profile.allow_weak_tokens,
                 ))
                 if not reply.ok or reply.prepared is None:
-                    return rules.prepare_failure(reply.error_message).result()
+                    return _refused(rules.prepare_failure(reply.error_message))
                 prepared = reply.prepared
         except RpcError as exc:
             # A repeated request whose first attempt committed needs no new credentials.
             replayed = await self._replay(key) if key != req.request_id else None
             if replayed is not None:
-                return replayed
+                return _Decided(replayed, Reason.REPLAYED)
             if isinstance(exc, RpcTimeout):
                 raise DeadlineExceeded("credentials service did not answer in time") from None
             raise Unavailable("credentials service unavailable") from None
@@ -251,18 +305,18 @@ class ProvisioningCore:
                 )
             except repository.DeviceConflict as exc:
                 log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
-                return rules.failure().result()
+                return _refused(rules.conflict(exc.what))
             except repository.Expired:
                 log.info("device %s not written: its request's deadline passed (the device may retry)", name)
                 raise DeadlineExceeded("deadline passed before the device was written") from None
             if created:
                 log.info("provisioned device %s (%s) in profile %s via %s", device_id,
                          prepared.credentials_type.value, profile.name, req.transport.value)
-                return await self._deliverable(key, result)
+                return _Decided(await self._deliverable(key, result), Reason.CREATED)
             replayed = await self._replay(key)
             if replayed is not None:
-                return replayed
-        return ProvisionResult.failure()
+                return _Decided(replayed, Reason.REPLAYED)
+        return _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
 
     async def _issue_certificate(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
@@ -282,23 +336,31 @@ class ProvisioningCore:
 
     async def provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
         """ThingsBoard's X.509 chain strategy (spec §8): create, rotate, or refuse on a TLS connect."""
-        return await self._db(self._provision_x509_chain(req))
+        started = time.perf_counter()
+        decided = await self._db(self._provision_x509_chain(req))
+        if decided.result.status is not ProvisionStatus.SUCCESS:
+            outcome = Outcome.X509_REFUSED
+        else:
+            outcome = Outcome.X509_ROTATED if decided.reason is Reason.ROTATED else Outcome.X509_ACCEPTED
+        self._emit(outcome, decided, started, transport=req.transport, dialect=None,
+                   source_address=req.source_address, request_id=req.request_id, device_name=None)
+        return decided.result
 
-    async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> ProvisionResult:
+    async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> _Decided:
         try:
             verified = await self._bus.call(VERIFY_CHAIN, VerifyChainRequest(chain=req.chain))
         except RpcError as exc:
             log.warning("credentials service unavailable: %s", exc)
-            return ProvisionResult.failure()
+            return _Decided(ProvisionResult.failure(), Reason.UNAVAILABLE)
         identity = rules.verified_identity(verified)
         if isinstance(identity, rules.Refusal):
             log.info("x509 chain refused: %s", verified.error_message)
-            return identity.result()
+            return _refused(identity)
         profile = await repository.profile_by_id(self._pool, identity.profile_id)
         target = rules.x509_target(profile, identity.common_name)
         if isinstance(target, rules.Refusal):
             log.info("x509 chain refused: %s", target.message)
-            return target.result()
+            return _refused(target, profile.id if profile is not None else None)
         profile, name, prepared = target.profile, target.name, identity.credentials
         for _ in range(2):  # a concurrent first connect of the same device turns creation into rotation
             device = await repository.device_by_name(self._pool, name)
@@ -306,13 +368,13 @@ class ProvisioningCore:
             if isinstance(decision, rules.Refusal):
                 if device is None:
                     log.info("x509 chain refused: device %s unknown and creation not allowed", name)
-                return decision.result()
+                return _refused(decision, profile.id)._replace(device_name=name)
             if isinstance(decision, rules.RotateX509Credentials):
                 try:
                     await repository.replace_credentials_id(self._pool, decision.device_id, prepared.credentials_id)
-                except repository.DeviceConflict:
-                    return rules.failure().result()  # this leaf belongs to another device
-                return rules.x509_result(decision.device_id, name, prepared)
+                except repository.DeviceConflict:  # this leaf belongs to another device
+                    return _refused(rules.conflict("credentials"), profile.id)
+                return _Decided(rules.x509_result(decision.device_id, name, prepared), Reason.ROTATED, profile.id)
             device_id = uuid.uuid4()
             try:
                 await repository.insert_device(
@@ -325,14 +387,14 @@ class ProvisioningCore:
             except repository.DeviceConflict as exc:
                 if exc.what == "name":
                     continue
-                return rules.failure().result()
+                return _refused(rules.conflict(exc.what), profile.id)
             log.info("provisioned device %s by X.509 chain in profile %s", device_id, profile.name)
-            return rules.x509_result(device_id, name, prepared)
-        return rules.failure().result()
+            return _Decided(rules.x509_result(device_id, name, prepared), Reason.CREATED, profile.id)
+        return _refused(rules.conflict("name"), profile.id)
 
     async def _claim_pre_provisioned(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str
-    ) -> ProvisionResult:
+    ) -> _Decided:
         key = self.replay_key(req)
         deadline = current_deadline()
         if deadline is not None and time.time() > deadline:
@@ -354,26 +416,31 @@ class ProvisioningCore:
                     if await repository.deadline_passed(conn, deadline):
                         raise _Expired
             except _AlreadyHandled:
-                return await self._replay(key) or ProvisionResult.failure()
+                replayed = await self._replay(key)
+                if replayed is None:
+                    return _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
+                return _Decided(replayed, Reason.REPLAYED)
             except _Refused as refused:
-                return refused.refusal.result()
+                return _refused(refused.refusal)
             except _Expired:
                 log.info("device %s not claimed: its request's deadline passed (the device may retry)", name)
                 raise DeadlineExceeded("deadline passed before the claim could commit") from None
             except InvalidToken:
                 log.error("cannot decrypt pre-provisioned credentials; is DATA_ENCRYPTION_KEY the admin API's?")
-                return ProvisionResult.failure()
+                return _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
         log.info("pre-provisioned device %s claimed in profile %s", result.device_id, profile.name)
-        return await self._deliverable(key, result)
+        return _Decided(await self._deliverable(key, result), Reason.CLAIMED)
 
     async def purge_answers(self, older_than_s: float) -> int:
         """Forget replayable answers once no redelivery can still arrive (they expire with their TTL)."""
         return await repository.purge_answers(self._pool, older_than_s)
 
 
-def _too_many(verdict: Verdict) -> ProvisionResult:
+def _too_many(verdict: Verdict, profile_id: uuid.UUID | None) -> _Decided:
     log.debug("provision request refused by the %s limit", verdict.refused)
-    return rules.too_many(failures=verdict.refused is Refused.FAILURES, retry_after_s=verdict.retry_after_s)
+    failures = verdict.refused is Refused.FAILURES
+    return _Decided(rules.too_many(failures=failures, retry_after_s=verdict.retry_after_s),
+                    rules.too_many_reason(failures=failures), profile_id)
 
 
 class _AlreadyHandled(Exception):

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 from pydantic import BaseModel
 
+from .events import ProvisionEvent
 from .models import (
     AttributesQuery,
     AttributesSaved,
@@ -172,6 +173,9 @@ PROVISION = CORE.rpc("provision", ProvisionRequest, ProvisionResult)
 PROVISION_X509_CHAIN = CORE.rpc("provision_x509_chain", X509ChainProvisionRequest, ProvisionResult)
 #: A gateway answered "timed out" without the core's answer: undo what the request committed.
 ABANDON = CORE.one_way("abandon", ProvisionRequest)
+#: A gateway answered "timed out" (no answer in time, or none possible): the TIMED_OUT provisioning event,
+#: which the core stores and publishes with the others (README "Provisioning events"). No secret in it.
+REPORT_TIMEOUT = CORE.one_way("report_timeout", ProvisionEvent)
 
 #: credentials, the part the gateways and broker_auth call: checking a device's login.
 CREDENTIALS = Service("credentials")
@@ -232,3 +236,9 @@ DOWNLINK_EXCHANGE = "device.downlink"
 DOWNLINK_RPC = "rpc"
 #: Shared attributes changed: ``{"key": value, ...}``, or ``{"deleted": ["key", ...]}``.
 DOWNLINK_ATTRIBUTES = "attributes"
+
+#: Provisioning events (README "Provisioning events"): one JSON message per provisioning decision
+#: (``ProvisionEvent.wire()``), routing key ``<outcome>.<transport>`` (e.g. ``NOT_FOUND.HTTP``,
+#: ``X509_REFUSED.MQTT``), published by provisioning-core once the event is stored; the admin API's live
+#: stream and the operator's own systems bind queues to it. A durable topic exchange like the ones above.
+EVENTS_EXCHANGE = "provisioning.events"

@@ -10,6 +10,7 @@ import contextlib
 import enum
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .contract import (
     GET_ATTRIBUTES,
     PROVISION,
     PROVISION_X509_CHAIN,
+    REPORT_TIMEOUT,
     RPC_REQUEST_EXCHANGE,
     SAVE_CLIENT_ATTRIBUTES,
     TELEMETRY_EXCHANGE,
@@ -31,6 +33,7 @@ from .device_auth import CLIENT_SOURCE, AuthFailures
 from .device_link import DeviceLinks
 from .dialects import DialectError, parse_provision_request, render_error, render_result
 from .dialects.limits import MalformedRequestLimiter
+from .events import Outcome, ProvisionEvent, Reason, elapsed_ms
 from .models import (
     MSG_TIMEOUT,
     AttributesQuery,
@@ -116,11 +119,14 @@ class TransportApi:
             return ProvisionOutcome(OutcomeKind.BAD_REQUEST, dialect, render_error(dialect, exc.message))
         if request_id:
             request = request.model_copy(update={"request_id": request_id})
+        started = time.perf_counter()
         try:
             # The core must commit by now + PROVISION_TIMEOUT_S; we wait BUS_REPLY_GRACE_S longer for
             # its answer, so "timed out" is only ever said when nothing was (or will be) written.
             result = await self._bus.call(PROVISION, request, message_id=request.request_id)
         except RpcError as exc:
+            self._report_timeout(exc, started, transport, request.dialect, source_address,
+                                 request_id=request.request_id, device_name=request.device_name)
             # Timed out, a dependency down, or the bus gone: one WARNING per outage, "retry later" to each.
             self._core_outage.failed(type(exc).__name__ if isinstance(exc, RpcTimeout) else str(exc))
             if outcome_unknown(exc):
@@ -133,6 +139,18 @@ class TransportApi:
         if self._core_outage.down:
             self._core_outage.recovered()
         return ProvisionOutcome(OutcomeKind.ANSWERED, request.dialect, render_result(request.dialect, result), result)
+
+    def _report_timeout(self, exc: RpcError, started: float, transport: Transport, dialect: Dialect | None,
+                        source_address: str, *, request_id: str, device_name: str = "") -> None:
+        """The device is about to hear "timed out": the TIMED_OUT provisioning event (README "Provisioning
+        events"), sent to the core like ``abandon`` (reliably, one-way), which stores and publishes it."""
+        if not self._settings.provision_events_enabled:
+            return
+        self._bus.send_reliably(REPORT_TIMEOUT, ProvisionEvent(
+            outcome=Outcome.TIMED_OUT, reason=Reason.NO_ANSWER if outcome_unknown(exc) else Reason.UNAVAILABLE,
+            transport=transport, dialect=dialect, source_address=source_address, request_id=request_id,
+            device_name=device_name.strip() or None, latency_ms=elapsed_ms(started),
+        ))
 
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
         """Ask the credentials service who owns these credentials. Raises RpcError when unreachable."""
@@ -155,9 +173,11 @@ class TransportApi:
         """A TLS client presented a chain (base64 DER, leaf first) whose leaf is unknown: let the core
         apply the X509_CERTIFICATE_CHAIN strategy. Bus failures become FAILURE."""
         request = X509ChainProvisionRequest(chain=chain[:10], transport=transport, source_address=source_address)
+        started = time.perf_counter()
         try:
             return await self._bus.call(PROVISION_X509_CHAIN, request)
         except RpcError as exc:
+            self._report_timeout(exc, started, transport, None, source_address, request_id=request.request_id)
             log.warning("x509 chain provisioning unavailable: %s", exc)
             return ProvisionResult.failure(MSG_TIMEOUT)
 

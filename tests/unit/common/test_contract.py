@@ -173,7 +173,8 @@ def test_the_services_serve_exactly_their_contract() -> None:
     from provisioning_core.service import ProvisioningCore
 
     core = ProvisioningCore(None, None, SecretBox(generate_key()), RateLimiter.in_memory())  # type: ignore[arg-type]
-    assert set(CORE.entry_points(core.handlers())) == {"provision", "provision_x509_chain", "abandon"}
+    assert set(CORE.entry_points(core.handlers())) == {"provision", "provision_x509_chain", "abandon",
+                                                             "report_timeout"}
     credentials = CredentialsService(pool=None)  # type: ignore[arg-type]
     handlers = list(credentials.handlers())
     assert set(CREDENTIALS.entry_points([h for h in handlers if h.method.service is CREDENTIALS])) == {"authenticate"}
