@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from typing import Any
 
 from provisioning_common import runtime
-from provisioning_common.contract import CORE, DEVICE_API
+from provisioning_common.bus import Bus
+from provisioning_common.contract import CORE, DEVICE_API, EVENTS_EXCHANGE
 from provisioning_common.db import repository
+from provisioning_common.events import EventSink, EventWriter, ProvisionEvent
 from provisioning_common.secretbox import SecretBox
 
 from .device_api import DeviceApi
@@ -26,27 +30,54 @@ async def start(context: runtime.Context) -> runtime.Running:
     # Provision secrets stored in clear before migration 0008 are encrypted now (the admin API does it too).
     await repository.seal_profile_secrets(await context.pool(), box.encrypt_json)
     limits_store = PostgresStore(await context.pool())
+    events = event_writer(await context.pool(), await context.bus()) if settings.provision_events_enabled \
+        else EventSink()
     core = ProvisioningCore(await context.pool(), await context.bus(),
                             box,
                             RateLimiter(ProvisionLimits.from_settings(settings), limits_store),
                             profile_ttl_s=settings.profile_cache_ttl_s,
                             replay_window_s=settings.provision_replay_window_s,
-                            reply_grace_s=settings.bus_reply_grace_s)
+                            reply_grace_s=settings.bus_reply_grace_s,
+                            events=events)
     # Device traffic (attributes) on its own queue and channel, with at most half of the pool, so
     # that it never queues provisioning.
     device_api = DeviceApi(await context.pool(), await context.bus(), max_connections=settings.db_pool_max // 2)
+    background = [purge_forever(core, limits_store, await context.pool(), settings.provision_events_retention_days,
+                                settings.provision_events_purge_interval_s)]
+    stop = []
+    if isinstance(events, EventWriter):
+        background.append(events.run())
+        stop.append(events.close)  # after the requests in flight finished: their events are written too
     return runtime.Running(serve=CORE, handlers=core.handlers(), on_undelivered=core.on_undelivered,
                            also_serve=[(DEVICE_API, device_api.handlers())],
-                           background=[purge_forever(core, limits_store)])
+                           background=background, stop=stop)
 
 
-async def purge_forever(core: ProvisioningCore, limits_store: PostgresStore) -> None:
+def event_writer(pool: Any, bus: Bus) -> EventWriter:
+    """Provisioning events stored in batches (one COPY) and then published to ``provisioning.events``."""
+
+    async def store(batch: Sequence[ProvisionEvent]) -> None:
+        await repository.insert_provision_events(pool, batch)
+
+    async def publish(event: ProvisionEvent) -> None:
+        await bus.publish_event(EVENTS_EXCHANGE, event.routing_key, event.wire_json())
+
+    return EventWriter(store, publish)
+
+
+async def purge_forever(
+    core: ProvisioningCore, limits_store: PostgresStore, pool: Any, events_retention_days: float, interval_s: float
+) -> None:
+    """Forget what expired, every ``interval_s`` (PROVISION_EVENTS_PURGE_INTERVAL_S): replayable answers, full
+    rate-limit buckets, and provisioning events older than PROVISION_EVENTS_RETENTION_DAYS."""
     while True:
         with contextlib.suppress(Exception):
             await core.purge_answers(ANSWER_RETENTION_S)
         with contextlib.suppress(Exception):
             await limits_store.purge()  # full buckets are the same as none
-        await asyncio.sleep(300)
+        with contextlib.suppress(Exception):
+            await repository.purge_provision_events(pool, events_retention_days)
+        await asyncio.sleep(interval_s)
 
 
 if __name__ == "__main__":

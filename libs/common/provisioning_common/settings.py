@@ -182,6 +182,9 @@ class Settings(BaseSettings):
     provision_events_enabled: bool = True
     #: Events older than this many days are deleted by provisioning-core (checked every few minutes).
     provision_events_retention_days: float = Field(default=30.0, gt=0, le=3650)
+    #: How often provisioning-core deletes what expired: events past their retention, replayable answers,
+    #: full rate-limit buckets.
+    provision_events_purge_interval_s: float = Field(default=300.0, ge=1, le=86400)
 
     def queue(self, name: str) -> str:
         """Name of a bus queue or exchange inside this deployment's namespace."""
