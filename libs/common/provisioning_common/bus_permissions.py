@@ -42,6 +42,7 @@ from .contract import (
     CREDENTIALS_INTERNAL,
     DEVICE_API,
     DOWNLINK_EXCHANGE,
+    EVENTS_EXCHANGE,
     REPLY_EXCHANGE,
     RPC_REQUEST_EXCHANGE,
     SERVICES,
@@ -56,6 +57,8 @@ DEVICE_ID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 #: The random part of a reply or downlink queue's name.
 HEX = "[0-9a-f]+"
 DEVICE_EXCHANGES = (TELEMETRY_EXCHANGE, ATTRIBUTES_EXCHANGE, RPC_REQUEST_EXCHANGE, DOWNLINK_EXCHANGE)
+#: Every topic exchange of the contract besides ``rpc.replies``: device data, and provisioning events.
+TOPIC_EXCHANGES = (*DEVICE_EXCHANGES, EVENTS_EXCHANGE)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,11 @@ class BusUser:
 #: credentials service (minting, hashing, signing), which only provisioning-core and admin-api may call.
 USERS: tuple[BusUser, ...] = (
     BusUser("provisioning_core", serves=(CORE, DEVICE_API), calls=(CREDENTIALS_INTERNAL,),
-            publishes=(ATTRIBUTES_EXCHANGE,), answers=True),
+            publishes=(ATTRIBUTES_EXCHANGE, EVENTS_EXCHANGE), answers=True),
     BusUser("credentials", serves=(CREDENTIALS, CREDENTIALS_INTERNAL), answers=True),
-    BusUser("admin_api", calls=(CREDENTIALS_INTERNAL,), publishes=(DOWNLINK_EXCHANGE,)),
+    # The live stream of provisioning events: one exclusive queue per open stream, bound to provisioning.events.
+    BusUser("admin_api", calls=(CREDENTIALS_INTERNAL,), publishes=(DOWNLINK_EXCHANGE,),
+            own_queues=(rf"admin_api\.events\.{HEX}",), subscribes=(EVENTS_EXCHANGE,)),
     BusUser("http_gateway", calls=(CORE, CREDENTIALS, DEVICE_API), publishes=(TELEMETRY_EXCHANGE, RPC_REQUEST_EXCHANGE),
             answers=True, downlink=True,
             # Long polls' per-device queues, and each instance's forwarding queue of RPC answers (by tag).
@@ -99,7 +104,7 @@ USERS: tuple[BusUser, ...] = (
     # The operator's backend (README, "Device data on RabbitMQ"): its own queues backend.*, bound to the
     # uplink exchanges; publishes downlink messages and answers client-side RPCs on rpc.replies.
     BusUser("backend", publishes=(DOWNLINK_EXCHANGE,), answers=True, own_queues=(r"backend\..+",),
-            subscribes=(TELEMETRY_EXCHANGE, ATTRIBUTES_EXCHANGE, RPC_REQUEST_EXCHANGE)),
+            subscribes=(TELEMETRY_EXCHANGE, ATTRIBUTES_EXCHANGE, RPC_REQUEST_EXCHANGE, EVENTS_EXCHANGE)),
 )
 
 
@@ -164,7 +169,7 @@ def definitions(settings: Settings, passwords: dict[str, str], *, vhost: str = "
                 "internal": False, "arguments": {}}
 
     exchanges = [exchange(request_exchange(s.name), "direct") for s in SERVICES]
-    exchanges += [exchange(REPLY_EXCHANGE, "topic")] + [exchange(e, "topic") for e in DEVICE_EXCHANGES]
+    exchanges += [exchange(REPLY_EXCHANGE, "topic")] + [exchange(e, "topic") for e in TOPIC_EXCHANGES]
     queues = [{"name": settings.queue(s.name), "vhost": vhost, "durable": True, "auto_delete": False,
                "arguments": service_queue_arguments(settings)} for s in SERVICES]
     bindings = [{"source": settings.queue(request_exchange(s.name)), "vhost": vhost,
