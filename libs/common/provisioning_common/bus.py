@@ -26,6 +26,12 @@ time, never a fresh one, and the handler can refuse to commit past it), and answ
 than the deadline it set, so the service's own answer - success or "too late" - reaches it
 before it gives up; a device is never told "timed out" while its work may still commit.
 
+Request ids travel the same way: a call made while a request id is in force
+(:func:`provisioning_common.context.current_request_id`) carries it as ``x-request-id``, and the
+serving side handles the message with it in force, so every service's log lines of one device's
+request carry the id its gateway gave it. Every call and every handled message is counted and timed
+per service and method (:mod:`.metrics`: ``provisioning_rpc_*``), time-outs apart.
+
 When the connection drops, callers fail at once (no waiting out the time-out), and a reply the
 broker cannot deliver (its caller vanished) is reported to the service through
 ``on_undelivered`` so that it can undo work nobody was told about.
@@ -55,6 +61,8 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
+from . import metrics
+from .context import REQUEST_ID_HEADER, current_request_id, reset_request_id, set_request_id
 from .contract import REPLY_EXCHANGE, Handler, OneWay, Rpc, Service, request_exchange
 from .models import RpcFailure
 from .outage import OutageLog
@@ -169,7 +177,8 @@ class Bus:
         self._idle.set()
         self._outage = OutageLog(log, "RabbitMQ")
         self._closing = False
-        self._outbox: collections.deque[tuple[str, str, bytes]] = collections.deque()
+        #: (service, method, body, request id) of each one-way message waiting to be sent.
+        self._outbox: collections.deque[tuple[str, str, bytes, str | None]] = collections.deque()
         self._outbox_wakeup = asyncio.Event()
         self._outbox_task: asyncio.Task[None] | None = None
         self._outbox_overflow = OutageLog(log, "bus outbox")
@@ -193,6 +202,7 @@ class Bus:
         """Fail every caller at once: their replies would go to a reply queue that is gone."""
         if self._closing:
             return
+        metrics.BUS_DISCONNECTS.inc()
         self._outage.failed("connection lost")
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -200,6 +210,7 @@ class Bus:
                 future.set_exception(ConnectionLost("bus connection lost"))
 
     def _on_reconnected(self, *_: Any) -> None:
+        metrics.BUS_RECONNECTS.inc()
         self._outage.recovered()
 
     @property
@@ -355,6 +366,33 @@ class Bus:
         deadline passed), :class:`Unavailable` when the service reports a dependency down, and
         :class:`RpcError` when the remote failed or the bus is unreachable.
         """
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            reply = await self._call(rpc, payload, timeout=timeout, message_id=message_id, deadline=deadline)
+            outcome = "ok"
+            return reply
+        except DeadlineExceeded:
+            outcome = "deadline"
+            raise
+        except RpcTimeout:
+            outcome = "timeout"
+            raise
+        except Unavailable:
+            outcome = "unavailable"
+            raise
+        except ConnectionLost:
+            outcome = "connection_lost"
+            raise
+        finally:
+            labels = (rpc.service.name, rpc.name)
+            metrics.RPC_CLIENT_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            metrics.RPC_CLIENT_CALLS.labels(*labels, outcome).inc()
+
+    async def _call(
+        self, rpc: Rpc[Req, Resp], payload: Req, *, timeout: float | None, message_id: str | None,
+        deadline: float | None,
+    ) -> Resp:
         service, method = rpc.service.name, rpc.name
         now = time.time()
         inherited = _deadline.get()
@@ -376,7 +414,7 @@ class Bus:
             correlation_id=correlation_id,
             message_id=message_id or correlation_id,
             reply_to=self._reply_queue_name,
-            headers={DEADLINE_HEADER: f"{deadline:.6f}"},
+            headers=_call_headers(deadline),
             # Nothing is taken from the queue after the deadline (the handler checks it too).
             expiration=budget,
             # Transient: a request lives at most ``timeout`` seconds, after which its caller has
@@ -417,7 +455,8 @@ class Bus:
         if len(self._outbox) >= OUTBOX_MAX:
             self._outbox.popleft()
             self._outbox_overflow.failed(f"more than {OUTBOX_MAX} one-way messages waiting; dropping the oldest")
-        self._outbox.append((message.service.name, message.name, payload.model_dump_json().encode()))
+        self._outbox.append((message.service.name, message.name, payload.model_dump_json().encode(),
+                             current_request_id()))
         self._outbox_wakeup.set()
         if self._outbox_task is None or self._outbox_task.done():
             self._outbox_task = asyncio.create_task(self._drain_outbox(), context=contextvars.Context())
@@ -427,12 +466,13 @@ class Bus:
             await self._outbox_wakeup.wait()
             self._outbox_wakeup.clear()
             while self._outbox and not self._closing:
-                service, method, body = self._outbox[0]
+                service, method, body, request_id = self._outbox[0]
                 try:
                     exchange = await self._request_exchange(service)
                     await exchange.publish(
                         aio_pika.Message(body, content_type="application/json", type=method,
-                                         message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                         message_id=uuid.uuid4().hex, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                         headers={REQUEST_ID_HEADER: request_id} if request_id else {}),
                         routing_key=self._settings.queue(service),
                         mandatory=True,
                     )
@@ -535,7 +575,7 @@ class Bus:
                     routing_key,
                     body,
                     type=type,
-                    headers={**(headers or {}), DEADLINE_HEADER: f"{deadline:.6f}"},
+                    headers={**(headers or {}), **_call_headers(deadline)},
                     reply_to=self._reply_queue_name,
                     correlation_id=correlation_id,
                     expiration=timeout,
@@ -612,9 +652,12 @@ class Bus:
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._in_flight += 1
             self._idle.clear()
+            # The caller's request id (an invalid one is dropped) is in force while this message is handled.
+            token = set_request_id((message.headers or {}).get(REQUEST_ID_HEADER))
             try:
                 await self._handle(replies, entry_points, service.name, message, on_undelivered)
             finally:
+                reset_request_id(token)
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.set()
@@ -636,6 +679,8 @@ class Bus:
         reply: BaseModel | None = None
         deadline = _header_deadline(message)
         token = _deadline.set(deadline)
+        started = time.perf_counter()
+        outcome = "error"
         try:
             if handler is None:
                 raise RpcError(f"{service} has no method {message.type!r}")
@@ -650,13 +695,17 @@ class Bus:
                 if not isinstance(answer, BaseModel):
                     raise TypeError(f"{handler.method} returned {type(answer).__name__}")
                 reply = answer
+            outcome = "ok"
         except ValidationError as exc:
+            outcome = "invalid"
             reply, headers = RpcFailure(error=f"invalid {message.type} request: {exc.error_count()} errors"), {
                 ERROR_HEADER: 1
             }
         except DeadlineExceeded:
+            outcome = "deadline"
             reply, headers = RpcFailure(error="deadline exceeded", code=CODE_DEADLINE), {ERROR_HEADER: 1}
         except Unavailable as exc:
+            outcome = "unavailable"
             if handler is not None and not handler.replies:
                 # A one-way message (an abandon) that a dependency outage kept from being done:
                 # nobody waits for it, so try again once the outage may be over instead of losing it.
@@ -675,6 +724,10 @@ class Bus:
             reply, headers = RpcFailure(error=f"{type(exc).__name__}"), {ERROR_HEADER: 1}
         finally:
             _deadline.reset(token)
+            # Only declared methods are labels: a message naming another method counts as "unknown".
+            labels = (service, message.type if handler is not None and message.type else "unknown")
+            metrics.RPC_SERVER_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+            metrics.RPC_SERVER_CALLS.labels(*labels, outcome).inc()
         if message.reply_to and reply is not None:  # None: a one-way method was handled
             try:
                 # Always rpc.replies, never the default exchange (a forged reply_to cannot make a
@@ -722,6 +775,15 @@ class Bus:
             if not future.done():
                 future.cancel()
         await self._connection.close()
+
+
+def _call_headers(deadline: float) -> dict[str, Any]:
+    """The call context of a request: its deadline, and the request id in force (if any)."""
+    headers: dict[str, Any] = {DEADLINE_HEADER: f"{deadline:.6f}"}
+    request_id = current_request_id()
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    return headers
 
 
 def _header_deadline(message: AbstractIncomingMessage) -> float | None:

@@ -4,12 +4,16 @@
 ``CHECK_TIMEOUT_S``, else ``503 {"status":"DOWN"}``; ``/live`` answers 200 while the process's event
 loop does (and every ``live`` check passes: a listener that stopped reading is dead however well the
 loop runs), so that a broker outage marks pods unready instead of restarting them; anything else
-gets 404. :class:`Probes` decides; two thin doors lead to it:
+gets 404. ``GET /metrics`` answers this process's Prometheus metrics (:mod:`.metrics`) on the same
+listener. :class:`Probes` decides; two thin doors lead to it:
 
 * :func:`start_health_server` - the ``HEALTH_PORT`` listener of the services without an HTTP port
   of their own (plain asyncio, no dependency), started by :mod:`.runtime`;
 * :func:`mount` - the same two routes on an HTTP service's own app (http_gateway, admin_api,
   broker_auth): plain Starlette routes, no FastAPI dependency injection.
+
+``/metrics`` holds counts and latencies by transport, dialect, outcome and bus method: nothing a
+client chose and no secret, so it is served wherever ``/health`` is, without a token.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import metrics
+
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
@@ -26,7 +32,7 @@ if TYPE_CHECKING:
 
 Check = Callable[[], Awaitable[bool]]
 CHECK_TIMEOUT_S = 2.0
-HEALTH_PATH, LIVE_PATH = "/health", "/live"
+HEALTH_PATH, LIVE_PATH, METRICS_PATH = "/health", "/live", "/metrics"
 BODY = {200: b'{"status":"UP"}', 503: b'{"status":"DOWN"}', 404: b'{"status":"NOT_FOUND"}'}
 _REASON = {200: "OK", 503: "Service Unavailable", 404: "Not Found"}
 
@@ -75,10 +81,15 @@ async def start_health_server(host: str, port: int, *checks: Check, live: tuple[
                 while (await reader.readline()).strip():  # skip the headers
                     pass
             method, target = (request[0], request[1]) if len(request) == 3 else (b"", b"")
-            status = await probes.status(method.decode("latin-1"), target.split(b"?")[0].decode("latin-1"))
-            body = b"" if method == b"HEAD" else BODY[status]
-            writer.write(f"HTTP/1.1 {status} {_REASON[status]}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(BODY[status])}\r\nConnection: close\r\n\r\n".encode() + body)
+            path = target.split(b"?")[0].decode("latin-1")
+            if path == METRICS_PATH and method in (b"GET", b"HEAD"):
+                status, content, content_type = 200, *metrics.render()
+            else:
+                status = await probes.status(method.decode("latin-1"), path)
+                content, content_type = BODY[status], "application/json"
+            body = b"" if method == b"HEAD" else content
+            writer.write(f"HTTP/1.1 {status} {_REASON[status]}\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: {len(content)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (OSError, TimeoutError, ValueError):  # ValueError: a line longer than the stream's limit
             pass
@@ -108,8 +119,13 @@ def mount(app: Starlette, *checks: Check, live: tuple[Check, ...] = ()) -> None:
         status = await probes.status(request.method, request.url.path)
         return Response(BODY[status], status_code=status, media_type="application/json")
 
+    async def scrape(request: Request) -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
     for path in (HEALTH_PATH, LIVE_PATH):
         app.add_route(path, probe, methods=["GET", "HEAD"], include_in_schema=False)
+    app.add_route(METRICS_PATH, scrape, methods=["GET", "HEAD"], include_in_schema=False)
 
 
 class _Connected(Protocol):

@@ -23,14 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import health
+import pythonjsonlogger.core
+import pythonjsonlogger.json
+
+from . import health, metrics
 from .bus import Bus, UndeliveredHook
+from .context import current_request_id
 from .contract import Handler, Service
 from .settings import Settings, get_settings
 
@@ -40,15 +45,17 @@ LIFECYCLE_LOGGER = "provisioning.lifecycle"
 
 
 def setup_logging(settings: Settings, service: str) -> None:
-    log_format = f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format=log_format)
+    """Log to stderr as ``LOG_FORMAT`` says (``text`` or ``json``), at ``LOG_LEVEL``, every record with
+    this service's name and the request id in force (:mod:`.context`), control characters escaped
+    (:func:`escape_controls`): a device name with a line feed cannot forge a line."""
+    formatter = make_formatter(settings.log_format, service)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
+    metrics.set_service(service)
     lifecycle = logging.getLogger(LIFECYCLE_LOGGER)
     lifecycle.setLevel(logging.INFO)
     lifecycle.propagate = False
     if not lifecycle.handlers:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter(log_format))
-        lifecycle.addHandler(stream)
+        lifecycle.addHandler(logging.StreamHandler(sys.stderr))
     # aiormq logs connection URLs at debug level, and returned or unexpected messages (bodies with
     # tokens) at error level; aio_pika logs every reconnect attempt. The Bus logs one line per
     # outage instead (provisioning_common.outage), so only their real errors pass, without bodies.
@@ -57,9 +64,97 @@ def setup_logging(settings: Settings, service: str) -> None:
     # (Logger filters do not apply to child loggers: the filter sits on the handlers.)
     for name in ("aiormq", "aio_pika"):
         logging.getLogger(name).setLevel(max(logging.ERROR, logging.getLogger().level))
-    for handler in logging.getLogger().handlers:
-        if _library_records not in handler.filters:
-            handler.addFilter(_library_records)
+    for handler in (*logging.getLogger().handlers, *lifecycle.handlers):
+        handler.setFormatter(formatter)
+        for record_filter in (_library_records, _RECORD_CONTEXT):
+            if record_filter not in handler.filters:
+                handler.addFilter(record_filter)
+
+
+# --- log records: context, escaping, the two formats ---------------------------------------------
+
+#: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written out (``\\n``, ``\\r``, ``\\t``, ``\\x1b``, ``\\u2028``):
+    one log record stays one line, and a client's text cannot move the cursor or color the terminal."""
+    return _CONTROLS.sub(_escaped, text) if _CONTROLS.search(text) else text
+
+
+class _RecordContext(logging.Filter):
+    """On our handlers: renders the message with its control characters escaped (idempotent: backslashes
+    are kept), and adds the request id in force (``request_id``, and ``request_tag`` for the text format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = escape_controls(message)
+        if escaped is not message or record.args:
+            record.msg, record.args = escaped, None
+        request_id = getattr(record, "request_id", None) or current_request_id()
+        record.request_id = request_id
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return True
+
+
+_RECORD_CONTEXT = _RecordContext()
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <service> <LEVEL> <logger> [<request id>]: <message>``; a traceback's lines are escaped
+    and indented, so that none of them can pass for a record of its own."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s {service} %(levelname)s %(name)s%(request_tag)s: %(message)s",
+                         defaults={"request_tag": ""})
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
+
+
+class JsonFormatter(pythonjsonlogger.json.JsonFormatter):
+    """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``service``, ``logger``, ``message``,
+    ``request_id`` (when in a request), ``exc_info`` (a traceback), and any ``extra`` fields."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            ["levelname", "name", "message"],
+            rename_fields={"levelname": "level", "name": "logger"},
+            static_fields={"service": service},
+            reserved_attrs=[*pythonjsonlogger.core.RESERVED_ATTRS, "request_tag", "request_id", "color_message"],
+            timestamp="time",
+        )
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        ordered = {"time": log_data.pop("time"), "level": log_data.pop("level"), "service": log_data.pop("service"),
+                   "logger": log_data.pop("logger"), "message": log_data.pop("message")}
+        ordered.update(log_data)
+        return ordered
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_data, record, message_dict)
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            log_data["request_id"] = request_id
+
+
+def make_formatter(log_format: str, service: str) -> logging.Formatter:
+    """The formatter of ``LOG_FORMAT`` (``text`` or ``json``)."""
+    return JsonFormatter(service) if log_format == "json" else TextFormatter(service)
 
 
 def _library_records(record: logging.LogRecord) -> bool:

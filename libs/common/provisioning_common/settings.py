@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     profile_cache_ttl_s: float = Field(default=1.0, ge=0, le=60)
 
     log_level: str = "INFO"
+    #: ``text`` (one readable line per record; ``make up``'s default) or ``json`` (one JSON object per line:
+    #: time, level, service, logger, message and the request id; for a log collector).
+    log_format: str = Field(default="text", pattern="^(text|json)$")
 
     #: Bridge mode (issue 14). The MQTT version mqtt_bridge speaks to the operator's broker: "5" (Mosquitto,
     #: EMQX, RabbitMQ 3.13+) or "3.1.1" (RabbitMQ before 3.13, whose MQTT plugin has no MQTT 5).

@@ -71,7 +71,7 @@ async def test_head_has_no_body_and_other_requests_get_404(serve) -> None:
     port = await serve(check(True))
     status, body = await get(port, http_get("/health", "HEAD"))
     assert (status, body) == (200, b"")
-    assert (await get(port, http_get("/metrics")))[0] == 404
+    assert (await get(port, http_get("/healthz")))[0] == 404  # /metrics: tests/unit/common/test_metrics.py
     assert (await get(port, http_get("/health", "POST")))[0] == 404
     assert (await get(port, b"garbage\r\n\r\n"))[0] == 404
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from .. import metrics
+
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x70726F76  # "prov"
@@ -94,4 +96,5 @@ async def create_pool(database_url: str, *, min_size: int, max_size: int, migrat
     # advisory locks on pooled connections), and asyncpg's default reset is a round trip per use.
     pool = await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, reset=_reset)
     assert pool is not None
+    metrics.watch_pool(pool)  # provisioning_db_pool_* on /metrics while it is open
     return pool
