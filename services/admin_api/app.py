@@ -24,7 +24,7 @@ from provisioning_common.settings import Settings
 
 from . import errors
 from .dependencies import AdminContext, require_token
-from .routers import attributes, devices, profiles, rpc
+from .routers import attributes, devices, events, profiles, rpc
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(devices.router)
     api.include_router(attributes.router)
     api.include_router(rpc.router)
+    api.include_router(events.router)  # /api/provision-events (README "Provisioning events")
     app.include_router(api)
 
     def pool() -> Any:
