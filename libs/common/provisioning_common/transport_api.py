@@ -16,7 +16,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .bus import Bus, NoRoute, RpcError, RpcTimeout, outcome_unknown
+from .context import request_scope
 from .contract import (
     ABANDON,
     AUTHENTICATE,
@@ -105,7 +107,28 @@ class TransportApi:
         ``protobuf_fallback``: a payload that is not a JSON object is ThingsBoard's protobuf (MQTT, CoAP).
         ``request_id``: the caller's own id for this request, when a redelivery of the same request can
         reach us again (the MQTT bridge); the core then replays the first answer. Default: a fresh one.
+
+        Runs as one request (:func:`~provisioning_common.context.request_scope`: the request id in force,
+        e.g. an HTTP client's ``X-Request-Id``, else a fresh one, which the bus carries to the core), and
+        is counted and timed by outcome, transport and dialect (``provisioning_provisions_total``,
+        ``provisioning_provision_duration_seconds``).
         """
+        received = time.perf_counter()
+        with request_scope():
+            outcome = await self._provision(payload, transport=transport, source_address=source_address,
+                                            protobuf_fallback=protobuf_fallback, request_id=request_id)
+        if outcome.kind is OutcomeKind.ANSWERED and outcome.result is not None:
+            label = metrics.provision_outcome(outcome.result)
+        else:
+            label = "bad_request" if outcome.kind is OutcomeKind.BAD_REQUEST else "timeout"
+        metrics.PROVISIONS.labels(label, transport.value, outcome.dialect.value).inc()
+        metrics.PROVISION_SECONDS.labels(transport.value, label).observe(time.perf_counter() - received)
+        return outcome
+
+    async def _provision(
+        self, payload: bytes, *, transport: Transport, source_address: str, protobuf_fallback: bool,
+        request_id: str | None,
+    ) -> ProvisionOutcome:
         try:
             request = parse_provision_request(
                 payload, transport=transport, source_address=source_address, protobuf_fallback=protobuf_fallback
@@ -172,6 +195,14 @@ class TransportApi:
     ) -> ProvisionResult:
         """A TLS client presented a chain (base64 DER, leaf first) whose leaf is unknown: let the core
         apply the X509_CERTIFICATE_CHAIN strategy. Bus failures become FAILURE."""
+        with request_scope():
+            result = await self._provision_x509_chain(chain, transport=transport, source_address=source_address)
+        label = "timeout" if result.error_message == MSG_TIMEOUT else metrics.provision_outcome(result)
+        metrics.X509_CHAIN_PROVISIONS.labels(label, transport.value).inc()
+        return result
+
+    async def _provision_x509_chain(self, chain: list[str], *, transport: Transport, source_address: str
+                                    ) -> ProvisionResult:
         request = X509ChainProvisionRequest(chain=chain[:10], transport=transport, source_address=source_address)
         started = time.perf_counter()
         try:
