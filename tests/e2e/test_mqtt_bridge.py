@@ -1,6 +1,9 @@
-"""Bridge mode against a private Mosquitto running the shipped ACL: MQTT 5 and 3.1.1 paho devices provision
-through two bridge instances, answers stay private, every request is answered once, the bridge rides out a
-broker restart; and the broker authentication endpoint in the shapes EMQX and RabbitMQ send."""
+"""Bridge mode against a private Mosquitto running the shipped configuration (deploy/brokers/mosquitto, ports and
+paths aside): MQTT 5 and 3.1.1 paho devices provision through two bridge instances, answers stay private, a
+Response Topic naming another client gets that client nothing (issue 14), every client kind logs in or is
+refused as the README says (mosquitto_rr/mosquitto_sub, tb-mqtt-client), every request is answered once, the
+bridge rides out a broker restart; and the broker authentication endpoint in the shapes EMQX and RabbitMQ send,
+answering only the broker (BROKER_AUTH_SECRET)."""
 
 from __future__ import annotations
 
