@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from provisioning_common import runtime
+from provisioning_common import metrics, runtime
 from provisioning_common.transport_api import TransportApi
 
 from .server import CoapGateway
@@ -19,6 +19,8 @@ async def start(context: runtime.Context) -> runtime.Running:
     logging.getLogger("coap-server").setLevel(max(logging.WARNING, logging.getLogger().level))
     gateway = CoapGateway(TransportApi(await context.bus(), settings), settings)
     await gateway.start()
+    metrics.COAP_IN_FLIGHT.set_function(lambda: gateway.in_progress.total)
+    metrics.COAP_EXCHANGES.set_function(lambda: len(gateway.exchanges))
     return runtime.Running(
         # /live also asks the UDP listener itself (a CoAP ping): a listener that stopped reading is dead.
         live=(gateway.listener_answers,),

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from provisioning_common import health
 from provisioning_common.bus import Bus
+from provisioning_common.context import request_scope
 from provisioning_common.dialects import render_error
 from provisioning_common.models import Dialect, Transport
 from provisioning_common.settings import Settings
@@ -56,13 +57,17 @@ class ProvisionFastPath:
             return
         client = scope.get("client")
         source = client[0] if client else ""
-        outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=source)
+        # The client's X-Request-Id when it is a valid one (context.valid_request_id), else a fresh id: in
+        # every service's log lines of this request, and in the answer's X-Request-Id.
+        asked = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+        with request_scope(asked) as request_id:
+            outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=source)
         status = _STATUS[outcome.kind]
         extra = [(b"retry-after", b"1")] if outcome.kind is OutcomeKind.UNAVAILABLE else []
         retry_after = outcome.result.retry_after_s if outcome.result is not None else None
         if retry_after is not None:  # a rate limit (README "Rate limits"): 429, retry after that many seconds
             status, extra = 429, [(b"retry-after", str(max(1, math.ceil(retry_after))).encode())]
-        await _respond(send, status, outcome.body, extra)
+        await _respond(send, status, outcome.body, [*extra, (b"x-request-id", request_id.encode())])
 
 
 async def _respond(send: Callable[..., Any], status: int, body: bytes,

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from provisioning_common import runtime
+from provisioning_common import metrics, runtime
 from provisioning_common.bus import Bus
 from provisioning_common.contract import CORE, DEVICE_API, EVENTS_EXCHANGE
 from provisioning_common.db import repository
@@ -48,7 +48,8 @@ async def start(context: runtime.Context) -> runtime.Running:
     if isinstance(events, EventWriter):
         background.append(events.run())
         stop.append(events.close)  # after the requests in flight finished: their events are written too
-    return runtime.Running(serve=CORE, handlers=core.handlers(), on_undelivered=core.on_undelivered,
+    return runtime.Running(serve=CORE, handlers=metrics.count_decisions(core.handlers()),
+                           on_undelivered=core.on_undelivered,
                            also_serve=[(DEVICE_API, device_api.handlers())],
                            background=background, stop=stop)
 

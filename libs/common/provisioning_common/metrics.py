@@ -11,8 +11,9 @@ uses only the names below (``tests/unit/common/test_metrics.py`` checks that).
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -27,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .contract import Handler
 from .models import ProvisionResult, ProvisionStatus
 
 # No ``*_created`` series beside each counter and histogram: rate() does not need them.
@@ -158,6 +160,25 @@ def provision_outcome(result: ProvisionResult) -> str:
     if result.retry_after_s is not None:
         return "rate_limited"
     return {ProvisionStatus.SUCCESS: "success", ProvisionStatus.NOT_FOUND: "not_found"}.get(result.status, "failure")
+
+
+def count_decisions(handlers: Sequence[Handler]) -> list[Handler]:
+    """``handlers`` with every answer that is a :class:`ProvisionResult` counted in
+    ``provisioning_core_decisions_total`` (method, outcome): the core's side of the gateways' counts."""
+
+    def counted(handler: Handler) -> Handler:
+        func, method = handler.func, handler.method.name
+
+        @functools.wraps(func)  # the handler's own annotations, which the contract checks
+        async def decide(request: Any) -> object:
+            answer = await func(request)
+            if isinstance(answer, ProvisionResult):
+                CORE_DECISIONS.labels(method, provision_outcome(answer)).inc()
+            return answer
+
+        return Handler(handler.method, decide)
+
+    return [counted(handler) if handler.replies else handler for handler in handlers]
 
 
 def set_service(name: str) -> None:
