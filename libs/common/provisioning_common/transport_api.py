@@ -121,8 +121,15 @@ class TransportApi:
             label = metrics.provision_outcome(outcome.result)
         else:
             label = "bad_request" if outcome.kind is OutcomeKind.BAD_REQUEST else "timeout"
+        elapsed = time.perf_counter() - received
         metrics.PROVISIONS.labels(label, transport.value, outcome.dialect.value).inc()
-        metrics.PROVISION_SECONDS.labels(transport.value, label).observe(time.perf_counter() - received)
+        metrics.PROVISION_SECONDS.labels(transport.value, label).observe(elapsed)
+        # One line per answer, with the request id (the core's lines of the same request carry it too); the
+        # refusals a flood produces (rate-limited, unparsable) only at DEBUG. Never the secret or credentials.
+        device = outcome.result.device_name if outcome.result is not None else None
+        log.log(logging.DEBUG if label in ("rate_limited", "bad_request") else logging.INFO,
+                "provision over %s (%s) from %s: %s%s in %.1f ms", transport.value, outcome.dialect.value,
+                source_address or "-", label, f", device {device}" if device else "", elapsed * 1000)
         return outcome
 
     async def _provision(
