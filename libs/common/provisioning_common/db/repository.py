@@ -821,8 +821,13 @@ async def create_import_job(
 
 async def hold_import_job(conn: asyncpg.Connection, job_id: uuid.UUID) -> None:
     """Take the job's session advisory lock on ``conn`` (the runner's own connection, kept for the whole job):
-    released by Postgres when the connection ends, which is how a dead runner is noticed."""
+    released by Postgres when the connection ends, which is how a dead runner is noticed.
+
+    The connection also plans each statement for its arguments (``plan_cache_mode``; reset when the pool
+    takes it back): an import's first statements run against a table the planner may think is empty, and a
+    generic plan chosen then (a sequential scan) would be kept while the table grows by the batch."""
     await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _IMPORT_LOCK_CLASS, str(job_id))
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
 async def release_import_job(conn: asyncpg.Connection, job_id: uuid.UUID) -> None:
@@ -895,11 +900,12 @@ async def existing_for_import(
     """Which of these names (any profile), device keys (this profile) and credentials ids are taken; three
     indexed look-ups in one statement."""
     rows = await conn.fetch(
-        "SELECT 'n' AS kind, name AS key, id, profile_id FROM devices WHERE name = ANY($2::text[])"
-        " UNION ALL SELECT 'k', device_key, id, profile_id FROM devices"
-        "  WHERE profile_id = $1 AND device_key = ANY($3::text[])"
-        " UNION ALL SELECT 'c', credentials_id, device_id, NULL FROM device_credentials"
-        "  WHERE credentials_id = ANY($4::text[])",
+        "SELECT 'n' AS kind, d.name AS key, d.id, d.profile_id FROM unnest($2::text[]) AS n(name)"
+        "  JOIN devices d ON d.name = n.name"
+        " UNION ALL SELECT 'k', d.device_key, d.id, d.profile_id FROM unnest($3::text[]) AS k(key)"
+        "  JOIN devices d ON d.profile_id = $1 AND d.device_key = k.key"
+        " UNION ALL SELECT 'c', c.credentials_id, c.device_id, NULL FROM unnest($4::text[]) AS i(id)"
+        "  JOIN device_credentials c ON c.credentials_id = i.id",
         profile_id, list(names), list(device_keys), list(credentials_ids),
     )
     found = ExistingForImport({}, {}, {})
