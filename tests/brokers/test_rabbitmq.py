@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -297,6 +298,11 @@ def test_a_provisioning_client_cannot_ask_for_or_read_someone_elses_answer(
             attacker = Client(port, f"attacker-{run}", "provision", "x")
             assert attacker.subscribe(topic) == [128], topic
             attacker.close()
+        # The bridge's client id is refused to anyone but the bridge's own (internal) account: taking it over would
+        # take over the bridge's session queue, and the requests in it.
+        bridge_id = f"{BRIDGE_CLIENT_ID}-{socket.gethostname()}"
+        rc, err = _pub(port, "-u", "provision", "-P", "x", topic=f"provision/request/{bridge_id}", client_id=bridge_id)
+        assert rc != 0 and "bad user name or password" in err.lower(), (rc, err)
         # Publishing on the victim's request topic: refused (RabbitMQ closes the attacker's connection).
         _pub(port, "-u", "provision", "-P", "x", topic=f"provision/request/victim-{run}", client_id=f"attacker-{run}")
         # Positive signal: the attacker's own request, after the forged one, is answered to it.
