@@ -36,6 +36,7 @@ from provisioning_common.bus import (
     Unavailable,
     current_deadline,
 )
+from provisioning_common.context import current_request_id
 from provisioning_common.contract import (
     ABANDON,
     ISSUE_CERTIFICATE,
@@ -191,7 +192,7 @@ class ProvisioningCore:
         else:
             outcome = Outcome(decided.result.status.value)
         self._emit(outcome, decided, started, transport=req.transport, dialect=req.dialect,
-                   source_address=req.source_address, request_id=req.request_id,
+                   source_address=req.source_address, request_id=current_request_id() or req.request_id,
                    device_name=rules.java_trim(req.device_name) or None)
         return decided.result
 
@@ -343,7 +344,8 @@ class ProvisioningCore:
         else:
             outcome = Outcome.X509_ROTATED if decided.reason is Reason.ROTATED else Outcome.X509_ACCEPTED
         self._emit(outcome, decided, started, transport=req.transport, dialect=None,
-                   source_address=req.source_address, request_id=req.request_id, device_name=None)
+                   source_address=req.source_address, request_id=current_request_id() or req.request_id,
+                   device_name=None)
         return decided.result
 
     async def _provision_x509_chain(self, req: X509ChainProvisionRequest) -> _Decided:

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import metrics
 from .bus import Bus, NoRoute, RpcError, RpcTimeout, outcome_unknown
-from .context import request_scope
+from .context import current_request_id, request_scope
 from .contract import (
     ABANDON,
     AUTHENTICATE,
@@ -178,8 +178,9 @@ class TransportApi:
             return
         self._bus.send_reliably(REPORT_TIMEOUT, ProvisionEvent(
             outcome=Outcome.TIMED_OUT, reason=Reason.NO_ANSWER if outcome_unknown(exc) else Reason.UNAVAILABLE,
-            transport=transport, dialect=dialect, source_address=source_address, request_id=request_id,
-            device_name=device_name.strip() or None, latency_ms=elapsed_ms(started),
+            transport=transport, dialect=dialect, source_address=source_address,
+            request_id=current_request_id() or request_id, device_name=device_name.strip() or None,
+            latency_ms=elapsed_ms(started),
         ))
 
     async def authenticate(self, request: AuthenticateRequest) -> AuthenticateResult:
