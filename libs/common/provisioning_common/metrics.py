@@ -12,7 +12,6 @@ uses only the names below (``tests/unit/common/test_metrics.py`` checks that).
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -116,13 +115,14 @@ class _PoolCollector(Collector):
     """Size, connections in use and maximum of every asyncpg pool this process opened."""
 
     def __init__(self) -> None:
-        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        # asyncpg's Pool has no weak references (__slots__): kept until it is closed, then dropped when scraped.
+        self._pools: list[Any] = []
 
     def watch(self, pool: Any) -> None:
-        self._pools.add(pool)
+        self._pools.append(pool)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        pools = [pool for pool in list(self._pools) if not _closed(pool)]
+        pools = self._pools = [pool for pool in self._pools if not _closed(pool)]
         if not pools:
             return []
         size = sum(pool.get_size() for pool in pools)

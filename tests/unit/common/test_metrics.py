@@ -58,6 +58,8 @@ async def test_an_app_serves_metrics_beside_its_probes() -> None:
 
 
 class FakePool:
+    __slots__ = ("size", "idle", "max_size", "closing")  # as asyncpg's Pool: no weak references
+
     def __init__(self, size: int, idle: int, max_size: int) -> None:
         self.size, self.idle, self.max_size, self.closing = size, idle, max_size, False
 
