@@ -15,7 +15,15 @@ import asyncpg
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from provisioning_common.certificates import name_hash, to_pem
-from provisioning_common.contract import AUTHENTICATE, ISSUE_CERTIFICATE, MINT_TOKENS, PREPARE, VERIFY_CHAIN, Handler
+from provisioning_common.contract import (
+    AUTHENTICATE,
+    ISSUE_CERTIFICATE,
+    MINT_TOKENS,
+    PREPARE,
+    PREPARE_MANY,
+    VERIFY_CHAIN,
+    Handler,
+)
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
 from provisioning_common.models import (
@@ -29,6 +37,8 @@ from provisioning_common.models import (
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
     PreparedCredentials,
+    PrepareManyRequest,
+    PrepareManyResult,
     VerifyChainRequest,
     VerifyChainResult,
 )
@@ -121,6 +131,7 @@ class CredentialsService:
         """The entry points, one per method of :data:`contract.CREDENTIALS`."""
         return [
             PREPARE.handler(self.prepare),
+            PREPARE_MANY.handler(self.prepare_many),
             MINT_TOKENS.handler(self.mint_tokens),
             VERIFY_CHAIN.handler(self._guarded(self.verify_chain)),
             ISSUE_CERTIFICATE.handler(self.issue_certificate),
@@ -141,6 +152,10 @@ class CredentialsService:
             return PrepareCredentialsResult(ok=True, prepared=await prepare_credentials(req))
         except CredentialsRefused as exc:
             return PrepareCredentialsResult(ok=False, error_message=str(exc))
+
+    async def prepare_many(self, req: PrepareManyRequest) -> PrepareManyResult:
+        """:meth:`prepare` for each item, at once (MQTT passwords are hashed in threads)."""
+        return PrepareManyResult(results=list(await asyncio.gather(*(self.prepare(item) for item in req.items))))
 
     async def mint_tokens(self, req: MintTokensRequest) -> MintTokensResult:
         return MintTokensResult(tokens=[minted_token(req.token_length) for _ in range(req.count)])

@@ -38,6 +38,8 @@ from .models import (
     MintTokensResult,
     PrepareCredentialsRequest,
     PrepareCredentialsResult,
+    PrepareManyRequest,
+    PrepareManyResult,
     ProvisionRequest,
     ProvisionResult,
     VerifyChainRequest,
@@ -187,6 +189,8 @@ AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, Authenticate
 CREDENTIALS_INTERNAL = Service("credentials.internal")
 PREPARE = CREDENTIALS_INTERNAL.rpc("prepare", PrepareCredentialsRequest, PrepareCredentialsResult)
 MINT_TOKENS = CREDENTIALS_INTERNAL.rpc("mint_tokens", MintTokensRequest, MintTokensResult)
+#: PREPARE for a batch of rows (bulk import): the same checks, one round trip.
+PREPARE_MANY = CREDENTIALS_INTERNAL.rpc("prepare_many", PrepareManyRequest, PrepareManyResult)
 VERIFY_CHAIN = CREDENTIALS_INTERNAL.rpc("verify_chain", VerifyChainRequest, VerifyChainResult)
 ISSUE_CERTIFICATE = CREDENTIALS_INTERNAL.rpc("issue_certificate", IssueCertificateRequest, IssueCertificateResult)
 

@@ -170,6 +170,17 @@ class PrepareCredentialsResult(_Frozen):
     error_message: str | None = None
 
 
+class PrepareManyRequest(_Frozen):
+    """Several credentials prepared in one call (the admin API's bulk import: one round trip per batch)."""
+
+    items: list[PrepareCredentialsRequest] = Field(min_length=1, max_length=1024)
+
+
+class PrepareManyResult(_Frozen):
+    #: One result per item, in order.
+    results: list[PrepareCredentialsResult]
+
+
 class AuthenticateRequest(_Frozen):
     """Find the device owning the given credentials (token, MQTT_BASIC parts, or certificate)."""
 

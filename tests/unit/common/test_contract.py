@@ -179,7 +179,7 @@ def test_the_services_serve_exactly_their_contract() -> None:
     handlers = list(credentials.handlers())
     assert set(CREDENTIALS.entry_points([h for h in handlers if h.method.service is CREDENTIALS])) == {"authenticate"}
     assert set(CREDENTIALS_INTERNAL.entry_points([h for h in handlers if h.method.service is CREDENTIALS_INTERNAL])) \
-        == {"prepare", "mint_tokens", "verify_chain", "issue_certificate"}
+        == {"prepare", "prepare_many", "mint_tokens", "verify_chain", "issue_certificate"}
 
 
 # --- the types, as mypy sees them ----------------------------------------------------------------
