@@ -24,7 +24,7 @@ from provisioning_common.settings import Settings
 
 from . import errors
 from .dependencies import AdminContext, require_token
-from .routers import attributes, devices, events, profiles, rpc
+from .routers import attributes, credentials, devices, events, profiles, rpc
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
     api.include_router(profiles.router)
     api.include_router(devices.router)
+    api.include_router(credentials.router)  # /devices/{id}/credentials/revoke|rotate
     api.include_router(attributes.router)
     api.include_router(rpc.router)
     api.include_router(events.router)  # /api/provision-events (README "Provisioning events")

@@ -74,7 +74,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.pipe import Pipe
 from provisioning_common.bus import RpcError
-from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_RPC
+from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_REVOKED, DOWNLINK_RPC
 from provisioning_common.device_api import (
     DeviceApiError,
     RateLimit,
@@ -599,7 +599,9 @@ class DeviceApi:
         device_id = observation.device_id
 
         def sink(downlink: Downlink) -> None:
-            if downlink.kind == DOWNLINK_RPC:
+            if downlink.kind == DOWNLINK_REVOKED:
+                observation.end(Code.UNAUTHORIZED)  # its credentials were revoked or replaced
+            elif downlink.kind == DOWNLINK_RPC:
                 self._route_rpc(device_id, downlink)
             elif (downlink.kind == DOWNLINK_ATTRIBUTES and observation.feature is Feature.ATTRIBUTES
                   and observation.end_code is None):

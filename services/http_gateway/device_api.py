@@ -47,7 +47,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from provisioning_common.bus import RpcError
-from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_RPC
+from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_REVOKED, DOWNLINK_RPC
 from provisioning_common.device_api import (
     DeviceApiError,
     RateLimit,
@@ -336,6 +336,8 @@ class DeviceApi:
             return _unavailable()
         if downlink is None:
             return _status(408)
+        if downlink.kind == DOWNLINK_REVOKED:
+            return _status(401)  # the token this poll was opened with was revoked or replaced meanwhile
         if kind == DOWNLINK_RPC:
             body = render_server_rpc(downlink, self.rpc_ids.issue(device, downlink))
         else:

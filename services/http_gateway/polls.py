@@ -28,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from provisioning_common.bus import Bus, RpcError
-from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE, DOWNLINK_RPC
+from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE, DOWNLINK_REVOKED, DOWNLINK_RPC
 from provisioning_common.device_link import Downlink, parse_downlink
 from provisioning_common.settings import Settings
 
@@ -56,6 +57,8 @@ class Poll:
     device_id: str
     kind: str
     future: asyncio.Future[Downlink | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    #: When the poll was opened (Unix time): a revocation from before it is not about the credentials it used.
+    opened: float = field(default_factory=time.time)
     #: Delivered after the poll ended, before its consumer was cancelled: requeued then.
     late: list[AbstractIncomingMessage] = field(default_factory=list)
     #: The consumer is cancelled: anything still delivered (it was in flight) is requeued at once.
@@ -171,6 +174,12 @@ class DevicePolls:
                 if message.type == poll.kind:  # logged by the queue of its kind only
                     log.warning("dropped a malformed %s message (type %r)", DOWNLINK_EXCHANGE, message.type)
                 await message.ack()
+            elif downlink.kind == DOWNLINK_REVOKED:
+                # The device's credentials were revoked or replaced: a poll opened before that ends (401);
+                # one opened since authenticated with what is valid now. Both kinds' queues get a copy.
+                await message.ack()
+                if _revoked_at(downlink) >= poll.opened and not poll.future.done():
+                    poll.future.set_result(downlink)
             elif downlink.kind != poll.kind or downlink.expired():
                 await message.ack()  # the other kind's queue has its own copy
             elif poll.cancelled:
@@ -182,6 +191,12 @@ class DevicePolls:
                 await message.ack()
         except Exception as exc:  # the channel went away: the broker requeues what was not acked
             log.debug("a poll's message could not be settled: %s", type(exc).__name__)
+
+
+def _revoked_at(downlink: Downlink) -> float:
+    """When a ``revoked`` message's credentials were revoked (Unix time; 0 when it does not say)."""
+    value = downlink.body.get("revokedAt")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 async def _requeue(message: AbstractIncomingMessage) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from provisioning_common.bus import RpcError
-from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_RPC
+from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_REVOKED, DOWNLINK_RPC
 from provisioning_common.device_api import (
     SESSION_LIMITS_METHOD,
     DeviceApiError,
@@ -72,6 +72,7 @@ SUCCESS = 0x00
 NO_SUBSCRIPTION_EXISTED = 0x11
 UNSPECIFIED_ERROR = 0x80
 IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+NOT_AUTHORIZED = 0x87
 TOPIC_FILTER_INVALID = 0x8F
 TOPIC_NAME_INVALID = 0x90
 QUOTA_EXCEEDED = 0x97
@@ -387,6 +388,12 @@ class DeviceSession:
     def _sink(self, downlink: Downlink) -> None:
         """DeviceLinks' callback (must not block): queue, and make sure the delivery task runs."""
         if self._closed:
+            return
+        if downlink.kind == DOWNLINK_REVOKED:
+            # Its credentials were revoked or replaced: the session ends now, whatever is queued (MQTT 5: 0x87).
+            log.info("session of %s closed: its credentials were revoked", self.device_id)
+            self._closed = True
+            self._wire.abort(NOT_AUTHORIZED)
             return
         if len(self._inbox) >= self._max_inflight:
             log.debug("%s is not reading: a %s message was dropped", self.device_id, downlink.kind)

@@ -240,6 +240,9 @@ DOWNLINK_EXCHANGE = "device.downlink"
 DOWNLINK_RPC = "rpc"
 #: Shared attributes changed: ``{"key": value, ...}``, or ``{"deleted": ["key", ...]}``.
 DOWNLINK_ATTRIBUTES = "attributes"
+#: The device's credentials were revoked or replaced (admin API): every live session of the device ends at
+#: once (MQTT: DISCONNECT 0x87 / connection closed; CoAP observations: 4.01; HTTP long polls: 401). Body ``{}``.
+DOWNLINK_REVOKED = "revoked"
 
 #: Provisioning events (README "Provisioning events"): one JSON message per provisioning decision
 #: (``ProvisionEvent.wire()``), routing key ``<outcome>.<transport>`` (e.g. ``NOT_FOUND.HTTP``,

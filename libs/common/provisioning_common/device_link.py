@@ -28,7 +28,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
 from .bus import DEADLINE_HEADER, Bus, RpcError
-from .contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE, DOWNLINK_RPC
+from .contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE, DOWNLINK_REVOKED, DOWNLINK_RPC
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ DOWNLINK_PREFETCH = 512
 class Downlink:
     """One message for a device, as its session receives it."""
 
-    #: ``contract.DOWNLINK_RPC`` or ``contract.DOWNLINK_ATTRIBUTES``.
+    #: ``contract.DOWNLINK_RPC``, ``DOWNLINK_ATTRIBUTES`` or ``DOWNLINK_REVOKED``.
     kind: str
     #: The JSON body, already checked to be a JSON object.
     body: dict[str, Any]
@@ -187,7 +187,7 @@ def parse_downlink(message: AbstractIncomingMessage) -> Downlink | None:
     """A ``device.downlink`` message as a :class:`Downlink`, or None when it breaks the contract
     (unknown type, body not a JSON object, an RPC without a method)."""
     kind = message.type or ""
-    if kind not in (DOWNLINK_RPC, DOWNLINK_ATTRIBUTES):
+    if kind not in (DOWNLINK_RPC, DOWNLINK_ATTRIBUTES, DOWNLINK_REVOKED):
         return None
     try:
         body = json.loads(message.body)

@@ -143,6 +143,10 @@ async def insert_device(
         if message == "expired":
             raise Expired from None
         raise
+    except asyncpg.UniqueViolationError as exc:  # revoked credentials (migration 0012's trigger)
+        if exc.constraint_name == CREDENTIALS_KEY:
+            raise DeviceConflict("credentials") from None
+        raise
     if outcome == "expired":
         raise Expired
     return bool(outcome == "created")
@@ -288,6 +292,83 @@ async def replace_credentials_id(
         )
     except asyncpg.UniqueViolationError:
         raise DeviceConflict("credentials") from None
+
+
+# --- credential revocation and rotation (admin API; migration 0012) -------------------------------
+
+#: The unique key of device_credentials.credentials_id, which revoked credentials also violate (0012).
+CREDENTIALS_KEY = "device_credentials_credentials_id_key"
+
+
+async def current_credentials(
+    conn: asyncpg.Connection | asyncpg.Pool, device_id: uuid.UUID
+) -> tuple[str, dict[str, Any]] | None:
+    """A device's credentials type and what is stored of them in clear (MQTT_BASIC's clientId and
+    userName), or None when it has none (revoked); raises :class:`UnknownDevice` for no device."""
+    row = await conn.fetchrow(
+        "SELECT d.id, c.credentials_type, c.public_value FROM devices d"
+        " LEFT JOIN device_credentials c ON c.device_id = d.id WHERE d.id = $1",
+        device_id,
+    )
+    if row is None:
+        raise UnknownDevice(str(device_id))
+    if row["credentials_type"] is None:
+        return None
+    return row["credentials_type"], json.loads(row["public_value"]) if row["public_value"] else {}
+
+
+async def revoke_credentials(pool: asyncpg.Pool, device_id: uuid.UUID) -> DeviceRecord:
+    """Take a device's credentials away for good: their lookup key moves to ``revoked_credentials`` (no
+    device can be given them again) and the device is left without credentials. Idempotent; raises
+    :class:`UnknownDevice` for no device."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
+            " RETURNING credentials_id, credentials_type, device_id)"
+            " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
+            " SELECT credentials_id, credentials_type, device_id FROM gone ON CONFLICT DO NOTHING",
+            device_id,
+        )
+        row = await conn.fetchrow(f"{_DEVICE_RECORD} WHERE d.id = $1", device_id)
+    if row is None:
+        raise UnknownDevice(str(device_id))
+    return _device_record(row)
+
+
+async def rotate_credentials(
+    pool: asyncpg.Pool, device_id: uuid.UUID, prepared: PreparedCredentials, value_enc: bytes
+) -> DeviceRecord:
+    """Replace a device's credentials with ``prepared`` in one transaction; the old ones are revoked
+    (except an MQTT_BASIC client id / user name kept with a new password: only the password changes).
+    ``value_enc`` (the new value, encrypted) is kept only while the device has not provisioned itself, for
+    its claim to hand over. Raises :class:`UnknownDevice`, or :class:`DeviceConflict` ``credentials``
+    when the new credentials are revoked ones or another device's (then nothing changed)."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            state = await conn.fetchrow("SELECT provision_state FROM devices WHERE id = $1 FOR UPDATE", device_id)
+            if state is None:
+                raise UnknownDevice(str(device_id))
+            await conn.execute(
+                "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
+                " RETURNING credentials_id, credentials_type, device_id)"
+                " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
+                " SELECT credentials_id, credentials_type, device_id FROM gone"
+                " WHERE NOT (credentials_type = 'MQTT_BASIC' AND $2 = 'MQTT_BASIC' AND credentials_id = $3)"
+                " ON CONFLICT DO NOTHING",
+                device_id, prepared.credentials_type.value, prepared.credentials_id,
+            )
+            await conn.execute(
+                "INSERT INTO device_credentials"
+                " (device_id, credentials_type, credentials_id, secret_hash, public_value, value_enc)"
+                " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+                device_id, prepared.credentials_type.value, prepared.credentials_id, prepared.secret_hash,
+                public_value(prepared), value_enc if state["provision_state"] is None else None,
+            )
+            row = await conn.fetchrow(f"{_DEVICE_RECORD} WHERE d.id = $1", device_id)
+    except asyncpg.UniqueViolationError:
+        raise DeviceConflict("credentials") from None
+    assert row is not None
+    return _device_record(row)
 
 
 # --- credentials lookups (credentials service) ----------------------------------------------------
