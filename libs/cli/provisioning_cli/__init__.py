@@ -1,0 +1,1 @@
+"""``provisioning``: the operator's command line for the admin API (profiles, devices, bulk import and export)."""

@@ -1,0 +1,5 @@
+"""``python -m provisioning_cli``: the same as the ``provisioning`` console script."""
+
+from .app import main
+
+main()
