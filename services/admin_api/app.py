@@ -4,7 +4,7 @@ RPC (``/api``), and its probes.
 This module only assembles: the lifespan opens the Postgres pool and the bus connection onto
 ``app.state`` (handed to routes by ``dependencies``), ``errors`` gives every error one shape and turns a
 database outage into 503, and the routers (``routers.profiles``, ``routers.devices``, ``routers.attributes``,
-``routers.rpc``) serve ``/api``
+``routers.rpc``, ``routers.imports``: bulk import and export) serve ``/api``
 behind the bearer token. The SQL is in ``provisioning_common.db.repository``.
 """
 
@@ -24,7 +24,7 @@ from provisioning_common.settings import Settings
 
 from . import errors
 from .dependencies import AdminContext, require_token
-from .routers import attributes, credentials, devices, events, profiles, rpc
+from .routers import attributes, credentials, devices, events, imports, profiles, rpc
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         await repository.seal_profile_secrets(app.state.pool, app.state.admin.box.encrypt_json)
         app.state.bus = await Bus.connect(settings, "admin_api")
         yield
+        await imports.stop_imports(app)  # imports still running are marked failed and give their connection back
         await app.state.bus.close()
         await app.state.pool.close()
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
     api.include_router(profiles.router)
+    api.include_router(imports.router)  # before devices: /devices/export is not a device id
     api.include_router(devices.router)
     api.include_router(credentials.router)  # /devices/{id}/credentials/revoke|rotate
     api.include_router(attributes.router)
