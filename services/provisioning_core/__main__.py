@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import aio_pika
+from aio_pika.abc import AbstractExchange
 from provisioning_common import metrics, runtime
 from provisioning_common.bus import Bus
 from provisioning_common.contract import CORE, DEVICE_API, EVENTS_EXCHANGE
@@ -60,10 +62,28 @@ def event_writer(pool: Any, bus: Bus) -> EventWriter:
     async def store(batch: Sequence[ProvisionEvent]) -> None:
         await repository.insert_provision_events(pool, batch)
 
-    async def publish(event: ProvisionEvent) -> None:
-        await bus.publish_event(EVENTS_EXCHANGE, event.routing_key, event.wire_json())
+    return EventWriter(store, EventPublisher(bus).publish)
 
-    return EventWriter(store, publish)
+
+class EventPublisher:
+    """Publishes events to ``provisioning.events`` on a channel of their own without publisher confirms: a
+    batch is a run of socket writes that never waits for the broker nor queues behind (or ahead of) the RPC
+    replies on the bus's confirmed channel. Events are a record, not a transaction: one lost with the
+    connection is still in Postgres. The channel is restored with the connection (robust)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._exchange: AbstractExchange | None = None
+
+    async def publish(self, batch: Sequence[ProvisionEvent]) -> None:
+        if self._exchange is None:
+            await self._bus.exchange(EVENTS_EXCHANGE)  # looked up, or declared on a development broker
+            channel = await self._bus.open_channel()
+            self._exchange = await channel.get_exchange(self._bus.settings.queue(EVENTS_EXCHANGE), ensure=False)
+        for event in batch:
+            message = aio_pika.Message(event.wire_json(), content_type="application/json",
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await self._exchange.publish(message, routing_key=event.routing_key)
 
 
 async def purge_forever(

@@ -178,7 +178,7 @@ QUEUE_MAX = 20_000
 
 class EventWriter(EventSink):
     """Batches events off the hot path: ``emit`` appends to a bounded queue; :meth:`run` (a background task)
-    hands each batch to ``store`` (one multi-row write) and then to ``publish`` (one message per event).
+    hands each batch to ``store`` (one multi-row write) and then to ``publish`` (the batch's messages).
 
     A batch ``store`` fails for (database down) is dropped and counted - events are a record, never a reason
     to slow or fail provisioning - with one WARNING per outage; the same for ``publish``.
@@ -189,7 +189,7 @@ class EventWriter(EventSink):
     def __init__(
         self,
         store: Callable[[Sequence[ProvisionEvent]], Awaitable[None]],
-        publish: Callable[[ProvisionEvent], Awaitable[None]] | None = None,
+        publish: Callable[[Sequence[ProvisionEvent]], Awaitable[None]] | None = None,
         *,
         flush_interval_s: float = FLUSH_INTERVAL_S,
         batch_size: int = BATCH_SIZE,
@@ -258,13 +258,14 @@ class EventWriter(EventSink):
                 self._store_outage.recovered()
         if self._publish is None:
             return
-        results = await asyncio.gather(*(self._publish(event) for event in batch), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            self.unpublished += len(failures)
-            self._publish_outage.failed(type(failures[0]).__name__)
-        elif self._publish_outage.down:
-            self._publish_outage.recovered()
+        try:
+            await self._publish(batch)
+        except Exception as exc:  # noqa: BLE001 - the bus away: count, one WARNING per outage, go on
+            self.unpublished += len(batch)
+            self._publish_outage.failed(type(exc).__name__)
+        else:
+            if self._publish_outage.down:
+                self._publish_outage.recovered()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is still queued (bounded by ``timeout``), e.g. when the service stops."""
