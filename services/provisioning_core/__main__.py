@@ -83,7 +83,8 @@ class EventPublisher:
         for event in batch:
             message = aio_pika.Message(event.wire_json(), content_type="application/json",
                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await self._exchange.publish(message, routing_key=event.routing_key)
+            # Not mandatory: an event nobody bound a queue for is dropped by the broker, not returned to us.
+            await self._exchange.publish(message, routing_key=event.routing_key, mandatory=False)
 
 
 async def purge_forever(
