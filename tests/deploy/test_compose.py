@@ -45,7 +45,8 @@ SECRETS = ("RABBITMQ_PASSWORD", "POSTGRES_PASSWORD", "ADMIN_API_TOKEN", "DATA_EN
            # one RabbitMQ user per service (provisioning_common.bus_permissions)
            "RABBITMQ_PROVISIONING_CORE_PASSWORD", "RABBITMQ_CREDENTIALS_PASSWORD", "RABBITMQ_ADMIN_API_PASSWORD",
            "RABBITMQ_HTTP_GATEWAY_PASSWORD", "RABBITMQ_MQTT_GATEWAY_PASSWORD", "RABBITMQ_COAP_GATEWAY_PASSWORD",
-           "RABBITMQ_MQTT_BRIDGE_PASSWORD", "RABBITMQ_BROKER_AUTH_PASSWORD", "RABBITMQ_BACKEND_PASSWORD")
+           "RABBITMQ_MQTT_BRIDGE_PASSWORD", "RABBITMQ_BROKER_AUTH_PASSWORD", "RABBITMQ_BACKEND_PASSWORD",
+           "BROKER_AUTH_SECRET")
 
 
 def docker_compose(env: Mapping[str, str], *args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess[str]:
@@ -108,6 +109,7 @@ def filled(example_env: dict[str, str]) -> dict[str, str]:
 
     return {**example_env, "RABBITMQ_PASSWORD": "rabbit-pw", "POSTGRES_PASSWORD": "pg-pw",
             "ADMIN_API_TOKEN": "admin-token", "DATA_ENCRYPTION_KEY": generate_key(),
+            "BROKER_AUTH_SECRET": "broker-secret",
             **{name: f"{name.lower()}-pw" for name in SECRETS
                if name.startswith("RABBITMQ_") and name != "RABBITMQ_PASSWORD"}}
 

@@ -400,6 +400,7 @@ def test_secrets_only_by_reference(rendered: tuple[str, list[Doc]]) -> None:
         *(("rabbitmq-bus-users", user.name) for user in USERS),
         ("provisioning-db-app", "uri"), ("provisioning-secrets", "data-encryption-key"),
         ("provisioning-secrets", "admin-api-token"), ("provisioning-secrets", "mqtt-broker-url"),
+        ("provisioning-secrets", "broker-auth-secret"),
     }
     for _name, variable in _env(docs):
         if variable["name"] == "RABBITMQ_URL":

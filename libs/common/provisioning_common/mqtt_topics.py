@@ -4,10 +4,11 @@ Two families:
 
 * ThingsBoard's device API, served by our MQTT gateway (spec §3.2): ``/provision/request`` (leading
   slash), ``/provision/response`` and ``v1/devices/me/telemetry``.
-* Bridge mode, on the operator's broker: ``provision/request`` (MQTT 5, with a Response Topic) or
-  ``provision/request/<client id>``, answered on ``provision/response/<client id>``. The bridge
-  (``mqtt_bridge``) routes by them and ``broker_auth`` holds provisioning clients to them, so both
-  take them from here.
+* Bridge mode, on the operator's broker: ``provision/request/<client id>`` (the broker's ACL lets a
+  client write only its own), answered on ``provision/response/<client id>`` and nowhere else (an MQTT 5
+  Response Topic naming another client is refused; the bare ``provision/request`` names no client and is
+  ignored). The bridge (``mqtt_bridge``) routes by them and ``broker_auth`` holds provisioning clients to
+  them, so both take them from here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 
 # --- bridge mode (the operator's broker) -------------------------------------------------------------
 
-#: MQTT 5 requests (Response Topic property), and the prefix of ``provision/request/<client id>``.
+#: The prefix of ``provision/request/<client id>`` (alone it names no client: ignored).
 REQUEST_TOPIC = "provision/request"
 #: Answers go to this prefix followed by one topic level (the client id).
 RESPONSE_PREFIX = "provision/response/"
