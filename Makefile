@@ -33,12 +33,17 @@ install: $(STAMP)
 up: $(STAMP)
 	$(PY) -m devstack up
 
-## The gates (ruff, mypy strict), then unit, end-to-end, fault and deployment tests against real
-## RabbitMQ and Postgres; prints the slowest tests and the suite's wall time.
+## The gates (ruff, mypy strict), then unit, end-to-end, deployment and broker tests against real RabbitMQ
+## and Postgres on TEST_WORKERS workers, then the fault scenarios (tests/faults, marker faults) alone: they
+## kill and restart services under load and judge recovery times, which other tests' load would distort.
+## Prints the slowest tests and the suite's wall time; exit 5 (no test collected) is a failure.
 test: lint
-	@start=$$(date +%s); $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	@start=$$(date +%s); \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not faults" --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -m faults --durations=10 $(PYTEST_ARGS); faults=$$?; \
 	echo "suite wall time: $$(( $$(date +%s) - start )) s"; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; exit $$rc
+	if [ $$rc -eq 5 ] || [ $$faults -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi; exit $$faults
 
 ## The gates configured in pyproject.toml: ruff (lint) and mypy (strict on libs/ and services/).
 lint: $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The provisioning rate limiter alone (provisioning_core.rate_limit.PostgresStore), as the core calls it.
+"""The provisioning rate limiter alone (provisioning_common.rate_limit.PostgresStore), as the core calls it.
 
     python bench/rate_limit_sql.py [--database-url URL] [-n 20000] [-c 64] [--profiles 1]
 
@@ -22,7 +22,7 @@ import statistics
 import time
 
 import asyncpg
-from provisioning_core.rate_limit import Bucket, PostgresStore
+from provisioning_common.rate_limit import Bucket, PostgresStore
 
 
 async def main() -> None:

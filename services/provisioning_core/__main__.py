@@ -14,10 +14,11 @@ from provisioning_common.bus import Bus
 from provisioning_common.contract import CORE, DEVICE_API, EVENTS_EXCHANGE
 from provisioning_common.db import repository
 from provisioning_common.events import EventSink, EventWriter, ProvisionEvent
+from provisioning_common.rate_limit import PostgresStore
 from provisioning_common.secretbox import SecretBox
 
 from .device_api import DeviceApi
-from .rate_limit import PostgresStore, ProvisionLimits, RateLimiter
+from .rate_limit import ProvisionLimits, RateLimiter
 from .service import ProvisioningCore
 
 #: Replayable answers are kept well past any redelivery (requests expire after PROVISION_TIMEOUT_S).

@@ -12,9 +12,10 @@
 
 Every limit is a token bucket (GCRA: one timestamp per bucket) kept in Postgres
 (``rate_limit_buckets``, migration 0007) and checked and taken in one transaction per batch of
-concurrent requests (:class:`PostgresStore`), so every core instance shares one budget and there is
-no fixed-minute boundary at which the budget doubles. A bucket of ``capacity`` refills continuously
-over its period: at most ``capacity`` at once, ``capacity`` per period in the long run.
+concurrent requests (:class:`provisioning_common.rate_limit.PostgresStore`), so every core instance
+shares one budget and there is no fixed-minute boundary at which the budget doubles. A bucket of
+``capacity`` refills continuously over its period: at most ``capacity`` at once, ``capacity`` per
+period in the long run.
 
 A *source* is the client's address as the gateway saw it (through trusted proxies only, see
 ``FORWARDED_ALLOW_IPS`` and ``MQTT_PROXY_PROTOCOL``). IPv6 addresses count per /64 (one host's usual
@@ -24,36 +25,19 @@ datagrams can only use up CoAP's own budget of that address, never lock it out o
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-import asyncpg
-from provisioning_common.db import repository
 from provisioning_common.device_api import parse_rate
 from provisioning_common.models import ProvisionRequest, Transport
+from provisioning_common.rate_limit import Bucket, MemoryStore, Store
 from provisioning_common.settings import Settings
 
 #: The period of the wrong-secret limits, whose settings count per minute.
 FAILURE_PERIOD_S = 60.0
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """One token bucket: ``capacity`` tokens refilled over ``period_s`` seconds."""
-
-    name: str
-    capacity: int
-    period_s: float
-
-    @property
-    def emission_s(self) -> float:
-        """Seconds per token."""
-        return self.period_s / self.capacity
 
 
 @dataclass(frozen=True)
@@ -112,107 +96,6 @@ def source_key(transport: Transport, address: str) -> str:
             ip = ip.ipv4_mapped
         key = str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
     return f"coap:{key}" if transport is Transport.COAP else key
-
-
-Request = tuple[list[Bucket], list[Bucket]]
-"""One request's buckets: ``(check, take)``: every one must have room; the ``take`` ones are then taken."""
-
-
-def admit_in_order(requests: Sequence[Request], tat: dict[str, float], now: float) -> list[tuple[int, float]]:
-    """GCRA for ``requests`` in order against the buckets' theoretical arrival times ``tat`` (updated in place).
-
-    The one implementation of the algorithm, for both stores. Each request is all-or-nothing: every bucket
-    it names must have room for one more (``greatest(tat, now) + emission <= now + period``), and then
-    each ``take`` bucket is advanced by one emission interval. Returns per request (0 admitted | 1 a
-    ``check`` bucket | 2 a ``take`` bucket is empty, seconds until the refusing buckets have room).
-    """
-    verdicts: list[tuple[int, float]] = []
-    for check, take in requests:
-        refused, retry = 0, 0.0
-        for code, buckets in ((1, check), (2, take)):
-            for b in buckets:
-                after = max(tat.get(b.name, 0.0), now) + b.emission_s
-                if after > now + b.period_s + 1e-6:
-                    refused = refused or code
-                    retry = max(retry, after - b.period_s - now)
-        if not refused:
-            for b in take:
-                tat[b.name] = max(tat.get(b.name, 0.0), now) + b.emission_s
-        verdicts.append((refused, retry))
-    return verdicts
-
-
-class Store(Protocol):
-    """Where buckets live: check ``check`` (not taken) and take ``take`` in one atomic step."""
-
-    async def admit(self, check: list[Bucket], take: list[Bucket]) -> tuple[int, float]:
-        """(0 admitted | 1 a ``check`` bucket | 2 a ``take`` bucket is empty, seconds until room)."""
-
-
-class PostgresStore:
-    """The shared store (``rate_limit_buckets``, migration 0007), one transaction per *batch* of requests.
-
-    Concurrent requests wait while a batch is in flight and go together in the next one (at most
-    ``max_batch``): the batch's bucket rows are locked in name order (no deadlocks between instances)
-    and read with the database's clock, :func:`admit_in_order` decides every request of the batch in
-    arrival order, and the new times are written back before the locks are released. So every core
-    instance still shares one exact budget, while a hot row (a profile's provisions bucket) is locked
-    once per batch instead of once per request, which had capped provisioning at ~290/s.
-    """
-
-    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
-        self._pool = pool
-        self._max_batch = max_batch
-        self._pending: list[tuple[Request, asyncio.Future[tuple[int, float]]]] = []
-        self._flushing: asyncio.Task[None] | None = None
-
-    async def admit(self, check: list[Bucket], take: list[Bucket]) -> tuple[int, float]:
-        future: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
-        self._pending.append(((check, take), future))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
-                requests = [request for request, _ in batch]
-                verdicts: list[tuple[int, float]] = []
-
-                def decide(tat: dict[str, float], now: float, requests: list[Request] = requests,
-                           verdicts: list[tuple[int, float]] = verdicts) -> dict[str, float]:
-                    verdicts[:] = admit_in_order(requests, tat, now)
-                    return tat
-
-                take = sorted({b.name for _, taken in requests for b in taken})
-                check = sorted({b.name for checked, _ in requests for b in checked} - set(take))
-                try:
-                    await repository.rate_limit_batch(self._pool, take, check, decide)
-                except Exception as exc:  # every waiter gets the failure (the core's DatabaseGuard answers it)
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for (_, future), verdict in zip(batch, verdicts, strict=True):
-                        if not future.done():
-                            future.set_result(verdict)
-        finally:
-            self._flushing = None
-
-    async def purge(self) -> int:
-        return await repository.purge_rate_limits(self._pool)
-
-
-class MemoryStore:
-    """The same algorithm in one process's memory (unit tests)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self.tat: dict[str, float] = {}
-
-    async def admit(self, check: list[Bucket], take: list[Bucket]) -> tuple[int, float]:
-        return admit_in_order([(check, take)], self.tat, self._clock())[0]
 
 
 class RateLimiter:

@@ -11,7 +11,7 @@ from dataclasses import replace
 import asyncpg
 import pytest
 from provisioning_common.db.migrate import apply_migrations
-from provisioning_core.rate_limit import Bucket, PostgresStore
+from provisioning_common.rate_limit import Bucket, PostgresStore
 
 from tests.conftest import Infra
 
