@@ -28,13 +28,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from provisioning_common.bus import Bus, RpcError
-from provisioning_common.contract import DOWNLINK_EXCHANGE, DOWNLINK_REVOKED, PREPARE
+from provisioning_common.contract import DOWNLINK_EXCHANGE, DOWNLINK_REVOKED
 from provisioning_common.db import repository
-from provisioning_common.models import CredentialsType, PrepareCredentialsRequest, SuppliedCredentials
+from provisioning_common.models import CredentialsType, SuppliedCredentials
 
 from ..dependencies import Box, BusDep, Pool, api_error
 from ..schemas import CredentialsIn
-from .devices import _CONFLICTS, device_json, supplied_credentials
+from .devices import _CONFLICTS, device_json, prepare, supplied_credentials
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,7 @@ async def rotate(
     device_id: uuid.UUID, pool: Pool, bus: BusDep, box: Box, body: Annotated[CredentialsIn | None, Body()] = None
 ) -> dict[str, Any]:
     """New credentials for the device (shown once, in ``credentials``); the old ones are revoked."""
-    ctype, supplied = await _rotation_request(pool, device_id, body)
-    try:
-        reply = await bus.call(PREPARE, PrepareCredentialsRequest(credentials_type=ctype, credentials=supplied))
-    except RpcError:
-        raise api_error(503, "credentials service unavailable") from None
-    if not reply.ok or reply.prepared is None:
-        raise api_error(400, reply.error_message or "invalid credentials")
-    prepared = reply.prepared
+    prepared = await prepare(bus, *await _rotation_request(pool, device_id, body))
     try:
         device = await repository.rotate_credentials(pool, device_id, prepared,
                                                      box.encrypt_json(prepared.response_value))

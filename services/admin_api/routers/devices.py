@@ -11,12 +11,17 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
-from provisioning_common.bus import RpcError
+from provisioning_common.bus import Bus, RpcError
 from provisioning_common.contract import PREPARE
 from provisioning_common.db import repository
 from provisioning_common.db.repository import DeviceRecord
 from provisioning_common.dialects.limits import field_problem
-from provisioning_common.models import CredentialsType, PrepareCredentialsRequest, SuppliedCredentials
+from provisioning_common.models import (
+    CredentialsType,
+    PrepareCredentialsRequest,
+    PreparedCredentials,
+    SuppliedCredentials,
+)
 
 from ..dependencies import Box, BusDep, Pool, api_error
 from ..schemas import MAX_PAGE, MAX_PAGE_SIZE, NO_CONTROLS, CredentialsIn, DeviceIn, Page
@@ -79,18 +84,23 @@ def supplied_credentials(creds: CredentialsIn | None) -> tuple[CredentialsType, 
     raise api_error(400, f"credentialsType {ctype.value} is not supported")
 
 
-@router.post("", status_code=201)
-async def create_device(body: DeviceIn, pool: Pool, bus: BusDep, box: Box) -> dict[str, Any]:
-    if not await repository.profile_exists(pool, body.device_profile_id):
-        raise api_error(400, f"deviceProfileId {body.device_profile_id} does not exist")
-    ctype, supplied = supplied_credentials(body.credentials)
+async def prepare(bus: Bus, ctype: CredentialsType, supplied: SuppliedCredentials) -> PreparedCredentials:
+    """The credentials service prepares (mints, hashes, checks) what an operator gave, within the limits of a
+    device's own request; HTTP 503 when it cannot be reached, 400 when it refuses them."""
     try:
         reply = await bus.call(PREPARE, PrepareCredentialsRequest(credentials_type=ctype, credentials=supplied))
     except RpcError:
         raise api_error(503, "credentials service unavailable") from None
     if not reply.ok or reply.prepared is None:
         raise api_error(400, reply.error_message or "invalid credentials")
-    prepared = reply.prepared
+    return reply.prepared
+
+
+@router.post("", status_code=201)
+async def create_device(body: DeviceIn, pool: Pool, bus: BusDep, box: Box) -> dict[str, Any]:
+    if not await repository.profile_exists(pool, body.device_profile_id):
+        raise api_error(400, f"deviceProfileId {body.device_profile_id} does not exist")
+    prepared = await prepare(bus, *supplied_credentials(body.credentials))
     device_id = uuid.uuid4()
     try:
         device = await repository.create_device(
