@@ -2,14 +2,16 @@
 """HTTP provisioning load generator: provisions N devices at a given concurrency against a running stack.
 
     python bench/http_provision.py --url http://127.0.0.1:8080 --admin-url http://127.0.0.1:8081 \\
-        -n 5000 -c 64 [--innoway] [--key K --secret S] [--warmup 200] [--max-seconds 120] [--json]
+        -n 5000 -c 64 [--rate R] [--innoway] [--key K --secret S] [--warmup 200] [--max-seconds 120] [--json]
 
 Without --key/--secret it first creates a fresh device profile (``bench-<run>``, strategy
 ALLOW_CREATE_NEW_DEVICES) through the admin API, authenticated with --admin-token, else the
 ADMIN_API_TOKEN environment variable, else the ADMIN_API_TOKEN= line of .local/stack.env.
 
-One process, one asyncio loop (uvloop when importable) and a minimal HTTP/1.1 keep-alive client
-written on asyncio streams: -c persistent connections, each with one request in flight. A general
+Closed loop by default (each connection sends its next request when the answer came); ``--rate R``
+offers R requests per second whatever the answers (open loop), which is how latency at a given load
+is measured. One process, one asyncio loop (uvloop when importable) and a minimal HTTP/1.1 keep-alive
+client written on asyncio streams: -c persistent connections, each with one request in flight. A general
 client (httpx) costs several times more CPU per request, and on a small machine the generator
 shares the cores with the server, so its own overhead would distort the numbers; the generator's
 CPU time is printed next to the results for the same reason. Standard library only (plus uvloop).
@@ -30,6 +32,7 @@ import ssl
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -247,12 +250,49 @@ class Phase:
     cpu_sys_s: float = 0.0
 
 
+async def _exchange(conn: Connection, data: bytes, timeout: float, deadline: float, phase: Phase,
+                    started: float) -> bool:
+    """One request on ``conn``, recorded in ``phase`` with its latency counted from ``started`` (perf_counter
+    time); False when the connection failed (it is closed; the next request reopens it)."""
+    loop = asyncio.get_running_loop()
+    phase.attempted += 1
+    try:
+        async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
+            status, body = await conn.request(data)
+    except TimeoutError:
+        conn.close()  # the answer may still come: this connection is out of step now
+        phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
+        return True
+    except (OSError, EOFError, ProtocolError, ssl.SSLError) as exc:
+        conn.close()
+        phase.errors[_error_name(exc)] += 1
+        return False
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    outcome = classify(status, body)
+    phase.outcomes[outcome] += 1
+    phase.latencies_ms.append(elapsed_ms)
+    if outcome == SUCCESS:
+        phase.success_latencies_ms.append(elapsed_ms)
+    return True
+
+
+async def _measured(phase: Phase, work: Awaitable[object]) -> None:
+    """Run ``work``, recording its wall time and this process's CPU time in ``phase``."""
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    await work
+    phase.elapsed_s = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    phase.cpu_user_s = ru1.ru_utime - ru0.ru_utime
+    phase.cpu_sys_s = ru1.ru_stime - ru0.ru_stime
+
+
 async def run_phase(conns: list[Connection], count: int, make_name, factory: RequestFactory,
                     timeout: float, deadline: float, phase: Phase) -> None:
-    """Send ``count`` requests over ``conns`` (one in flight per connection) until done or ``deadline``."""
+    """Closed loop: send ``count`` requests over ``conns``, one in flight per connection, each sent as soon as
+    the previous answer arrived, until done or ``deadline``."""
     loop = asyncio.get_running_loop()
     next_index = 0
-    perf = time.perf_counter
 
     async def worker(conn: Connection) -> None:
         nonlocal next_index
@@ -261,37 +301,47 @@ async def run_phase(conns: list[Connection], count: int, make_name, factory: Req
             i = next_index
             next_index += 1
             data = factory.build(make_name(i))
-            phase.attempted += 1
-            t0 = perf()
-            try:
-                async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
-                    status, body = await conn.request(data)
-            except TimeoutError:
-                conn.close()  # the answer may still come: this connection is out of step now
-                phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
-                continue
-            except (OSError, EOFError, ProtocolError, ssl.SSLError) as exc:
-                conn.close()
-                phase.errors[_error_name(exc)] += 1
+            if await _exchange(conn, data, timeout, deadline, phase, time.perf_counter()):
+                failures_in_a_row = 0
+            else:
                 failures_in_a_row += 1
                 # a refused/reset server would otherwise burn through every request in a moment
                 await asyncio.sleep(min(0.05 * failures_in_a_row, 1.0))
-                continue
-            elapsed_ms = (perf() - t0) * 1000.0
-            failures_in_a_row = 0
-            outcome = classify(status, body)
-            phase.outcomes[outcome] += 1
-            phase.latencies_ms.append(elapsed_ms)
-            if outcome == SUCCESS:
-                phase.success_latencies_ms.append(elapsed_ms)
 
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = perf()
-    await asyncio.gather(*(worker(c) for c in conns))
-    phase.elapsed_s = perf() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    phase.cpu_user_s = ru1.ru_utime - ru0.ru_utime
-    phase.cpu_sys_s = ru1.ru_stime - ru0.ru_stime
+    await _measured(phase, asyncio.gather(*(worker(c) for c in conns)))
+
+
+async def run_open_loop(conns: list[Connection], count: int, rate: float, make_name, factory: RequestFactory,
+                        timeout: float, deadline: float, phase: Phase) -> None:
+    """Open loop: request ``i`` is due at ``i / rate`` seconds whatever the answers, so a slow server cannot
+    slow the load down and hide its latency (coordinated omission). A due request takes an idle connection
+    of ``conns``, waiting for one when all are busy; its latency counts from when it was due, the wait
+    included."""
+    loop = asyncio.get_running_loop()
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for conn in conns:
+        idle.put_nowait(conn)
+
+    async def one(i: int, due: float) -> None:
+        conn = await idle.get()
+        try:
+            await _exchange(conn, factory.build(make_name(i)), timeout, deadline, phase, due)
+        finally:
+            idle.put_nowait(conn)
+
+    async def schedule() -> None:
+        start = time.perf_counter()
+        tasks = []
+        for i in range(count):
+            due = start + i / rate
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            if loop.time() >= deadline:
+                break
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+
+    await _measured(phase, schedule())
 
 
 def _error_name(exc: BaseException) -> str:
@@ -348,8 +398,12 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
                         args.timeout, deadline, warm)
     measured = Phase()
     if args.requests > 0 and loop.time() < deadline:
-        await run_phase(conns, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
-                        args.timeout, deadline, measured)
+        if args.rate:
+            await run_open_loop(conns, args.requests, args.rate, lambda i: f"bench-{run_id}-{i}", factory,
+                                args.timeout, deadline, measured)
+        else:
+            await run_phase(conns, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
+                            args.timeout, deadline, measured)
     for conn in conns:
         conn.close()
     await asyncio.sleep(0)  # let the transports close
@@ -374,6 +428,7 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
         "generator_cpu_pct_of_one_core": round(100.0 * cpu / elapsed, 1) if elapsed > 0 else 0.0,
         "generator_cpu_us_per_request": round(1e6 * cpu / measured.attempted, 1) if measured.attempted else None,
         "cpu_count": os.cpu_count(),
+        "offered_rate_per_s": args.rate,
     }
 
 
@@ -390,6 +445,8 @@ def render_human(result: dict, profile_note: str) -> str:
         f"  run {result['run']}; {profile_note}",
         f"  requests      {result['attempted']} sent of {result['requested']}, {result['concurrency']} keep-alive "
         f"connections; warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
+        *([f"  offered       {result['offered_rate_per_s']:g}/s open loop (latency from when each request was due,"
+           " waiting for a free connection included)"] if result["offered_rate_per_s"] else []),
         f"  elapsed       {result['elapsed_s']:.2f} s" + ("   (stopped by --max-seconds)"
                                                         if result["stopped_by_max_seconds"] else ""),
         f"  provisions/s  {result['provisions_per_s']:.1f}   (SUCCESS answers per second;"
@@ -420,8 +477,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--innoway", action="store_true",
                    help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
     add_run_arguments(p, concurrency_help='keep-alive connections, one request in flight on each')
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: start this many requests per second whatever the answers (latency counted "
+                        "from when each was due); -c is then the most connections in use (default: closed loop)")
     args = p.parse_args(argv)
     check_run_arguments(p, args)
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
     return args
 
 
