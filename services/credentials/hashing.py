@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import binascii
-import functools
 import hashlib
-import hmac
 import re
 import secrets
 import string
@@ -16,9 +13,12 @@ from cryptography import x509
 # ThingsBoard's certificate/id hash format lives with the shared contract; re-exported here.
 from provisioning_common.certificates import tb_sha3, tb_trim, validity_problem
 
+# Password hashing is shared with the admin API's operator accounts; re-exported here.
+from provisioning_common.passwords import dummy_hash, hash_password, verify_or_burn, verify_password
+
 __all__ = [
     "tb_sha3", "tb_trim", "mint_token", "token_id", "certificate_body", "hash_password", "verify_password",
-    "weak_token_problem", "verify_or_burn",
+    "weak_token_problem", "verify_or_burn", "dummy_hash",
 ]
 
 TOKEN_ALPHABET = string.ascii_letters + string.digits
@@ -33,8 +33,6 @@ MSG_WEAK_TOKEN = (
     f"Access token is too weak: at least {MIN_DEVICE_TOKEN_LENGTH} characters of A-Z a-z 0-9 . _ ~ - are required"
 )
 
-# scrypt cost: ~16 MiB and tens of milliseconds per hash; always run off the event loop.
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
 def mint_token(length: int = 20) -> str:
@@ -76,44 +74,3 @@ def certificate_body(value: str) -> str:
     return body
 
 
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
-    salt_b64 = base64.b64encode(salt).decode()
-    digest_b64 = base64.b64encode(digest).decode()
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt_b64}${digest_b64}"
-
-
-@functools.cache
-def dummy_hash() -> str:
-    """A hash of a random password with the current cost, made once per process: checking a password against it
-    costs what checking a real one does, and matches nothing."""
-    return hash_password(secrets.token_urlsafe(32))
-
-
-def verify_or_burn(password: str, stored: str | None) -> bool:
-    """:func:`verify_password` against ``stored``, or against :func:`dummy_hash` when there is nothing stored
-    (an unknown user): the same work either way, so a caller cannot tell known users from unknown ones by time."""
-    if stored is None:
-        verify_password(password, dummy_hash())
-        return False
-    return verify_password(password, stored)
-
-
-def verify_password(password: str, stored: str) -> bool:
-    try:
-        scheme, n, r, p, salt_b64, digest_b64 = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest_b64)
-        actual = hashlib.scrypt(
-            password.encode("utf-8"),
-            salt=base64.b64decode(salt_b64),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(expected),
-        )
-    except (ValueError, binascii.Error):
-        return False
-    return hmac.compare_digest(actual, expected)

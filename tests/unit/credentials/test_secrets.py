@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from provisioning_common import passwords
 from provisioning_common.models import (
     AuthenticateRequest,
     CredentialsType,
@@ -78,13 +79,13 @@ def stored_hash() -> str:
 def verifications(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Every scrypt verification run: (password, the cost parameters of the hash it was checked against)."""
     calls: list[tuple[str, str]] = []
-    real = hashing.verify_password
+    real = passwords.verify_password
 
     def counted(password: str, stored: str) -> bool:
         calls.append((password, "$".join(stored.split("$")[:4])))
         return real(password, stored)
 
-    monkeypatch.setattr(hashing, "verify_password", counted)
+    monkeypatch.setattr(passwords, "verify_password", counted)
     return calls
 
 
