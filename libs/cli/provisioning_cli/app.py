@@ -442,8 +442,11 @@ def devices_export(
 
 def main() -> None:
     """The console script: typer's own exit codes (2 for usage), 1 for anything unexpected, in one line."""
+    args = sys.argv[1:]
+    if "--json" in args:  # accepted after the command too (`provisioning profiles list --json`)
+        args = ["--json", *(arg for arg in args if arg != "--json")]
     try:
-        app(standalone_mode=True)
+        app(args=args, prog_name="provisioning", standalone_mode=True)
     except SystemExit:
         raise
     except KeyboardInterrupt:

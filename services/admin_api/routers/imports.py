@@ -210,7 +210,7 @@ def scan(tmp: IO[bytes], kind: str, delimiter: str | None, columns: str | None, 
             except csv.Error:
                 delimiter = ","
         with _text(tmp) as text:
-            reader = csv.reader(text, delimiter=delimiter)
+            reader = csv.reader(text, delimiter=delimiter, strict=True)
             mapped: tuple[str | None, ...] | None = None
             if columns is not None:
                 mapped = _map_columns(columns.split(","), explicit=True)
@@ -250,7 +250,7 @@ def read_rows(tmp: IO[bytes], plan: Plan) -> Iterator[RawRow]:
                     yield _json_row(number, line)
         return
     with _text(tmp) as text:
-        reader = csv.reader(text, delimiter=plan.delimiter)
+        reader = csv.reader(text, delimiter=plan.delimiter, strict=True)
         if plan.header:
             next(reader, None)
         end = reader.line_num
