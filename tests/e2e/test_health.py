@@ -67,8 +67,8 @@ def test_health_and_live_answer_on_every_service(services: dict[str, tuple[Servi
 
 
 def test_unknown_paths_are_404(services: dict[str, tuple[ServiceProcess, int]]) -> None:
-    for name in HEALTH_PORT_SERVICES:
-        assert get(services[name][1], "/metrics")[0] == 404
+    for name in HEALTH_PORT_SERVICES:  # (/metrics is served there too: tests/e2e/test_observability.py)
+        assert get(services[name][1], "/healthz")[0] == 404
 
 
 def test_the_health_listener_closes_when_the_service_stops(services: dict[str, tuple[ServiceProcess, int]]) -> None:
