@@ -94,10 +94,14 @@ class _RecordContext(logging.Filter):
     are kept), and adds the request id in force (``request_id``, and ``request_tag`` for the text format)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        escaped = escape_controls(message)
-        if escaped is not message or record.args:
-            record.msg, record.args = escaped, None
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - arguments that do not fit the format: logging's handleError reports it
+            message = None
+        if message is not None:
+            escaped = escape_controls(message)
+            if escaped is not message or record.args:
+                record.msg, record.args = escaped, None
         request_id = getattr(record, "request_id", None) or current_request_id()
         record.request_id = request_id
         record.request_tag = f" [{request_id}]" if request_id else ""

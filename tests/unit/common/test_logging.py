@@ -118,6 +118,13 @@ def test_json_format_one_object_per_record(captured: Any) -> None:
     assert "request_tag" not in second
 
 
+def test_a_log_call_with_wrong_arguments_does_not_raise(captured: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """As without our filter: logging reports the mistake (handleError) and the caller goes on."""
+    captured("text")
+    logging.getLogger("unit.module").info("two %s %s", "only-one")
+    assert "Logging error" in capsys.readouterr().err
+
+
 def test_the_lifecycle_line_keeps_its_format_in_json(captured: Any) -> None:
     buffer = captured("json")
     runtime.announce_ready("unit_service", "on queue q")
