@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -33,8 +33,8 @@ async def start(context: runtime.Context) -> runtime.Running:
     # Provision secrets stored in clear before migration 0008 are encrypted now (the admin API does it too).
     await repository.seal_profile_secrets(await context.pool(), box.encrypt_json)
     limits_store = PostgresStore(await context.pool())
-    events = event_writer(await context.pool(), await context.bus()) if settings.provision_events_enabled \
-        else EventSink()
+    publisher = EventPublisher(await context.bus())
+    events = event_writer(await context.pool(), publisher) if settings.provision_events_enabled else EventSink()
     core = ProvisioningCore(await context.pool(), await context.bus(),
                             box,
                             RateLimiter(ProvisionLimits.from_settings(settings), limits_store),
@@ -47,7 +47,7 @@ async def start(context: runtime.Context) -> runtime.Running:
     device_api = DeviceApi(await context.pool(), await context.bus(), max_connections=settings.db_pool_max // 2)
     background = [purge_forever(core, limits_store, await context.pool(), settings.provision_events_retention_days,
                                 settings.provision_events_purge_interval_s)]
-    stop = []
+    stop: list[Callable[[], Awaitable[None]]] = []
     if isinstance(events, EventWriter):
         background.append(events.run())
         stop.append(events.close)  # after the requests in flight finished: their events are written too
@@ -57,20 +57,23 @@ async def start(context: runtime.Context) -> runtime.Running:
                            background=background, stop=stop)
 
 
-def event_writer(pool: Any, bus: Bus) -> EventWriter:
+def event_writer(pool: Any, publisher: EventPublisher) -> EventWriter:
     """Provisioning events stored in batches (one COPY) and then published to ``provisioning.events``."""
 
     async def store(batch: Sequence[ProvisionEvent]) -> None:
         await repository.insert_provision_events(pool, batch)
 
-    return EventWriter(store, EventPublisher(bus).publish)
+    return EventWriter(store, publisher.publish)
 
 
 class EventPublisher:
-    """Publishes events to ``provisioning.events`` on a channel of their own without publisher confirms: a
-    batch is a run of socket writes that never waits for the broker nor queues behind (or ahead of) the RPC
-    replies on the bus's confirmed channel. Events are a record, not a transaction: one lost with the
-    connection is still in Postgres. The channel is restored with the connection (robust)."""
+    """Publishes each batch of events to ``provisioning.events`` as one message per routing key (a JSON array of
+    the events with that ``<outcome>.<transport>``), on a channel of its own without publisher confirms.
+
+    One message per event cost the core more per provision (an AMQP publish is ~0.1-0.2 ms of Python) than the
+    rest of the event together, and measurably lowered provisions/s; per routing key, a busy core publishes
+    a handful of messages per flush whatever its rate, and an idle one a one-element array. Events are a record,
+    not a transaction: a message lost with the connection is still in Postgres."""
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
@@ -81,11 +84,14 @@ class EventPublisher:
             await self._bus.exchange(EVENTS_EXCHANGE)  # looked up, or declared on a development broker
             channel = await self._bus.open_channel()
             self._exchange = await channel.get_exchange(self._bus.settings.queue(EVENTS_EXCHANGE), ensure=False)
+        by_key: dict[str, list[bytes]] = {}
         for event in batch:
-            message = aio_pika.Message(event.wire_json(), content_type="application/json",
+            by_key.setdefault(event.routing_key, []).append(event.wire_json())
+        for routing_key, bodies in by_key.items():
+            message = aio_pika.Message(b"[" + b",".join(bodies) + b"]", content_type="application/json",
                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            # Not mandatory: an event nobody bound a queue for is dropped by the broker, not returned to us.
-            await self._exchange.publish(message, routing_key=event.routing_key, mandatory=False)
+            # Not mandatory: events nobody bound a queue for are dropped by the broker, not returned to us.
+            await self._exchange.publish(message, routing_key=routing_key, mandatory=False)
 
 
 async def purge_forever(

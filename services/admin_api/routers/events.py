@@ -130,11 +130,12 @@ async def stream_events(
                     yield b": keepalive\n\n"
                     continue
                 try:
-                    event = json.loads(raw)
+                    events = json.loads(raw)  # one message: the events of one flush with one routing key
                 except ValueError:
                     continue
-                if all(event.get(key) == value for key, value in wanted.items()):
-                    yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+                for event in events if isinstance(events, list) else [events]:
+                    if isinstance(event, dict) and all(event.get(key) == value for key, value in wanted.items()):
+                        yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
         finally:
             _open_streams -= 1
             with contextlib.suppress(Exception):
