@@ -387,7 +387,7 @@ async def test_retention_purge_deletes_old_events(env: Env, admin: Admin, stack:
         await conn.close()
 
 
-def test_zz_no_event_contains_a_secret(admin: Admin, tap: ExchangeTap) -> None:
+def test_zz_no_event_or_log_line_contains_a_secret(admin: Admin, tap: ExchangeTap, stack: Stack) -> None:
     stored: list[str] = []
     page = 0
     while True:
@@ -402,3 +402,6 @@ def test_zz_no_event_contains_a_secret(admin: Admin, tap: ExchangeTap) -> None:
     assert len(secrets) >= 10
     leaked = sorted(s for s in secrets if any(s in text for text in stored + published))
     assert not leaked, leaked
+    logs = stack.output()
+    assert "provisioned device" in logs
+    assert not sorted(s for s in secrets if s in logs)
