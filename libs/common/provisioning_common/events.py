@@ -232,7 +232,9 @@ class EventWriter(EventSink):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
             self._wakeup.clear()
-            await self.flush()
+            # Shielded: a service stopping cancels this task, never a batch half written (close() then waits
+            # for it, through the flush lock, and writes the rest).
+            await asyncio.shield(self.flush())
 
     async def flush(self) -> int:
         """Write and publish what waits now, batch by batch; returns how many events were taken."""

@@ -80,6 +80,28 @@ async def test_a_full_batch_is_written_at_once_without_waiting_for_the_interval(
     assert [len(b) for b in store.batches] == [10, 1]
 
 
+async def test_stopping_in_the_middle_of_a_batch_loses_nothing() -> None:
+    """The service cancels the background task first, then calls close(): the batch being written finishes."""
+    release, batches = asyncio.Event(), []
+
+    async def slow_store(batch: Sequence[ProvisionEvent]) -> None:
+        await release.wait()
+        batches.append([e.device_name for e in batch])
+
+    writer = EventWriter(slow_store, flush_interval_s=0.01, batch_size=2)
+    task = asyncio.create_task(writer.run())
+    writer.emit(event(0))
+    writer.emit(event(1))
+    await asyncio.sleep(0.05)  # the first batch is being written
+    writer.emit(event(2))
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    release.set()
+    await writer.close()
+    assert batches == [["dev-0", "dev-1"], ["dev-2"]]
+
+
 async def test_a_full_queue_drops_new_events_and_counts_them_never_blocking(caplog: pytest.LogCaptureFixture) -> None:
     store = Store()
     writer = EventWriter(store, queue_max=3)
