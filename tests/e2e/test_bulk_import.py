@@ -323,7 +323,7 @@ def test_cli_lists_profiles_and_says_what_is_wrong_in_one_line(admin: Admin, env
 async def test_zz_kill_9_mid_import_leaves_no_half_written_device(admin: Admin, env: Env, stack: Stack) -> None:
     profile = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES")
     prefix = f"kill{uuid.uuid4().hex[:6]}"
-    rows = 8_000
+    rows = 12_000
     text, _, _ = make_csv(prefix, rows, bad=False, mqtt=False)
     job_id = upload(admin, profile["id"], text.encode())
     deadline = time.monotonic() + 30

@@ -63,7 +63,7 @@ router = APIRouter(prefix="/devices")
 BATCH_ROWS = 500
 #: Largest upload (bytes), spooled to disk; more is answered 413.
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
-#: Imports running at once in one admin API process (each holds one database connection); more: 429.
+#: Imports running at once in one admin API process (each holds two database connections); more: 429.
 MAX_RUNNING_IMPORTS = 4
 #: Rejected rows kept for the report (``rejected`` counts them all; ``errorsTruncated`` says when more).
 MAX_REPORTED_ERRORS = 10_000
@@ -352,6 +352,17 @@ def validate_row(row: RawRow, profile_id: uuid.UUID) -> Candidate | ImportRowErr
     return Candidate(row.line, body.name, body.device_key, ctype, supplied, creds_field)
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A batch ready to be written: its rejected rows so far, and the devices to create or update."""
+
+    size: int
+    errors: list[ImportRowError]
+    skipped: int
+    new: list[ImportedDevice]
+    updates: list[ImportedDevice]
+
+
 class ImportAborted(Exception):
     """The import cannot go on (not the rows' fault); the message is for the job's report."""
 
@@ -417,8 +428,16 @@ class Job:
         return list(reply.tokens)
 
     async def batch(self, conn: Any, raw: Sequence[RawRow]) -> list[ImportRowError]:
-        """Validate, prepare and write one batch in ``conn``'s transaction; returns its rejected rows."""
+        """Plan and write one batch on ``conn`` (in its transaction); returns its rejected rows."""
+        return await self.write(conn, await self.plan(conn, raw))
+
+    async def plan(self, conn: Any, raw: Sequence[RawRow]) -> Planned:
+        """Validate a batch, look up what its rows would collide with (on ``conn``), prepare and encrypt their
+        credentials: everything but the write. Batches are planned one after the other (the duplicates in the
+        file are found in the names, keys and credentials of the batches planned before); a batch may be
+        planned while the one before is written."""
         errors: list[ImportRowError] = []
+        skipped = 0
         candidates: list[Candidate] = []
         for row in raw:
             checked = validate_row(row, self.profile_id)
@@ -449,7 +468,7 @@ class Job:
             if holder is not None and holder[1] != self.profile_id:
                 errors.append(ImportRowError(c.line, "name", _OTHER_PROFILE))
             elif holder is not None and self.on_existing is OnExisting.SKIP:
-                self.skipped += 1
+                skipped += 1
             elif key_holder is not None and (holder is None or key_holder != holder[0]):
                 errors.append(ImportRowError(c.line, "deviceKey", _CONFLICTS["device_key"]))
             elif holder is not None:
@@ -488,9 +507,14 @@ class Job:
                 None if prepared is None else self.box.encrypt_json(prepared.response_value),
             )
             (rows_new if is_new else rows_updated).append(device)
-        errors.extend(await self._write(conn, rows_new, rows_updated))
+        return Planned(len(raw), errors, skipped, rows_new, rows_updated)
+
+    async def write(self, conn: Any, planned: Planned) -> list[ImportRowError]:
+        """Write a planned batch in ``conn``'s transaction and count it; returns its rejected rows."""
+        errors = planned.errors + await self._write(conn, planned.new, planned.updates)
         errors.sort(key=lambda e: e.line)
-        self.processed += len(raw)
+        self.processed += planned.size
+        self.skipped += planned.skipped
         self.rejected += len(errors)
         return errors
 
@@ -568,10 +592,7 @@ async def _import(job: Job, pool: Any, conn: Any, tmp: IO[bytes], plan: Plan) ->
                 job.created = job.updated = 0
                 return "failed", f"atomic import: {job.rejected} rows rejected, nothing was written"
         else:
-            for raw in _batches(tmp, plan):
-                async with conn.transaction():
-                    errors = await job.batch(conn, raw)
-                    await repository.record_import_progress(conn, job.id, job.counts(), job.to_report(errors))
+            await _pipelined(job, pool, conn, tmp, plan)
     except ImportAborted as exc:
         return "failed", str(exc)
     except (asyncio.CancelledError, asyncpg.PostgresConnectionError, OSError):
@@ -580,6 +601,36 @@ async def _import(job: Job, pool: Any, conn: Any, tmp: IO[bytes], plan: Plan) ->
         log.error("import %s failed: %s", job.id, type(exc).__name__)
         return "failed", f"internal error ({type(exc).__name__}); rows written before stay"
     return "done", None
+
+
+async def _pipelined(job: Job, pool: Any, conn: Any, tmp: IO[bytes], plan: Plan) -> None:
+    """Each batch in its own transaction on ``conn``, the next one planned meanwhile on a second connection
+    (its look-ups need not see the batch being written: rows of the same file collide in memory)."""
+    lookup = await pool.acquire()
+    try:
+        await lookup.execute("SET plan_cache_mode = force_custom_plan")  # see repository.hold_import_job
+        planned: Planned | None = None
+        for raw in _batches(tmp, plan):
+            planning = asyncio.create_task(job.plan(lookup, raw))
+            try:
+                if planned is not None:
+                    await _commit(job, conn, planned)
+                planned = await planning
+            finally:
+                if not planning.done():
+                    planning.cancel()
+                    with contextlib.suppress(BaseException):
+                        await planning
+        if planned is not None:
+            await _commit(job, conn, planned)
+    finally:
+        await pool.release(lookup)
+
+
+async def _commit(job: Job, conn: Any, planned: Planned) -> None:
+    async with conn.transaction():
+        errors = await job.write(conn, planned)
+        await repository.record_import_progress(conn, job.id, job.counts(), job.to_report(errors))
 
 
 def _batches(tmp: IO[bytes], plan: Plan) -> Iterator[list[RawRow]]:
