@@ -461,6 +461,11 @@ class Bus:
         if self._outbox_task is None or self._outbox_task.done():
             self._outbox_task = asyncio.create_task(self._drain_outbox(), context=contextvars.Context())
 
+    @property
+    def one_way_backlog(self) -> int:
+        """One-way messages queued by :meth:`send_reliably` and not yet taken by the broker."""
+        return len(self._outbox)
+
     async def _drain_outbox(self) -> None:
         while not self._closing:
             await self._outbox_wakeup.wait()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
-from .bus import Bus, NoRoute, RpcError, RpcTimeout, outcome_unknown
+from .bus import OUTBOX_MAX, Bus, NoRoute, RpcError, RpcTimeout, outcome_unknown
 from .context import current_request_id, request_scope
 from .contract import (
     ABANDON,
@@ -174,7 +174,9 @@ class TransportApi:
                         source_address: str, *, request_id: str, device_name: str = "") -> None:
         """The device is about to hear "timed out": the TIMED_OUT provisioning event (README "Provisioning
         events"), sent to the core like ``abandon`` (reliably, one-way), which stores and publishes it."""
-        if not self._settings.provision_events_enabled:
+        # Reports never take more than half of the bus's outbox (a broker outage): ``abandon`` messages, which
+        # undo what nobody was told, keep the other half; a report over it is dropped (the metrics count it).
+        if not self._settings.provision_events_enabled or self._bus.one_way_backlog >= OUTBOX_MAX // 2:
             return
         self._bus.send_reliably(REPORT_TIMEOUT, ProvisionEvent(
             outcome=Outcome.TIMED_OUT, reason=Reason.NO_ANSWER if outcome_unknown(exc) else Reason.UNAVAILABLE,
