@@ -317,6 +317,31 @@ def test_cli_lists_profiles_and_says_what_is_wrong_in_one_line(admin: Admin, env
     assert missing.returncode == 5 and "no-such-profile" in missing.stderr
 
 
+def test_cli_manages_profiles_and_devices(env: Env, http: httpx.Client) -> None:
+    name = f"cli-crud-{uuid.uuid4().hex[:6]}"
+    assert cli(env, "profiles", "create", name, "--json").returncode == 0
+    renamed = cli(env, "--json", "profiles", "update", name, "--name", f"{name}-b", "--secret", "s3cret-value-1")
+    assert renamed.returncode == 0, renamed.stderr
+    profile = json.loads(renamed.stdout)
+    assert (profile["name"], profile["provisionDeviceSecret"]) == (f"{name}-b", "s3cret-value-1")
+    created = cli(env, "devices", "create", "cli-dev-1", "--profile", profile["id"], "--token",
+                  "cli-token-0123456789", "--json")
+    assert created.returncode == 0, created.stderr
+    device = json.loads(created.stdout)
+    assert device["credentials"]["credentialsValue"] == "cli-token-0123456789"
+    answer = http.post("/api/v1/provision", content=json.dumps(tb_request(profile, deviceName="cli-dev-1"))).json()
+    assert answer["credentialsValue"] == "cli-token-0123456789"
+    shown = json.loads(cli(env, "devices", "show", device["id"], "--json").stdout)
+    assert shown["provisionState"] == "provisioned"
+    in_use = cli(env, "profiles", "delete", profile["id"])
+    assert in_use.returncode == 5 and "409" in in_use.stderr
+    assert cli(env, "devices", "delete", device["id"]).returncode == 0
+    assert cli(env, "profiles", "delete", f"{name}-b").returncode == 0
+    assert cli(env, "profiles", "show", profile["id"]).returncode == 5
+    usage = cli(env, "devices", "create", "x", "--profile", name, "--token", "t", "--client-id", "c")
+    assert usage.returncode == 2
+
+
 # --- kill -9 of the admin API mid-import: runs last (it restarts the admin process) ---------------
 
 

@@ -315,14 +315,14 @@ def devices_create(
 ) -> None:
     """Create a pre-provisioned device; prints its credentials once."""
     a = api(ctx)
-    body: dict[str, Any] = {"name": name, "deviceProfileId": find_profile(a, profile)["id"]}
-    if device_key:
-        body["deviceKey"] = device_key
     mqtt = {k: v for k, v in (("clientId", client_id), ("userName", user_name), ("password", password)) if v}
     given = [kind for kind, present in (("token", token), ("mqtt", mqtt), ("certificate", certificate)) if present]
     if len(given) > 1:
         fail("give one kind of credentials: --token, MQTT basic (--client-id/--user-name/--password) or"
              " --certificate", EXIT_USAGE)
+    body: dict[str, Any] = {"name": name, "deviceProfileId": find_profile(a, profile)["id"]}
+    if device_key:
+        body["deviceKey"] = device_key
     if token:
         body["credentials"] = {"credentialsType": "ACCESS_TOKEN", "credentialsValue": token}
     elif mqtt:
