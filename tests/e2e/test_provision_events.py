@@ -142,7 +142,7 @@ def wait_for(check: Any, timeout: float = 15.0) -> Any:
 
 
 def _remember(body: dict[str, Any], answer: dict[str, Any] | None = None) -> None:
-    for key in ("provisionDeviceSecret", "token", "password"):
+    for key in ("provisionDeviceSecret", "provision_secret", "token", "password"):
         if body.get(key):
             SECRETS.add(str(body[key]))
     value = (answer or {}).get("credentialsValue")
@@ -179,6 +179,7 @@ class Case:
     outcome: str
     reason: str
     profile_id: str | None = None
+    dialect: str = "thingsboard"
 
 
 def _request(profile: dict[str, Any], name: str, **fields: Any) -> dict[str, Any]:
@@ -216,6 +217,10 @@ async def _cases(env: Env, admin: Admin, transport: str) -> list[Case]:
     await case(f"{tag}-taken", _request(taken, f"{tag}-taken"), "FAILURE", "name_taken", taken["id"])
     pre = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES")
     await case(f"{tag}-absent", _request(pre, f"{tag}-absent"), "FAILURE", "not_pre_provisioned", pre["id"])
+    innoway = {"provision_key": created["provisionDeviceKey"], "provision_secret": f"bad-{uuid.uuid4().hex[:10]}",
+               "device_name": f"{tag}-innoway"}
+    await send(env, transport, innoway)
+    cases.append(Case(transport, f"{tag}-innoway", "NOT_FOUND", "wrong_secret", created["id"], "innoway"))
     if transport == "HTTP":
         weak = admin.create_profile()
         await case(f"{tag}-weak", _request(weak, f"{tag}-weak", credentialsType="ACCESS_TOKEN", token="abc12"),
@@ -229,7 +234,7 @@ def _check_one_event(admin: Admin, tap: ExchangeTap, case: Case) -> dict[str, An
     event = stored[0]
     assert (event["outcome"], event["reason"], event["transport"]) == (case.outcome, case.reason, case.transport), case
     assert event["deviceProfileId"] == case.profile_id
-    assert event["dialect"] == "thingsboard" and event["sourceAddress"] == "127.0.0.1"
+    assert event["dialect"] == case.dialect and event["sourceAddress"] == "127.0.0.1"
     assert event["requestId"] and event["latencyMs"] >= 0 and isinstance(event["time"], int)
     assert (event["deviceId"] is not None) == (case.outcome == "SUCCESS")
     published = tap.named(case.name)
