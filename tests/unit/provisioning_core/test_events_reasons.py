@@ -125,3 +125,18 @@ async def test_gateways_may_report_time_outs_only() -> None:
     await core.report_timeout(timed_out)
     await core.report_timeout(timed_out.model_copy(update={"outcome": Outcome.SUCCESS}))
     assert sink.events == [timed_out]
+
+
+def test_every_refusal_in_the_rules_names_its_reason() -> None:
+    """Each failure(...) / not_found(...) that rules.py decides passes a reason (none is left unspecified)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(rules))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+             and node.func.id in ("failure", "not_found")]
+    assert len(calls) >= 20
+    unnamed = [node.lineno for node in calls
+               if not any(k.arg == "reason" for k in node.keywords)
+               and not (node.func.id == "not_found" and node.args)]  # type: ignore[union-attr]
+    assert not unnamed, f"rules.py lines without a reason: {unnamed}"
