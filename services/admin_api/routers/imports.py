@@ -334,7 +334,10 @@ def validate_row(row: RawRow, profile_id: uuid.UUID) -> Candidate | ImportRowErr
             "credentials": credentials,
         })
     except ValidationError as exc:
-        err = exc.errors()[0]
+        problems = exc.errors()
+        # MQTT basic's object is the second branch of credentialsValue's union: its own error, not the string's.
+        err = next((e for e in problems if any(str(p) in _MQTT_FIELDS.values() for p in e.get("loc", ()))),
+                   problems[0])
         loc = [str(p) for p in err.get("loc", ())]
         where = loc[0] if loc else "line"
         if where == "credentials":
