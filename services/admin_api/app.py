@@ -23,8 +23,10 @@ from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
 from . import errors
-from .dependencies import AdminContext, require_token
-from .routers import attributes, credentials, devices, events, imports, profiles, rpc
+from .audit import AuditLog
+from .auth import authenticate
+from .dependencies import AdminContext
+from .routers import attributes, credentials, devices, events, imports, operators, profiles, rpc
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -54,7 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+    # Every /api call: who calls and whether their role may (auth.required_role); every change is audited.
+    api = APIRouter(prefix="/api", dependencies=[Depends(authenticate)])
     api.include_router(profiles.router)
     api.include_router(imports.router)  # before devices: /devices/export is not a device id
     api.include_router(devices.router)
@@ -62,7 +65,9 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(attributes.router)
     api.include_router(rpc.router)
     api.include_router(events.router)  # /api/provision-events (README "Provisioning events")
+    api.include_router(operators.router)  # /api/operators, /api/audit
     app.include_router(api)
+    app.add_middleware(AuditLog)
 
     def pool() -> Any:
         return app.state.pool

@@ -7,7 +7,6 @@ the bus are opened by the application's lifespan. Routes declare them as paramet
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -19,7 +18,7 @@ from provisioning_common.settings import Settings
 
 @dataclass(frozen=True)
 class AdminContext:
-    #: ``Bearer <ADMIN_API_TOKEN>``, as the Authorization header must read.
+    #: ``Bearer <ADMIN_API_TOKEN>``, as the Authorization header reads for the shared token (auth.authenticate).
     expected_authorization: bytes
     box: SecretBox
     settings: Settings
@@ -46,14 +45,6 @@ def get_box(request: Request) -> SecretBox:
 
 def get_settings(request: Request) -> Settings:
     return context(request).settings
-
-
-async def require_token(request: Request) -> None:
-    """Every ``/api`` route: ``Authorization: Bearer $ADMIN_API_TOKEN`` (compared in constant time), else 401."""
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, context(request).expected_authorization):
-        raise HTTPException(status_code=401, detail="Missing or invalid bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
 
 
 Pool = Annotated[Any, Depends(get_pool)]

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     #: answers ``/health`` on BRIDGE_AUTH_PORT instead and never opens this one.
     health_port: int = Field(default=0, ge=0, le=65535)
     admin_api_token: SecretStr | None = None
+    #: Accept ADMIN_API_TOKEN only while no enabled admin operator exists (it then only bootstraps the first
+    #: admin account; services/admin_api/auth.py). Off by default: scripts that predate accounts keep working.
+    admin_api_token_bootstrap_only: bool = False
 
     #: MQTT gateway: plain and TLS listeners (0 disables one), server certificate and limits.
     mqtt_port: int = Field(default=1883, ge=0, le=65535)

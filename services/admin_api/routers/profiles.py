@@ -29,6 +29,7 @@ from provisioning_common.db.repository import ProfileFields, ProfileRecord
 from provisioning_common.models import ProvisionStrategy
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
+from ..auth import may_see_secrets
 from ..dependencies import Box, Pool, api_error
 from ..schemas import MAX_PAGE, MAX_PAGE_SIZE, DeviceProfileIn, Page
 
@@ -61,7 +62,8 @@ def profile_json(profile: ProfileRecord, box: SecretBox) -> dict[str, Any]:
         "name": profile.name,
         "provisionStrategy": profile.provision_strategy,
         "provisionDeviceKey": profile.provision_key,
-        "provisionDeviceSecret": open_secret(profile, box),
+        # Shown to operators and admins, as ThingsBoard shows it to the tenant; never to a viewer.
+        "provisionDeviceSecret": open_secret(profile, box) if may_see_secrets() else None,
         "allowWeakTokens": profile.allow_weak_tokens,
         "createdTime": int(profile.created_at.timestamp() * 1000),
     }

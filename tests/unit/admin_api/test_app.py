@@ -38,6 +38,18 @@ class _Pool:
             raise self.error
         return len(self.rows) if "count" in sql else 1
 
+    async def fetchrow(self, sql: str, *args: Any) -> None:
+        """No operator has the token asked for (auth.authenticate)."""
+        if self.error is not None:
+            raise self.error
+        return None
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        """Audit entries (audit.AuditLog) are taken and forgotten."""
+        if self.error is not None:
+            raise self.error
+        return "INSERT 0 1"
+
 
 @pytest.fixture
 async def admin() -> AsyncIterator[tuple[httpx.AsyncClient, _Pool]]:
@@ -113,3 +125,20 @@ async def test_probes(admin: tuple[httpx.AsyncClient, _Pool]) -> None:
     assert (await client.get("/health")).status_code == 200
     pool.error = OSError("down")
     assert (await client.get("/health")).status_code == 503
+
+
+async def test_the_shared_token_only_bootstraps_once_an_admin_exists_when_told_so() -> None:
+    settings = Settings(admin_api_token=SecretStr(TOKEN), data_encryption_key=SecretStr(generate_key()),
+                        admin_api_token_bootstrap_only=True)
+    app = create_app(settings)
+    pool = _Pool()  # fetchval answers 1: an enabled admin account exists
+    app.state.pool = pool
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://admin") as client:
+        refused = await client.get("/api/device-profiles", headers=AUTH)
+        assert refused.status_code == 401 and "bootstraps the first admin" in refused.json()["message"]
+        pool.fetchval = _no_admin  # type: ignore[method-assign]
+        assert (await client.get("/api/device-profiles", headers=AUTH)).status_code == 200
+
+
+async def _no_admin(sql: str, *args: Any) -> Any:
+    return False if "EXISTS" in sql else 0

@@ -294,6 +294,138 @@ async def replace_credentials_id(
         raise DeviceConflict("credentials") from None
 
 
+# --- operators, their API tokens and the admin audit log (admin API; migration 0013) ---------------
+
+
+class OperatorConflict(Exception):
+    """Another operator has this user name."""
+
+
+@dataclass(frozen=True)
+class Operator:
+    id: uuid.UUID
+    username: str
+    role: str
+    disabled: bool
+    created_at: datetime.datetime
+
+
+_OPERATOR = "SELECT id, username, role, disabled, created_at FROM operators"
+
+
+async def operator_by_token(conn: asyncpg.Connection | asyncpg.Pool, token_hash: str) -> Operator | None:
+    """The enabled operator whose unrevoked API token has this hash (and the token's use is noted), or None."""
+    row = await conn.fetchrow(
+        "UPDATE operator_tokens t SET last_used_at = now() FROM operators o"
+        " WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND o.id = t.operator_id AND NOT o.disabled"
+        " RETURNING o.id, o.username, o.role, o.disabled, o.created_at",
+        token_hash,
+    )
+    return Operator(**dict(row)) if row else None
+
+
+async def admin_exists(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM operators WHERE role = 'admin' AND NOT disabled)"))
+
+
+async def create_operator(
+    conn: asyncpg.Connection | asyncpg.Pool, *, username: str, password_hash: str | None, role: str
+) -> Operator:
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO operators (id, username, password_hash, role) VALUES ($1, $2, $3, $4)"
+            " RETURNING id, username, role, disabled, created_at",
+            uuid.uuid4(), username, password_hash, role,
+        )
+    except asyncpg.UniqueViolationError:
+        raise OperatorConflict(username) from None
+    assert row is not None
+    return Operator(**dict(row))
+
+
+async def get_operator(conn: asyncpg.Connection | asyncpg.Pool, operator_id: uuid.UUID) -> Operator | None:
+    row = await conn.fetchrow(f"{_OPERATOR} WHERE id = $1", operator_id)
+    return Operator(**dict(row)) if row else None
+
+
+async def list_operators(conn: asyncpg.Connection | asyncpg.Pool) -> list[Operator]:
+    return [Operator(**dict(row)) for row in await conn.fetch(f"{_OPERATOR} ORDER BY username")]
+
+
+async def update_operator(
+    conn: asyncpg.Connection | asyncpg.Pool, operator_id: uuid.UUID, *,
+    role: str | None, disabled: bool | None, password_hash: str | None,
+) -> Operator | None:
+    """Change what is given (None: unchanged); None when there is no such operator."""
+    row = await conn.fetchrow(
+        "UPDATE operators SET role = coalesce($2, role), disabled = coalesce($3, disabled),"
+        " password_hash = coalesce($4, password_hash) WHERE id = $1 RETURNING id, username, role, disabled, created_at",
+        operator_id, role, disabled, password_hash,
+    )
+    return Operator(**dict(row)) if row else None
+
+
+async def delete_operator(conn: asyncpg.Connection | asyncpg.Pool, operator_id: uuid.UUID) -> bool:
+    return not str(await conn.execute("DELETE FROM operators WHERE id = $1", operator_id)).endswith(" 0")
+
+
+async def create_operator_token(
+    conn: asyncpg.Connection | asyncpg.Pool, *, operator_id: uuid.UUID, name: str, token_hash: str
+) -> dict[str, Any]:
+    row = await conn.fetchrow(
+        "INSERT INTO operator_tokens (id, operator_id, name, token_hash) VALUES ($1, $2, $3, $4)"
+        " RETURNING id, name, created_at, last_used_at, revoked_at",
+        uuid.uuid4(), operator_id, name, token_hash,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def list_operator_tokens(conn: asyncpg.Connection | asyncpg.Pool, operator_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT id, name, created_at, last_used_at, revoked_at FROM operator_tokens"
+                            " WHERE operator_id = $1 ORDER BY created_at", operator_id)
+    return [dict(row) for row in rows]
+
+
+async def revoke_operator_token(conn: asyncpg.Connection | asyncpg.Pool, operator_id: uuid.UUID,
+                                token_id: uuid.UUID) -> bool:
+    """Whether this operator had this token (revoking a revoked one again is a no-op that says True)."""
+    status = await conn.execute(
+        "UPDATE operator_tokens SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND operator_id = $2",
+        token_id, operator_id,
+    )
+    return not str(status).endswith(" 0")
+
+
+async def record_admin_audit(
+    conn: asyncpg.Connection | asyncpg.Pool, *, actor: str, operator_id: uuid.UUID | None, method: str, path: str,
+    status: int, object_id: str | None, changes: dict[str, Any] | None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO admin_audit (actor, operator_id, method, path, status, object_id, changes)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+        actor, operator_id, method, path, status, object_id, None if changes is None else json.dumps(changes),
+    )
+
+
+async def list_admin_audit(
+    conn: asyncpg.Connection | asyncpg.Pool, *, actor: str | None, object_id: str | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of audit entries, newest first, and how many match in all."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (("actor", actor), ("object_id", object_id)):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM admin_audit{clause}", *args)
+    rows = await conn.fetch(
+        f"SELECT time, actor, operator_id, method, path, status, object_id, changes FROM admin_audit{clause}"
+        f" ORDER BY id DESC LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}", *args, limit, offset)
+    return [{**dict(row), "changes": json.loads(row["changes"]) if row["changes"] else None} for row in rows], total
+
+
 # --- credential revocation and rotation (admin API; migration 0012) -------------------------------
 
 #: The unique key of device_credentials.credentials_id, which revoked credentials also violate (0012).
