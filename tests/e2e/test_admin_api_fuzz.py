@@ -2,7 +2,7 @@
 
 Run as a subprocess (``st run``): its pytest integration would bring its own event loop and
 fixtures into the project's session-loop pytest-asyncio setup. Bounded by ``--max-examples`` per
-operation (9 operations) and a hard time-out; the counts come from its NDJSON event report.
+operation (about 30 operations) and a hard time-out; the counts come from its NDJSON event report.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from devstack import Stack
 
 from .conftest import Admin, Env
 
-#: Examples per API operation and phase: ~1,400 requests, 25-55 s on 2 busy cores (the bound is < 90 s).
-MAX_EXAMPLES = 50
+#: Examples per API operation and phase: ~2,000 requests over the ~30 operations, about a minute on 2 cores.
+MAX_EXAMPLES = 30
 #: Hard stop of the subprocess; the run is bounded by MAX_EXAMPLES, this only catches a hang.
 TIME_LIMIT_S = 240
 
@@ -95,6 +95,9 @@ def test_schemathesis_finds_no_server_error(env: Env, stack: Stack, admin: Admin
         "--workers", "1",
         "--max-failures", "20",
         "--request-timeout", "10",
+        # The live event stream answers 200 and then never ends: each example would wait out the request
+        # time-out (tests/e2e/test_provision_events.py covers it).
+        "--exclude-path-regex", "/stream$",
         "--report", "ndjson", "--report-ndjson-path", str(report),
         "--no-color",
     ]

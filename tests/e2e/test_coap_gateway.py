@@ -185,7 +185,7 @@ async def test_server_generated_token_then_telemetry(
 async def test_device_supplied_token(coap: aiocoap.Context, env: Env, profile: dict) -> None:
     token = f"coap-token-{uuid.uuid4().hex[:8]}"
     response = await coap_request(coap, env, "/api/v1/provision", tb_request(
-        profile, deviceName=f"d-{token}", credentialsType="ACCESS_TOKEN", token=token))
+        profile, deviceName=f"d-{uuid.uuid4().hex[:8]}", credentialsType="ACCESS_TOKEN", token=token))
     assert response.code is Code.CREATED
     assert response.payload == (
         b'{"credentialsValue":"' + token.encode() + b'","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'

@@ -107,9 +107,8 @@ async def test_server_generated_token_then_telemetry_without_content_type(
 
 
 def test_device_supplied_access_token(http: httpx.Client, env: Env, profile: dict) -> None:
-    token = f"my-own-token-{uuid.uuid4().hex[:8]}"
-    response = provision(http, tb_request(profile, deviceName=f"d-{token}", credentialsType="ACCESS_TOKEN",
-                                          token=token))
+    token, name = f"my-own-token-{uuid.uuid4().hex[:8]}", f"d-{uuid.uuid4().hex[:8]}"  # a name is logged
+    response = provision(http, tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=token))
     assert response.content == (
         b'{"credentialsValue":"' + token.encode() + b'","credentialsType":"ACCESS_TOKEN","status":"SUCCESS"}'
     )
@@ -224,8 +223,9 @@ def test_disabled_profile_is_not_found(http: httpx.Client, admin: Admin) -> None
 
 def test_token_used_by_another_device_is_refused(http: httpx.Client, profile: dict) -> None:
     token = f"shared-token-{uuid.uuid4().hex[:8]}"  # >= 16 characters: a device-chosen token's minimum
-    assert provision(http, tb_request(profile, deviceName=f"a-{token}", token=token)).json()["status"] == "SUCCESS"
-    assert provision(http, tb_request(profile, deviceName=f"b-{token}", token=token)).content == FAILURE
+    first, second = (f"{n}-{uuid.uuid4().hex[:8]}" for n in "ab")
+    assert provision(http, tb_request(profile, deviceName=first, token=token)).json()["status"] == "SUCCESS"
+    assert provision(http, tb_request(profile, deviceName=second, token=token)).content == FAILURE
 
 
 async def test_concurrent_requests_for_one_name_yield_one_success(

@@ -54,7 +54,8 @@ async def test_server_generated_token_then_telemetry(env: Env, stack: Stack, adm
 
 def test_device_supplied_token(env: Env, stack: Stack, profile: dict) -> None:
     token = f"mqtt-token-{uuid.uuid4().hex[:8]}"
-    answer = mc.provision_json(env.mqtt_port, tb_request(profile, deviceName=token, credentialsType="ACCESS_TOKEN",
+    name = f"d-{uuid.uuid4().hex[:8]}"  # not the token: names are logged
+    answer = mc.provision_json(env.mqtt_port, tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN",
                                                         token=token))
     assert answer == {"credentialsValue": token, "credentialsType": "ACCESS_TOKEN", "status": "SUCCESS"}
     client = mc.connect(env.mqtt_port, username=token)
@@ -162,7 +163,7 @@ def test_responses_reach_only_the_asking_connection(env: Env, stack: Stack, prof
         # the same connection, so an answer leaked to it earlier would have arrived before this one.
         token = f"spy-{uuid.uuid4().hex}"
         spy.client.publish("/provision/request", json.dumps(
-            tb_request(profile, deviceName=token, credentialsType="ACCESS_TOKEN", token=token)), qos=1)
+            tb_request(profile, deviceName=f"s-{uuid.uuid4().hex[:8]}", credentialsType="ACCESS_TOKEN", token=token)), qos=1)
         assert spy.got_message.wait(10), "the spy's own request was not answered"
         assert [json.loads(m.payload) for m in spy.messages] == [
             {"credentialsValue": token, "credentialsType": "ACCESS_TOKEN", "status": "SUCCESS"}]
