@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from provisioning_common.contract import EVENTS_EXCHANGE
 from provisioning_common.db import repository
@@ -40,6 +40,13 @@ STREAM_BUFFER = 1000
 KEEPALIVE_S = 15.0
 
 _open_streams = 0
+#: Channels of finished streams being closed (kept referenced until done).
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def _close(channel: Any) -> None:
+    with contextlib.suppress(Exception):
+        await channel.close()
 
 
 def _utc(moment: datetime.datetime | None) -> datetime.datetime | None:
@@ -75,6 +82,7 @@ async def list_events(
 
 @router.get("/stream")
 async def stream_events(
+    request: Request,
     bus: BusDep,
     settings: SettingsDep,
     outcome: Outcome | None = None,
@@ -119,16 +127,27 @@ async def stream_events(
         log.warning("event stream not opened: %s", type(exc).__name__)
         raise api_error(503, "event stream unavailable; retry later") from None
 
+    async def client_gone() -> None:
+        """Returns when the client disconnects (writing to a closed stream may not fail: it must be watched)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def body() -> AsyncIterator[bytes]:
         global _open_streams
+        gone = asyncio.ensure_future(client_gone())
+        pending: asyncio.Future[bytes] | None = None
         try:
             yield b"retry: 3000\n\n"
             while True:
-                try:
-                    raw = await asyncio.wait_for(received.get(), KEEPALIVE_S)
-                except TimeoutError:
+                pending = pending or asyncio.ensure_future(received.get())
+                waiting: set[asyncio.Future[Any]] = {pending, gone}
+                done, _ = await asyncio.wait(waiting, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    return
+                if pending not in done:
                     yield b": keepalive\n\n"
                     continue
+                raw, pending = pending.result(), None
                 try:
                     events = json.loads(raw)  # one message: the events of one flush with one routing key
                 except ValueError:
@@ -137,9 +156,15 @@ async def stream_events(
                     if isinstance(event, dict) and all(event.get(key) == value for key, value in wanted.items()):
                         yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
         finally:
+            for task in (gone, pending):
+                if task is not None:
+                    task.cancel()
             _open_streams -= 1
-            with contextlib.suppress(Exception):
-                await channel.close()
+            # Not awaited here: a client that left cancels this generator, and a cancelled await would leave the
+            # channel (and its queue's consumer) open. Closing it deletes the stream's auto-delete queue.
+            closing = asyncio.ensure_future(_close(channel))
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
