@@ -5,6 +5,7 @@ can be given them again) and rotated ones work at once."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -180,3 +181,33 @@ def test_unknown_devices_are_404(admin: Admin) -> None:
     for action in ("revoke", "rotate"):
         response = admin.http.post(f"/api/devices/{missing}/credentials/{action}")
         assert response.status_code == 404 and str(missing) in response.json()["message"]
+
+
+def test_an_import_that_replaces_credentials_revokes_the_old_ones_and_ends_their_sessions(
+    env: Env, stack: Stack, admin: Admin, profile: dict[str, Any]
+) -> None:
+    old = f"import-old-{uuid.uuid4().hex}"
+    device = admin.create_device(profile["id"],
+                                 credentials={"credentialsType": "ACCESS_TOKEN", "credentialsValue": old})
+    session = LiveSession(env.mqtt_port, old)
+    new = f"import-new-{uuid.uuid4().hex}"
+    try:
+        job = admin.http.post("/api/devices/import", params={"deviceProfileId": profile["id"], "onExisting": "update"},
+                              content=f"name,accessToken\n{device['name']},{new}\n",
+                              headers={"Content-Type": "text/csv"})
+        assert job.status_code == 202, job.text
+        for _ in range(100):
+            report = admin.http.get(f"/api/devices/import/{job.json()['id']}").json()
+            if report["status"] != "running":
+                break
+            time.sleep(0.1)
+        assert report["status"] == "done" and report["updated"] == 1, report
+        assert session.ended.wait(10), "the session on the replaced token was not closed"
+    finally:
+        session.stop()
+    _mqtt_refuses(env.mqtt_port, username=old)
+    _mqtt_accepts(env.mqtt_port, username=new)
+    reuse = admin.http.post("/api/devices", json={
+        "name": f"reuse-{uuid.uuid4().hex[:6]}", "deviceProfileId": profile["id"],
+        "credentials": {"credentialsType": "ACCESS_TOKEN", "credentialsValue": old}})
+    assert reuse.status_code == 409

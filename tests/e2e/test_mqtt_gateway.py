@@ -161,9 +161,9 @@ def test_responses_reach_only_the_asking_connection(env: Env, stack: Stack, prof
             assert mc.provision_json(env.mqtt_port, tb_request(profile))["status"] == "SUCCESS"
         # Positive signal first: the spy's own request, sent after the others were answered, is answered on
         # the same connection, so an answer leaked to it earlier would have arrived before this one.
-        token = f"spy-{uuid.uuid4().hex}"
+        token, name = f"spy-{uuid.uuid4().hex}", f"s-{uuid.uuid4().hex[:8]}"
         spy.client.publish("/provision/request", json.dumps(
-            tb_request(profile, deviceName=f"s-{uuid.uuid4().hex[:8]}", credentialsType="ACCESS_TOKEN", token=token)), qos=1)
+            tb_request(profile, deviceName=name, credentialsType="ACCESS_TOKEN", token=token)), qos=1)
         assert spy.got_message.wait(10), "the spy's own request was not answered"
         assert [json.loads(m.payload) for m in spy.messages] == [
             {"credentialsValue": token, "credentialsType": "ACCESS_TOKEN", "status": "SUCCESS"}]

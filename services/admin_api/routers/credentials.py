@@ -44,7 +44,7 @@ router = APIRouter(prefix="/devices/{device_id}/credentials")
 REVOKED_MESSAGE_TTL_S = 60.0
 
 
-async def _end_sessions(bus: Bus, device_id: uuid.UUID) -> bool:
+async def end_sessions(bus: Bus, device_id: uuid.UUID) -> bool:
     """Tell every gateway to end the device's live sessions; False when the bus could not take it (the
     credentials are revoked all the same: the sessions then end at their next log-in)."""
     body = json.dumps({"revokedAt": time.time()}).encode()
@@ -65,7 +65,7 @@ async def revoke(device_id: uuid.UUID, pool: Pool, bus: BusDep) -> dict[str, Any
     except repository.UnknownDevice:
         raise api_error(404, f"Device {device_id} not found") from None
     log.info("credentials of device %s revoked", device_id)
-    return {**device_json(device), "sessionsEnded": await _end_sessions(bus, device_id)}
+    return {**device_json(device), "sessionsEnded": await end_sessions(bus, device_id)}
 
 
 async def _rotation_request(
@@ -111,5 +111,5 @@ async def rotate(
         # Shown once, like a newly created device's.
         "credentials": {"credentialsType": prepared.credentials_type.value,
                         "credentialsValue": prepared.response_value},
-        "sessionsEnded": await _end_sessions(bus, device_id),
+        "sessionsEnded": await end_sessions(bus, device_id),
     }

@@ -53,6 +53,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..dependencies import Box, BusDep, Pool, api_error
 from ..schemas import PATTERN_MESSAGES, DeviceIn
+from .credentials import end_sessions
 from .devices import _CONFLICTS, supplied_credentials
 
 log = logging.getLogger("admin_api.imports")
@@ -393,6 +394,8 @@ class Job:
     skipped: int = 0
     rejected: int = 0
     reported: int = 0
+    #: Devices whose credentials an update replaced: their live sessions are ended once the import is over.
+    replaced: list[uuid.UUID] = field(default_factory=list)
 
     def counts(self) -> ImportCounts:
         return ImportCounts(self.processed, self.created, self.updated, self.skipped, self.rejected)
@@ -534,6 +537,7 @@ class Job:
         else:
             self.created += len(new)
             self.updated += len(updates)
+            self.replaced += [d.device_id for d in updates if d.prepared is not None]
             return []
         errors: list[ImportRowError] = []
         for device, is_new in [(d, True) for d in new] + [(d, False) for d in updates]:
@@ -551,6 +555,8 @@ class Job:
                 self.created += 1
             else:
                 self.updated += 1
+                if device.prepared is not None:
+                    self.replaced.append(device.device_id)
         return errors
 
     def to_report(self, errors: list[ImportRowError]) -> list[ImportRowError]:
@@ -566,6 +572,8 @@ async def run(job: Job, pool: Any, conn: Any, tmp: IO[bytes], plan: Plan) -> Non
         status, message = await _import(job, pool, conn, tmp, plan)
         await repository.finish_import_job(conn, job.id, status, message, job.counts())
         await repository.release_import_job(conn, job.id)
+        for device_id in job.replaced:  # their old credentials are revoked: end the sessions that used them
+            await end_sessions(job.bus, device_id)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
             await repository.finish_import_job(
@@ -593,6 +601,7 @@ async def _import(job: Job, pool: Any, conn: Any, tmp: IO[bytes], plan: Plan) ->
                         raise _Rollback
             except _Rollback:
                 job.created = job.updated = 0
+                job.replaced.clear()
                 return "failed", f"atomic import: {job.rejected} rows rejected, nothing was written"
         else:
             await _pipelined(job, pool, conn, tmp, plan)

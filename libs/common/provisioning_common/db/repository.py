@@ -1137,7 +1137,8 @@ async def write_import_batch(
     updates: Sequence[ImportedDevice],
 ) -> None:
     """Create ``new`` devices with their credentials (each device's id is also its default device key) and
-    apply ``updates`` (the device key when given; the credentials when given), in the caller's transaction:
+    apply ``updates`` (the device key when given; the credentials when given, the replaced ones revoked), in
+    the caller's transaction:
     a few multi-row statements. Raises ``asyncpg.UniqueViolationError`` when a name, device key or
     credentials id was taken meanwhile (the caller retries row by row to find which)."""
     if new:
@@ -1146,6 +1147,16 @@ async def write_import_batch(
             " SELECT id, name, $1, coalesce(key, id::text) FROM unnest($2::uuid[], $3::text[], $4::text[])"
             " AS r(id, name, key)",
             profile_id, [d.device_id for d in new], [d.name for d in new], [d.device_key for d in new],
+        )
+    replacing = [d for d in updates if d.prepared is not None]
+    if replacing:  # the credentials they replace are revoked, as a rotation's are (migration 0012)
+        await conn.execute(
+            "INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
+            " SELECT c.credentials_id, c.credentials_type, c.device_id FROM device_credentials c"
+            " JOIN unnest($1::uuid[], $2::text[]) AS r(id, credentials_id) ON c.device_id = r.id"
+            " WHERE c.credentials_id <> r.credentials_id ON CONFLICT DO NOTHING",
+            [d.device_id for d in replacing],
+            [d.prepared.credentials_id for d in replacing if d.prepared is not None],
         )
     with_credentials = [d for d in (*new, *updates) if d.prepared is not None]
     if with_credentials:
