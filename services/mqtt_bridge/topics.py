@@ -106,7 +106,8 @@ def rate_limit_key(target: Route) -> str:
     The device's network address is the broker's business and never reaches us; the client id of the
     request topic, which the broker's ACL vouches for (never anything the message says), is the closest
     thing to a source we have (namespaced so it never equals an IP address key).
-    A guesser can change client ids, which is why the per-provision-key limit remains the real
-    brake, exactly as for HTTP clients behind changing addresses.
+    A guesser can change client ids, as an HTTP client can change addresses: there is no per-key limit
+    (issue 13: it let anyone holding the key lock every device of the profile out), and with ~103-bit
+    provision secrets guessing is hopeless anyway; the broker's own connection limits bound the rest.
     """
     return f"mqtt-client:{target.client_id}"
