@@ -176,13 +176,18 @@ class ProvisioningCore:
         if not self._events.enabled:
             return
         result = decided.result
-        self._events.emit(ProvisionEvent(
-            outcome=outcome, reason=decided.reason, transport=transport, dialect=dialect,
-            source_address=source_address, device_profile_id=decided.profile_id,
-            device_id=uuid.UUID(result.device_id) if result.device_id else None,
-            device_name=result.device_name or decided.device_name or device_name, request_id=request_id,
-            latency_ms=elapsed_ms(started),
-        ))
+        try:
+            event = ProvisionEvent(
+                outcome=outcome, reason=decided.reason, transport=transport, dialect=dialect,
+                source_address=source_address, device_profile_id=decided.profile_id,
+                device_id=uuid.UUID(result.device_id) if result.device_id else None,
+                device_name=result.device_name or decided.device_name or device_name, request_id=request_id,
+                latency_ms=elapsed_ms(started),
+            )
+        except ValueError as exc:  # pydantic's ValidationError too: a record never costs the device its answer
+            log.warning("provisioning event not recorded: %s", type(exc).__name__)
+            return
+        self._events.emit(event)
 
     async def provision(self, req: ProvisionRequest) -> ProvisionResult:
         started = time.perf_counter()
