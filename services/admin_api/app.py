@@ -22,7 +22,7 @@ from provisioning_common.db.migrate import create_pool
 from provisioning_common.secretbox import SecretBox
 from provisioning_common.settings import Settings
 
-from . import errors
+from . import console, errors
 from .audit import AuditLog
 from .auth import authenticate
 from .dependencies import AdminContext
@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(events.router)  # /api/provision-events (README "Provisioning events")
     api.include_router(operators.router)  # /api/operators, /api/audit
     app.include_router(api)
+    console.mount(app)  # /console/: the operator console (README "Web console")
     app.add_middleware(AuditLog)
 
     def pool() -> Any:

@@ -8,6 +8,12 @@ Every ``/api`` call carries ``Authorization: Bearer <token>``:
   account and for scripts that predate accounts. With ``ADMIN_API_TOKEN_BOOTSTRAP_ONLY=true`` it is refused
   as soon as an enabled admin account exists (what production should set once it has one).
 
+A browser logged in to the operator console (``/console/``, :mod:`admin_api.console`) may instead carry its
+session cookie (:data:`SESSION_COOKIE`, no ``Authorization`` header): the call acts as the session's operator,
+under the same roles and audit; a state-changing call (not GET/HEAD/OPTIONS) must also carry the session's
+CSRF token in ``X-CSRF-Token`` (double submit), else 403. An ``Authorization`` header, when present, always
+decides (the cookie is then ignored).
+
 Roles (:func:`required_role`): **viewer** reads devices, profiles (their provision secret hidden), events
 and imports; **operator** also changes devices, their credentials, attributes and RPC, and imports;
 **admin** also changes profiles, manages operators and reads the audit log. No token or an unknown, revoked
@@ -79,6 +85,27 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+#: The console's session cookie: 256 random bits (URL-safe base64), only their SHA-256 stored (migration 0014).
+SESSION_COOKIE = "console_session"
+#: The header a console page sends its session's CSRF token in, on every state-changing call.
+CSRF_HEADER = "x-csrf-token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def session_principal(request: Request) -> tuple[Principal, str] | None:
+    """The operator of the request's live console session and the session's CSRF token, or None."""
+    session_id = request.cookies.get(SESSION_COOKIE, "")
+    if not session_id or len(session_id) > 128:
+        return None
+    settings = request.app.state.admin.settings
+    found = await repository.use_console_session(request.app.state.pool, token_hash(session_id),
+                                                 settings.console_session_idle_s)
+    if found is None:
+        return None
+    operator, csrf = found
+    return Principal(operator.username, Role(operator.role), operator.id), csrf
+
+
 def _unauthorized() -> HTTPException:
     return HTTPException(status_code=401, detail="Missing or invalid bearer token",
                          headers={"WWW-Authenticate": "Bearer"})
@@ -87,6 +114,8 @@ def _unauthorized() -> HTTPException:
 async def authenticate(request: Request) -> Principal:
     """Every ``/api`` route's dependency: who calls (401 when nobody valid) and whether their role may (403)."""
     header = request.headers.get("authorization", "")
+    if not header and SESSION_COOKIE in request.cookies:
+        return await _by_session(request)
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token or len(token) > 512:
         raise _unauthorized()
@@ -107,6 +136,25 @@ async def authenticate(request: Request) -> Principal:
         raise _unauthorized()
     request.state.principal = principal
     CURRENT.set(principal)
+    needed = required_role(request.method, request.url.path)
+    if not principal.role.allows(needed):
+        raise HTTPException(status_code=403, detail=f"the {principal.role.value} role may not do this"
+                                                    f" (needs {needed.value})")
+    return principal
+
+
+async def _by_session(request: Request) -> Principal:
+    """:func:`authenticate` for a console page's call (its session cookie, and its CSRF token when it changes)."""
+    found = await session_principal(request)
+    if found is None:
+        raise HTTPException(status_code=401, detail="Not logged in, or the console session has expired")
+    principal, csrf = found
+    request.state.principal = principal
+    CURRENT.set(principal)
+    if request.method not in _SAFE_METHODS and not hmac.compare_digest(
+        request.headers.get(CSRF_HEADER, "").encode(), csrf.encode()
+    ):
+        raise HTTPException(status_code=403, detail="Missing or wrong CSRF token (X-CSRF-Token)")
     needed = required_role(request.method, request.url.path)
     if not principal.role.allows(needed):
         raise HTTPException(status_code=403, detail=f"the {principal.role.value} role may not do this"

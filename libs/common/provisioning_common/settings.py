@@ -192,6 +192,13 @@ class Settings(BaseSettings):
     #: full rate-limit buckets.
     provision_events_purge_interval_s: float = Field(default=300.0, ge=1, le=86400)
 
+    #: Operator console (admin API, /console/; README "Web console"): a log-in session ends after this many
+    #: seconds without a request, and in any case CONSOLE_SESSION_MAX_S after log-in.
+    console_session_idle_s: int = Field(default=1800, ge=60, le=86400)
+    console_session_max_s: int = Field(default=43200, ge=60, le=30 * 86400)
+    #: Failed console log-ins allowed per source address and per user name per minute (admin API process).
+    console_login_failures_per_minute: int = Field(default=10, ge=1)
+
     def queue(self, name: str) -> str:
         """Name of a bus queue or exchange inside this deployment's namespace."""
         return f"{self.bus_namespace}{name}"

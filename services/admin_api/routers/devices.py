@@ -8,7 +8,7 @@ statement, the value encrypted until the device collects it (CHECK_PRE_PROVISION
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from provisioning_common.bus import Bus, RpcError
@@ -132,9 +132,15 @@ async def list_devices(
     textSearch: str | None = Query(None, max_length=255, pattern=NO_CONTROLS),
     page: int = Query(0, ge=0, le=MAX_PAGE),
     pageSize: int = Query(100, ge=1, le=MAX_PAGE_SIZE),
+    provisionState: Literal["provisioned", "pending"] | None = None,
+    credentialsType: CredentialsType | None = None,
 ) -> Page:
+    """``provisionState``: ``provisioned`` (the device has provisioned) or ``pending`` (created, not yet);
+    ``credentialsType``: the type of the device's current credentials."""
     devices, total = await repository.list_devices(
-        pool, profile_id=deviceProfileId, name_contains=textSearch, limit=pageSize, offset=page * pageSize
+        pool, profile_id=deviceProfileId, name_contains=textSearch, limit=pageSize, offset=page * pageSize,
+        provisioned=None if provisionState is None else provisionState == "provisioned",
+        credentials_type=credentialsType.value if credentialsType else None,
     )
     return Page(data=[device_json(d) for d in devices], totalElements=total, hasNext=(page + 1) * pageSize < total)
 

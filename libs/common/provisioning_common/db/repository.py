@@ -735,20 +735,29 @@ async def list_devices(
     name_contains: str | None,
     limit: int,
     offset: int,
+    provisioned: bool | None = None,
+    credentials_type: str | None = None,
 ) -> tuple[list[DeviceRecord], int]:
     """One page of devices (oldest first), optionally of one profile and/or whose name contains a text
-    (case-insensitive, taken literally: ``%`` and ``_`` match themselves), and how many match in all."""
+    (case-insensitive, taken literally: ``%`` and ``_`` match themselves), provisioned or not yet, with one type
+    of credentials, and how many match in all."""
     where: list[str] = []
     args: list[Any] = []
     if profile_id is not None:
         args.append(profile_id)
         where.append(f"d.profile_id = ${len(args)}")
+    if provisioned is not None:
+        where.append("d.provision_state IS NOT NULL" if provisioned else "d.provision_state IS NULL")
+    if credentials_type is not None:
+        args.append(credentials_type)
+        where.append(f"c.credentials_type = ${len(args)}")
     if name_contains:
         escaped = name_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         args.append(f"%{escaped}%")
         where.append(f"d.name ILIKE ${len(args)}")
     clause = (" WHERE " + " AND ".join(where)) if where else ""
-    total = await conn.fetchval(f"SELECT count(*) FROM devices d{clause}", *args)
+    join = " LEFT JOIN device_credentials c ON c.device_id = d.id" if credentials_type is not None else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM devices d{join}{clause}", *args)
     rows = await conn.fetch(
         f"{_DEVICE_RECORD}{clause} ORDER BY d.created_at, d.id LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}",
         *args, limit, offset,
@@ -1286,3 +1295,58 @@ async def purge_provision_events(conn: asyncpg.Connection | asyncpg.Pool, older_
         "DELETE FROM provision_events WHERE time < now() - make_interval(secs => $1)", older_than_days * 86400.0
     )
     return int(status.split()[-1])
+
+
+# --- console sessions (admin API's operator console, services/admin_api/console; migration 0014) --------
+
+
+async def operator_for_login(
+    conn: asyncpg.Connection | asyncpg.Pool, username: str
+) -> tuple[Operator, str | None] | None:
+    """The enabled operator with this user name and their password hash (None: no password), or None."""
+    row = await conn.fetchrow(f"{_OPERATOR.replace('SELECT ', 'SELECT password_hash, ', 1)}"
+                              " WHERE username = $1 AND NOT disabled", username)
+    if row is None:
+        return None
+    fields = dict(row)
+    password_hash = fields.pop("password_hash")
+    return Operator(**fields), password_hash
+
+
+async def create_console_session(
+    conn: asyncpg.Connection | asyncpg.Pool, *, id_hash: str, operator_id: uuid.UUID, csrf_token: str,
+    idle_s: float, max_s: float,
+) -> None:
+    """A new session (sessions already expired are deleted on the way)."""
+    await conn.execute(
+        "DELETE FROM console_sessions WHERE expires_at < now() OR last_seen_at < now() - make_interval(secs => $1)",
+        float(idle_s),
+    )
+    await conn.execute(
+        "INSERT INTO console_sessions (id_hash, operator_id, csrf_token, expires_at)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        id_hash, operator_id, csrf_token, float(max_s),
+    )
+
+
+async def use_console_session(
+    conn: asyncpg.Connection | asyncpg.Pool, id_hash: str, idle_s: float
+) -> tuple[Operator, str] | None:
+    """The enabled operator of a live session and its CSRF token (the session's idle clock restarts), or None
+    when there is no such session, it has expired (idle or absolute) or its operator is disabled."""
+    row = await conn.fetchrow(
+        "UPDATE console_sessions s SET last_seen_at = now() FROM operators o"
+        " WHERE s.id_hash = $1 AND o.id = s.operator_id AND NOT o.disabled AND s.expires_at > now()"
+        " AND s.last_seen_at > now() - make_interval(secs => $2)"
+        " RETURNING o.id, o.username, o.role, o.disabled, o.created_at, s.csrf_token",
+        id_hash, float(idle_s),
+    )
+    if row is None:
+        return None
+    fields = dict(row)
+    csrf = fields.pop("csrf_token")
+    return Operator(**fields), csrf
+
+
+async def delete_console_session(conn: asyncpg.Connection | asyncpg.Pool, id_hash: str) -> None:
+    await conn.execute("DELETE FROM console_sessions WHERE id_hash = $1", id_hash)
