@@ -33,6 +33,12 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+function kids(children) {
+  return children.flat().filter((c) => c !== null && c !== undefined && c !== false);
+}
+const replace = (el, ...children) => el.replaceChildren(...kids(children));
+const add = (el, ...children) => el.append(...kids(children));
+
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
@@ -115,10 +121,10 @@ function pager(page, hasNext, total, go) {
 
 async function profilesPage() {
   const root = main();
-  root.replaceChildren(h("h1", {}, "Device profiles"));
-  if (isAdmin()) root.append(h("div", { class: "toolbar" }, h("a", { href: "#/profiles/new" }, h("button", { type: "button", class: "primary", id: "add-profile" }, "+ Add profile"))));
+  replace(root, h("h1", {}, "Device profiles"));
+  if (isAdmin()) add(root, h("div", { class: "toolbar" }, h("a", { href: "#/profiles/new" }, h("button", { type: "button", class: "primary", id: "add-profile" }, "+ Add profile"))));
   const profiles = await shown(allProfiles());
-  root.append(h("table", { id: "profiles" },
+  add(root, h("table", { id: "profiles" },
     h("thead", {}, h("tr", {}, ["Name", "Provision strategy", "Provision key", "Created", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, profiles.map((p) => h("tr", { "data-name": p.name },
       h("td", {}, p.name), h("td", {}, STRATEGIES[p.provisionStrategy] || p.provisionStrategy),
@@ -127,7 +133,7 @@ async function profilesPage() {
         h("a", { href: `#/profiles/${p.id}/edit` }, h("button", { type: "button", class: "edit" }, "Edit")), " ",
         h("button", { type: "button", class: "danger delete", onclick: () => deleteProfile(p) }, "Delete"),
       ] : h("a", { href: `#/devices?profile=${p.id}` }, "devices")))))));
-  if (!profiles.length) root.append(h("p", { class: "hint" }, "No device profiles yet."));
+  if (!profiles.length) add(root, h("p", { class: "hint" }, "No device profiles yet."));
 }
 
 async function deleteProfile(profile) {
@@ -201,7 +207,7 @@ function profileWizard() {
         flash(`Created ${created.name}`);
         two.hidden = true;
         document.getElementById("step-2").className = ""; document.getElementById("step-3").className = "current";
-        root.append(h("div", { class: "card", id: "wizard-3" },
+        add(root, h("div", { class: "card", id: "wizard-3" },
           h("h2", {}, created.name),
           created.provisionDeviceKey ? secretLine("Provision key", created.provisionDeviceKey, "provision-key") : null,
           created.provisionDeviceSecret ? secretLine("Provision secret", created.provisionDeviceSecret, "provision-secret") : null,
@@ -210,7 +216,7 @@ function profileWizard() {
           h("a", { href: "#/profiles" }, h("button", { type: "button", id: "wizard-done" }, "Done"))));
       } catch (e) { flash(e.message, "error"); }
     } }, "Create"));
-  root.replaceChildren(h("h1", {}, "Add device profile"), steps, one, two);
+  replace(root, h("h1", {}, "Add device profile"), steps, one, two);
 }
 
 async function profileEdit(id) {
@@ -225,11 +231,11 @@ async function profileEdit(id) {
     if (regenerate) delete body.provisionDeviceSecret; // the API generates a new secret when none is given
     try {
       const saved = await api("PUT", `/api/device-profiles/${id}`, body);
-      flash(regenerate ? "New provision secret generated: devices need it from now on" : `Saved ${saved.name}`);
       await profileEdit(id);
+      flash(regenerate ? "New provision secret generated: devices need it from now on" : `Saved ${saved.name}`);
     } catch (e) { flash(e.message, "error"); }
   };
-  root.replaceChildren(h("h1", {}, `Edit ${p.name}`), h("div", { class: "card" },
+  replace(root, h("h1", {}, `Edit ${p.name}`), h("div", { class: "card" },
     h("label", {}, "Name", h("input", { id: "name", value: p.name })),
     h("label", {}, "Provision strategy", strategy),
     h("label", {}, h("input", { type: "checkbox", id: "allowWeakTokens", checked: p.allowWeakTokens }), " Allow devices to choose short access tokens"),
@@ -257,11 +263,11 @@ async function devicesPage(params) {
   const go = (p) => { window.location.hash = `#/devices?${qs({ q: search.value, profile: profile.value, state: state.value, ctype: ctype.value, page: p || "" })}`; };
   for (const el of [profile, state, ctype]) el.addEventListener("change", () => go(0));
   search.addEventListener("keydown", (e) => { if (e.key === "Enter") go(0); });
-  root.replaceChildren(h("h1", {}, "Devices"), h("div", { class: "toolbar" }, search, profile, state, ctype,
+  replace(root, h("h1", {}, "Devices"), h("div", { class: "toolbar" }, search, profile, state, ctype,
     h("button", { type: "button", id: "apply-filters", onclick: () => go(0) }, "Search")));
   const result = await shown(api("GET", `/api/devices?${qs({ textSearch: search.value, deviceProfileId: profile.value,
     provisionState: state.value, credentialsType: ctype.value, page, pageSize: PAGE_SIZE })}`));
-  root.append(h("table", { id: "devices" },
+  add(root, h("table", { id: "devices" },
     h("thead", {}, h("tr", {}, ["Name", "Profile", "Provision state", "Credentials", "Created"].map((t) => h("th", {}, t)))),
     h("tbody", {}, result.data.map((d) => h("tr", { "data-name": d.name },
       h("td", {}, h("a", { href: `#/devices/${d.id}` }, d.name)), h("td", {}, names[d.deviceProfileId] || d.deviceProfileId),
@@ -280,7 +286,7 @@ async function deviceDetail(id) {
   const show = (result, title) => {
     const c = result.credentials || {};
     const value = typeof c.credentialsValue === "string" ? c.credentialsValue : JSON.stringify(c.credentialsValue);
-    oneTime.replaceChildren(h("div", { class: "card" }, h("h2", {}, title),
+    replace(oneTime, h("div", { class: "card" }, h("h2", {}, title),
       h("p", { class: "hint" }, "Shown once: copy them now."), h("div", {}, `Type: ${c.credentialsType || ""}`),
       value ? secretLine("Credentials", value, "new-credentials") : null));
   };
@@ -298,7 +304,7 @@ async function deviceDetail(id) {
       try { await api("DELETE", `/api/devices/${id}`); flash(`Deleted ${d.name}`); window.location.hash = "#/devices"; } catch (e) { flash(e.message, "error"); }
     } }, "Delete")) : null;
   const row = (k, v) => h("tr", {}, h("th", {}, k), h("td", {}, v));
-  root.replaceChildren(h("h1", {}, d.name), h("table", { id: "device-detail" },
+  replace(root, h("h1", {}, d.name), h("table", { id: "device-detail" },
     row("Id", d.id), row("Profile", profile ? profile.name : d.deviceProfileId), row("Device key", d.deviceKey || ""),
     row("Provision state", d.provisionState || "not provisioned"), row("Provisioned", last ? time(last.time) : ""),
     row("Transport used", last ? `${last.transport}${last.dialect ? ` (${last.dialect})` : ""}` : ""),
@@ -321,7 +327,7 @@ async function importPage() {
     const ndjson = /\.(nd)?jsonl?$|\.ndjson$/i.test(f.name);
     const query = qs({ deviceProfileId: document.getElementById("import-profile").value, onExisting: document.getElementById("import-existing").value,
       columns: document.getElementById("import-columns").value.trim(), header: document.getElementById("import-header").checked ? "" : "false" });
-    report.replaceChildren(); flash("");
+    replace(report, ); flash("");
     let job;
     try { job = await api("POST", `/api/devices/import?${query}`, f, ndjson ? "application/x-ndjson" : "text/csv"); } catch (e) { flash(e.message, "error"); return; }
     for (;;) {
@@ -333,7 +339,7 @@ async function importPage() {
       await new Promise((r) => setTimeout(r, 400));
     }
   };
-  root.replaceChildren(h("h1", {}, "Bulk import"), h("div", { class: "card" },
+  replace(root, h("h1", {}, "Bulk import"), h("div", { class: "card" },
     h("label", {}, "Device profile", select("import-profile", profiles.map((p) => [p.id, p.name]), "")),
     h("label", {}, "File (CSV with a header line, or JSON lines)", file),
     h("label", {}, "Devices that already exist", select("import-existing", [["skip", "skip them"], ["update", "update them"]], "skip")),
@@ -345,7 +351,7 @@ async function importPage() {
 }
 
 function showReport(root, s) {
-  root.replaceChildren(
+  replace(root, 
     h("p", { id: "import-counts" }, `created ${s.created} · updated ${s.updated} · skipped ${s.skipped} · rejected ${s.rejected}`),
     s.message ? h("p", { class: "error" }, s.message) : null,
     s.errors.length ? h("table", { id: "import-errors" }, h("thead", {}, h("tr", {}, h("th", {}, "Line"), h("th", {}, "Field"), h("th", {}, "Reason"))),
@@ -373,7 +379,7 @@ async function activityPage(params) {
     if (top) body.prepend(row); else body.append(row);
     while (body.children.length > 200) body.lastChild.remove();
   };
-  root.replaceChildren(h("h1", {}, "Live provisioning activity"), h("div", { class: "toolbar" }, outcome, profile, live),
+  replace(root, h("h1", {}, "Live provisioning activity"), h("div", { class: "toolbar" }, outcome, profile, live),
     h("table", { id: "activity" }, h("thead", {}, h("tr", {}, ["Time", "Outcome", "Reason", "Device", "Profile", "Transport", "Source", "Latency"].map((t) => h("th", {}, t)))), body));
   const filters = { outcome: outcome.value, deviceProfileId: profile.value };
   const source = new EventSource(`/api/provision-events/stream?${qs(filters)}`);
@@ -404,7 +410,7 @@ async function operatorsPage() {
   const update = async (o, change, message) => {
     try { await api("PUT", `/api/operators/${o.id}`, change); flash(message); operatorsPage(); } catch (e) { flash(e.message, "error"); }
   };
-  root.replaceChildren(h("h1", {}, "Operators"), h("table", { id: "operators" },
+  replace(root, h("h1", {}, "Operators"), h("table", { id: "operators" },
     h("thead", {}, h("tr", {}, ["User name", "Role", "State", "Created", ""].map((t) => h("th", {}, t)))),
     h("tbody", {}, operators.map((o) => {
       const role = select(`role-${o.username}`, [["viewer", "viewer"], ["operator", "operator"], ["admin", "admin"]], o.role);
@@ -423,13 +429,13 @@ async function tokensPage() {
   const root = main();
   const tokens = await shown(api("GET", "/api/operators/me/tokens"));
   const once = h("div", { id: "token-once" });
-  root.replaceChildren(h("h1", {}, "My API tokens"), h("p", { class: "hint" }, "For scripts and the provisioning command line (Authorization: Bearer TOKEN); they act with your role."),
+  replace(root, h("h1", {}, "My API tokens"), h("p", { class: "hint" }, "For scripts and the provisioning command line (Authorization: Bearer TOKEN); they act with your role."),
     h("div", { class: "toolbar" }, h("input", { id: "token-name", placeholder: "Token name (what it is for)", maxlength: 100 }),
       h("button", { type: "button", class: "primary", id: "token-create", onclick: async () => {
         try {
           const t = await api("POST", "/api/operators/me/tokens", { name: document.getElementById("token-name").value });
           await tokensPage();
-          document.getElementById("token-once").replaceChildren(h("div", { class: "card" }, h("p", { class: "hint" }, "Shown once: copy it now."), secretLine(t.name, t.token, "new-token")));
+          replace(document.getElementById("token-once"), h("div", { class: "card" }, h("p", { class: "hint" }, "Shown once: copy it now."), secretLine(t.name, t.token, "new-token")));
         } catch (e) { flash(e.message, "error"); }
       } }, "Create token")), once,
     h("table", { id: "tokens" }, h("thead", {}, h("tr", {}, ["Name", "Created", "Last used", "Revoked", ""].map((t) => h("th", {}, t)))),
@@ -446,7 +452,7 @@ async function auditPage(params) {
   const go = (p) => { window.location.hash = `#/audit?${qs({ actor: actor.value, page: p || "" })}`; };
   actor.addEventListener("keydown", (e) => { if (e.key === "Enter") go(0); });
   const result = await shown(api("GET", `/api/audit?${qs({ actor: actor.value, page, pageSize: PAGE_SIZE })}`));
-  root.replaceChildren(h("h1", {}, "Audit log"), h("div", { class: "toolbar" }, actor, h("button", { type: "button", onclick: () => go(0) }, "Filter")),
+  replace(root, h("h1", {}, "Audit log"), h("div", { class: "toolbar" }, actor, h("button", { type: "button", onclick: () => go(0) }, "Filter")),
     h("table", { id: "audit" }, h("thead", {}, h("tr", {}, ["Time", "Actor", "Call", "Status", "Object", "What changed"].map((t) => h("th", {}, t)))),
       h("tbody", {}, result.data.map((a) => h("tr", {}, h("td", {}, time(a.time)), h("td", {}, a.actor), h("td", { class: "mono" }, `${a.method} ${a.path}`),
         h("td", {}, a.status), h("td", { class: "mono" }, a.objectId || ""), h("td", { class: "mono" }, a.changes ? JSON.stringify(a.changes) : ""))))),
