@@ -319,3 +319,45 @@ def test_logout_ends_the_session(browser: Any, env: Env, accounts: Accounts) -> 
     page.goto("/console/")
     page.wait_for_url("**/console/login")
     context.close()
+
+
+def _sql(env: Env, query: str) -> None:
+    """Run one statement on the module's database, in a thread of its own (Playwright's loop runs in this one)."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(env.database_url)
+        try:
+            await conn.execute(query)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),))
+    thread.start()
+    thread.join(10)
+
+
+def test_an_idle_session_expires(browser: Any, env: Env, accounts: Accounts) -> None:
+    context, page = log_in(browser, env, accounts, "oscar")
+    cookie = next(c["value"] for c in context.cookies() if c["name"] == "console_session")
+    assert httpx.get(f"{env.admin_url}/api/devices", cookies={"console_session": cookie}).status_code == 200
+    # As if CONSOLE_SESSION_IDLE_S (1800 s) had passed since its last request.
+    _sql(env, "UPDATE console_sessions SET last_seen_at = now() - interval '1801 seconds'")
+    assert httpx.get(f"{env.admin_url}/api/devices", cookies={"console_session": cookie}).status_code == 401
+    page.goto("/console/#/devices")
+    page.wait_for_url("**/console/login")
+    context.close()
+
+
+def test_failed_log_ins_are_rate_limited(env: Env, accounts: Accounts) -> None:
+    """Last in the module: it uses up this minute's failures of the tests' source address."""
+    with httpx.Client(base_url=env.admin_url, timeout=30) as client:
+        statuses = [client.post("/console/login", json={"username": "victor", "password": f"wrong-{i}"}).status_code
+                    for i in range(10)]
+        assert statuses == [401] * 10
+        refused = client.post("/console/login", json={"username": "victor", "password": accounts.passwords["victor"]})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
+        assert "console_session" not in refused.cookies
