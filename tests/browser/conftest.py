@@ -14,5 +14,6 @@ from tests.e2e.conftest import admin, env, http, stack, tls_files  # noqa: F401 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-#: Where the README's screenshots are written (committed).
+#: Where the README's screenshots are written (committed) when CONSOLE_SCREENSHOTS=1; otherwise they are taken
+#: into a temporary directory, so that a test run leaves the working tree as it was.
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

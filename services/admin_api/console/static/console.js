@@ -164,6 +164,10 @@ function profileBody(existing) {
   const strategy = document.getElementById("strategy").value;
   const body = { name: document.getElementById("name").value.trim(), provisionStrategy: strategy,
     allowWeakTokens: document.getElementById("allowWeakTokens").checked };
+  // Settings this form does not show are sent back as they are (a PUT replaces the whole profile).
+  for (const key of ["reprovisionPolicy", "issuedCertificateValidityDays"]) {
+    if (existing && existing[key] !== undefined && existing[key] !== null) body[key] = existing[key];
+  }
   if (existing && existing.provisionDeviceKey && strategy !== "X509_CERTIFICATE_CHAIN") {
     body.provisionDeviceKey = existing.provisionDeviceKey;
     if (existing.provisionDeviceSecret) body.provisionDeviceSecret = existing.provisionDeviceSecret;
