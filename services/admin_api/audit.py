@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 #: Request fields whose values the audit log shows; any other field is recorded as ``"<set>"``.
 SHOWN = frozenset({
     "name", "provisionStrategy", "deviceProfileId", "deviceKey", "credentialsType", "gateway", "username", "role",
-    "disabled", "method", "oneway", "timeout", "allowWeakTokens", "certificateRegExPattern",
+    "disabled", "method", "oneway", "timeout", "allowWeakTokens", "reprovisionPolicy", "certificateRegExPattern",
     "allowCreateNewDevicesByX509Certificate", "label",
 })
 #: The most of a JSON body (request or answer) kept to describe the call.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from provisioning_common.device_api import MAX_METHOD
 from provisioning_common.dialects.limits import FIELD_LIMITS
@@ -66,6 +66,9 @@ class DeviceProfileIn(_Body):
     #: Ours (issue 13): devices of this profile may choose access tokens below the minimum
     #: (credentials.hashing.MIN_DEVICE_TOKEN_LENGTH characters of [A-Za-z0-9._~-]). Off by default.
     allow_weak_tokens: bool = Field(default=False, alias="allowWeakTokens")
+    #: What a provision request for an existing, provisioned device of the profile does (README "Re-provisioning").
+    reprovision_policy: Literal["NEVER", "ROTATE", "ROTATE_WITH_DEVICE_KEY"] = Field(
+        default="NEVER", alias="reprovisionPolicy")
 
     _name = field_validator("name")(_check_name)
 

@@ -304,6 +304,27 @@ def prepare_failure(credentials_error: str | None) -> Refusal:
     return failure(reason=Reason.INVALID_CREDENTIALS)
 
 
+#: Profile reprovisionPolicy values (migration 0015, README "Re-provisioning after a factory reset").
+REPROVISION_NEVER = "NEVER"
+REPROVISION_ROTATE = "ROTATE"
+REPROVISION_WITH_DEVICE_KEY = "ROTATE_WITH_DEVICE_KEY"
+
+
+def reprovision_refusal(req: ProvisionRequest, profile: ProfileRow) -> Refusal | None:
+    """Why a request for a taken name is refused before looking at the device: the profile never re-provisions,
+    or asks for the device's own key and the request carries none (ThingsBoard's answer either way)."""
+    if profile.reprovision_policy == REPROVISION_ROTATE:
+        return None
+    if profile.reprovision_policy == REPROVISION_WITH_DEVICE_KEY and req.device_key:
+        return None
+    return conflict("name")
+
+
+def reprovision_proof(req: ProvisionRequest, profile: ProfileRow) -> str | None:
+    """The device key a re-provisioning must match, or None when the profile asks for none."""
+    return req.device_key if profile.reprovision_policy == REPROVISION_WITH_DEVICE_KEY else None
+
+
 def issue_refusal(req: ProvisionRequest, profile: ProfileRow) -> Refusal | None:
     """Why an X509_CSR request cannot be issued a certificate before asking for one, or None."""
     if not profile.signing_certificate_pem or not profile.signing_key_enc:

@@ -56,6 +56,7 @@ from provisioning_common.models import (
     IssueCertificateRequest,
     IssueCertificateResult,
     PrepareCredentialsRequest,
+    PreparedCredentials,
     ProvisionRequest,
     ProvisionResult,
     ProvisionStatus,
@@ -310,6 +311,8 @@ class ProvisioningCore:
                     replay_window_s=self._replay_window_s if key != req.request_id else None,
                 )
             except repository.DeviceConflict as exc:
+                if exc.what == "name" and profile.reprovision_policy != rules.REPROVISION_NEVER:
+                    return await self._reprovision(req, profile, name, prepared, ca_certificates, key)
                 log.info("provision refused: %s already taken (profile %s)", exc.what, profile.name)
                 return _refused(rules.conflict(exc.what))
             except repository.Expired:
@@ -323,6 +326,38 @@ class ProvisioningCore:
             if replayed is not None:
                 return _Decided(replayed, Reason.REPLAYED)
         return _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
+
+    async def _reprovision(
+        self, req: ProvisionRequest, profile: repository.ProfileRow, name: str, prepared: PreparedCredentials,
+        ca_certificates: list[str] | None, key: str,
+    ) -> _Decided:
+        """The name is taken: by a device of this profile that provisioned before and asks again (a factory reset),
+        the profile's reprovisionPolicy may give it new credentials (the ones just prepared), revoking the old."""
+        refusal = rules.reprovision_refusal(req, profile)
+        if refusal is not None:
+            return _refused(refusal)
+
+        def answer_for(device_id: uuid.UUID) -> bytes:
+            result = rules.created_result(device_id, name, prepared, ca_certificates)
+            return self._box.encrypt_json(result.model_dump(mode="json"))
+
+        try:
+            device_id = await repository.reprovision_device(
+                self._pool, name=name, profile_id=profile.id, device_key=rules.reprovision_proof(req, profile),
+                prepared=prepared, request_id=key, answer_for=answer_for,
+                replay_window_s=self._replay_window_s if key != req.request_id else None,
+            )
+        except repository.DeviceConflict as exc:
+            log.info("re-provisioning of %s refused: %s (profile %s)", name, exc.what, profile.name)
+            return _refused(rules.conflict(exc.what))
+        if device_id is None:
+            replayed = await self._replay(key)
+            return _Decided(replayed, Reason.REPLAYED) if replayed is not None else \
+                _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
+        log.info("re-provisioned device %s (%s) in profile %s via %s: its old credentials are revoked", device_id,
+                 prepared.credentials_type.value, profile.name, req.transport.value)
+        result = rules.created_result(device_id, name, prepared, ca_certificates)
+        return _Decided(await self._deliverable(key, result), Reason.REPROVISIONED)
 
     async def _issue_certificate(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str

@@ -7,17 +7,36 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
+import pytest
 from devstack.stack import Stack
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.conftest import Infra
 from tests.pki import issue
 
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, tb_request
+from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+
+
+@pytest.fixture(scope="module")
+def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
+    """This module's stack keeps no content replay window (PROVISION_REPLAY_WINDOW_S=0): a device that sends its
+    first request again after a factory reset is then a new request at once, not a replay of the first answer
+    (with the default window it gets that answer, still valid, for ten minutes)."""
+    environment = Env(infra)
+    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]),
+                             PROVISION_REPLAY_WINDOW_S="0")
+    _create_database(environment)
+    try:
+        yield environment
+    finally:
+        _drop_database(environment)
 
 
 def _provisioned_token(http: httpx.Client, profile: dict[str, Any]) -> tuple[str, str]:
@@ -211,3 +230,55 @@ def test_an_import_that_replaces_credentials_revokes_the_old_ones_and_ends_their
         "name": f"reuse-{uuid.uuid4().hex[:6]}", "deviceProfileId": profile["id"],
         "credentials": {"credentialsType": "ACCESS_TOKEN", "credentialsValue": old}})
     assert reuse.status_code == 409
+
+
+# --- re-provisioning after a factory reset (profile reprovisionPolicy) ----------------------------------------
+
+
+def test_never_keeps_thingsboards_answer_for_a_second_provision_request(
+    admin: Admin, http: httpx.Client, profile: dict[str, Any]
+) -> None:
+    name, _ = _provisioned_token(http, profile)
+    again = http.post("/api/v1/provision", json=tb_request(profile, deviceName=name))
+    assert again.json() == {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
+
+
+def test_rotate_gives_a_factory_reset_device_new_credentials_and_kills_the_old_ones(
+    env: Env, stack: Stack, admin: Admin, http: httpx.Client
+) -> None:
+    profile = admin.create_profile(reprovisionPolicy="ROTATE")
+    assert profile["reprovisionPolicy"] == "ROTATE"
+    name, old = _provisioned_token(http, profile)
+    device_id = _device_id(admin, name)
+    _mqtt_accepts(env.mqtt_port, username=old)
+    # The device was reset and lost its token: it provisions again, as ThingsBoard firmware does on first boot.
+    again = http.post("/api/v1/provision", json=tb_request(profile, deviceName=name)).json()
+    assert again["status"] == "SUCCESS" and again["credentialsValue"] != old
+    new = again["credentialsValue"]
+    assert _device_id(admin, name) == device_id  # the same device, its data kept
+    _mqtt_refuses(env.mqtt_port, username=old)
+    assert http.post(f"/api/v1/{old}/telemetry", json={"t": 1}).status_code == 401
+    _mqtt_accepts(env.mqtt_port, username=new)
+    assert http.post(f"/api/v1/{new}/telemetry", json={"t": 1}).status_code == 200
+    for _ in range(50):  # events are written in batches, off the provisioning path
+        events = admin.http.get("/api/provision-events", params={"deviceName": name}).json()["data"]
+        if len(events) >= 2:
+            break
+        time.sleep(0.1)
+    assert [e["reason"] for e in events] == ["reprovisioned", "created"]
+
+
+def test_rotate_with_device_key_needs_the_devices_own_key(admin: Admin, http: httpx.Client) -> None:
+    profile = admin.create_profile(reprovisionPolicy="ROTATE_WITH_DEVICE_KEY")
+    name, serial = f"inno-{uuid.uuid4().hex[:8]}", f"SN-{uuid.uuid4().hex}"
+    first = http.post("/api/provision", json={"device_name": name, "device_key": serial,
+                                              "provision_key": profile["provisionDeviceKey"],
+                                              "provision_secret": profile["provisionDeviceSecret"]})
+    assert first.json()["status"] == "SUCCESS", first.text
+    base = {"device_name": name, "provision_key": profile["provisionDeviceKey"],
+            "provision_secret": profile["provisionDeviceSecret"]}
+    assert http.post("/api/provision", json=base).json()["status"] == "FAILURE"
+    assert http.post("/api/provision", json={**base, "device_key": "SN-wrong"}).json()["status"] == "FAILURE"
+    again = http.post("/api/provision", json={**base, "device_key": serial}).json()
+    assert again["status"] == "SUCCESS"
+    assert again["token"] != first.json()["token"] and again["device_id"] == first.json()["device_id"]

@@ -66,6 +66,8 @@ class Reason(str, enum.Enum):
     CLAIMED = "claimed"
     REPLAYED = "replayed"
     ROTATED = "rotated"
+    #: A device that provisioned before asked again and its profile's reprovisionPolicy gave it new credentials.
+    REPROVISIONED = "reprovisioned"
     # NOT_FOUND
     MISSING_KEY_OR_SECRET = "missing_key_or_secret"
     UNKNOWN_KEY = "unknown_key"

@@ -65,6 +65,7 @@ def profile_json(profile: ProfileRecord, box: SecretBox) -> dict[str, Any]:
         # Shown to operators and admins, as ThingsBoard shows it to the tenant; never to a viewer.
         "provisionDeviceSecret": open_secret(profile, box) if may_see_secrets() else None,
         "allowWeakTokens": profile.allow_weak_tokens,
+        "reprovisionPolicy": profile.reprovision_policy,
         "createdTime": int(profile.created_at.timestamp() * 1000),
     }
     if profile.provision_strategy == ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
@@ -137,6 +138,7 @@ def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecor
         allow_create_by_x509=body.allow_create_by_x509,
         issued_validity_days=body.issued_validity_days,
         allow_weak_tokens=body.allow_weak_tokens,
+        reprovision_policy=body.reprovision_policy,
     )
 
 

@@ -79,13 +79,15 @@ async def test_profiles_are_listed_by_page(admin: tuple[httpx.AsyncClient, _Pool
         "id": uuid.UUID(int=1), "created_at": created, "name": "p", "provision_strategy": "ALLOW_CREATE_NEW_DEVICES",
         "provision_key": "k", "provision_secret_enc": box.encrypt_json("s"), "certificate_pem": None,
         "certificate_regex": None, "ca_subject_hash": None, "signing_certificate_pem": None, "signing_key_enc": None,
-        "allow_create_by_x509": True, "issued_validity_days": 365, "allow_weak_tokens": False, "total": 1,
+        "allow_create_by_x509": True, "issued_validity_days": 365, "allow_weak_tokens": False,
+        "reprovision_policy": "NEVER", "total": 1,
     }]
     response = await client.get("/api/device-profiles", params={"pageSize": 1}, headers=AUTH)
     assert response.status_code == 200
     assert response.json() == {"data": [{
         "id": str(uuid.UUID(int=1)), "name": "p", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
         "provisionDeviceKey": "k", "provisionDeviceSecret": "s", "allowWeakTokens": False,
+        "reprovisionPolicy": "NEVER",
         "createdTime": int(created.timestamp() * 1000),
     }], "totalElements": 1, "hasNext": False}
 

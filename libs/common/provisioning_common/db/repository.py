@@ -9,6 +9,7 @@ Both the core and the admin API create devices with credentials; doing it in one
 from __future__ import annotations
 
 import datetime
+import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -51,11 +52,14 @@ class ProfileRow:
     provision_secret_enc: bytes | None = None
     #: Devices may choose access tokens below the documented minimum (a profile option).
     allow_weak_tokens: bool = False
+    #: What a provision request for an existing, provisioned device of the profile does (migration 0015).
+    reprovision_policy: str = "NEVER"
 
 
 PROFILE_COLUMNS = (
     "id, name, provision_strategy, provision_key, provision_secret, certificate_regex, allow_create_by_x509,"
-    " signing_certificate_pem, signing_key_enc, issued_validity_days, provision_secret_enc, allow_weak_tokens"
+    " signing_certificate_pem, signing_key_enc, issued_validity_days, provision_secret_enc, allow_weak_tokens,"
+    " reprovision_policy"
 )
 
 
@@ -183,7 +187,9 @@ async def undo_unanswered(
         )
         if row is None or row["device_id"] is None:
             return None
-        if row["kind"] == "claimed":
+        if row["kind"] == "rotated":
+            pass  # a re-provisioning: the old credentials stay revoked, the device may simply ask again
+        elif row["kind"] == "claimed":
             await conn.execute("UPDATE devices SET provision_state = NULL WHERE id = $1", row["device_id"])
             await conn.execute(
                 "UPDATE device_credentials SET value_enc = $2 WHERE device_id = $1",
@@ -467,40 +473,89 @@ async def revoke_credentials(pool: asyncpg.Pool, device_id: uuid.UUID) -> Device
     return _device_record(row)
 
 
+async def _replace_credentials(
+    conn: asyncpg.Connection, device_id: uuid.UUID, prepared: PreparedCredentials, value_enc: bytes | None
+) -> None:
+    """In the caller's transaction: the device's credentials become ``prepared``, the old ones revoked (except an
+    MQTT_BASIC client id / user name kept with a new password: only the password changes). Raises
+    ``asyncpg.UniqueViolationError`` when the new ones are revoked ones or another device's."""
+    await conn.execute(
+        "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
+        " RETURNING credentials_id, credentials_type, device_id)"
+        " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
+        " SELECT credentials_id, credentials_type, device_id FROM gone"
+        " WHERE NOT (credentials_type = 'MQTT_BASIC' AND $2 = 'MQTT_BASIC' AND credentials_id = $3)"
+        " ON CONFLICT DO NOTHING",
+        device_id, prepared.credentials_type.value, prepared.credentials_id,
+    )
+    await conn.execute(
+        "INSERT INTO device_credentials"
+        " (device_id, credentials_type, credentials_id, secret_hash, public_value, value_enc)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        device_id, prepared.credentials_type.value, prepared.credentials_id, prepared.secret_hash,
+        public_value(prepared), value_enc,
+    )
+
+
 async def rotate_credentials(
     pool: asyncpg.Pool, device_id: uuid.UUID, prepared: PreparedCredentials, value_enc: bytes
 ) -> DeviceRecord:
-    """Replace a device's credentials with ``prepared`` in one transaction; the old ones are revoked
-    (except an MQTT_BASIC client id / user name kept with a new password: only the password changes).
-    ``value_enc`` (the new value, encrypted) is kept only while the device has not provisioned itself, for
-    its claim to hand over. Raises :class:`UnknownDevice`, or :class:`DeviceConflict` ``credentials``
-    when the new credentials are revoked ones or another device's (then nothing changed)."""
+    """Replace a device's credentials with ``prepared`` in one transaction, the old ones revoked
+    (:func:`_replace_credentials`). ``value_enc`` (the new value, encrypted) is kept only while the device has
+    not provisioned itself, for its claim to hand over. Raises :class:`UnknownDevice`, or
+    :class:`DeviceConflict` ``credentials`` when the new credentials are revoked ones or another device's (then
+    nothing changed)."""
     try:
         async with pool.acquire() as conn, conn.transaction():
             state = await conn.fetchrow("SELECT provision_state FROM devices WHERE id = $1 FOR UPDATE", device_id)
             if state is None:
                 raise UnknownDevice(str(device_id))
-            await conn.execute(
-                "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
-                " RETURNING credentials_id, credentials_type, device_id)"
-                " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
-                " SELECT credentials_id, credentials_type, device_id FROM gone"
-                " WHERE NOT (credentials_type = 'MQTT_BASIC' AND $2 = 'MQTT_BASIC' AND credentials_id = $3)"
-                " ON CONFLICT DO NOTHING",
-                device_id, prepared.credentials_type.value, prepared.credentials_id,
-            )
-            await conn.execute(
-                "INSERT INTO device_credentials"
-                " (device_id, credentials_type, credentials_id, secret_hash, public_value, value_enc)"
-                " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-                device_id, prepared.credentials_type.value, prepared.credentials_id, prepared.secret_hash,
-                public_value(prepared), value_enc if state["provision_state"] is None else None,
-            )
+            await _replace_credentials(conn, device_id, prepared,
+                                       value_enc if state["provision_state"] is None else None)
             row = await conn.fetchrow(f"{_DEVICE_RECORD} WHERE d.id = $1", device_id)
     except asyncpg.UniqueViolationError:
         raise DeviceConflict("credentials") from None
     assert row is not None
     return _device_record(row)
+
+
+async def reprovision_device(
+    pool: asyncpg.Pool,
+    *,
+    name: str,
+    profile_id: uuid.UUID,
+    device_key: str | None,
+    prepared: PreparedCredentials,
+    request_id: str,
+    answer_for: Callable[[uuid.UUID], bytes],
+    replay_window_s: float | None,
+) -> uuid.UUID | None:
+    """A device of ``profile_id`` named ``name`` that has provisioned before asks again (a factory reset; the
+    profile's reprovision policy allows it): in one transaction its credentials become ``prepared`` (the old
+    ones revoked) and the request id is claimed with ``answer_for(device id)`` to replay (kind ``rotated``).
+
+    With ``device_key``, the device's stored device key must be that (compared in constant time). Returns the
+    device id, or None when the request id was already claimed (a repeated request: replay its answer).
+    Raises :class:`DeviceConflict` ``name`` when no such device may be re-provisioned (another profile's, one
+    that never provisioned, a wrong device key) and ``credentials`` when the new credentials are in use."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT id, profile_id, provision_state, device_key FROM devices WHERE name = $1 FOR UPDATE", name)
+            if (row is None or row["profile_id"] != profile_id or row["provision_state"] is None
+                    or (device_key is not None and not hmac.compare_digest(row["device_key"].encode(),
+                                                                             device_key.encode()))):
+                raise DeviceConflict("name")
+            device_id: uuid.UUID = row["id"]
+            claimed = await conn.fetchval(
+                "SELECT claim_provision_request($1, 'rotated', $2, $3, $4)", request_id, device_id,
+                answer_for(device_id), datetime.timedelta(seconds=replay_window_s) if replay_window_s else None)
+            if not claimed:
+                return None
+            await _replace_credentials(conn, device_id, prepared, None)
+    except asyncpg.UniqueViolationError:
+        raise DeviceConflict("credentials") from None
+    return device_id
 
 
 # --- credentials lookups (credentials service) ----------------------------------------------------
@@ -583,6 +638,7 @@ class ProfileFields:
     allow_create_by_x509: bool
     issued_validity_days: int
     allow_weak_tokens: bool
+    reprovision_policy: str
 
 
 @dataclass(frozen=True)
@@ -596,7 +652,7 @@ class ProfileRecord(ProfileFields):
 _PROFILE_FIELDS = (
     "name", "provision_strategy", "provision_key", "provision_secret_enc", "certificate_pem", "certificate_regex",
     "ca_subject_hash", "signing_certificate_pem", "signing_key_enc", "allow_create_by_x509", "issued_validity_days",
-    "allow_weak_tokens",
+    "allow_weak_tokens", "reprovision_policy",
 )
 _PROFILE_RECORD = ", ".join(("id", "created_at", *_PROFILE_FIELDS))
 
