@@ -137,6 +137,17 @@ def test_session_cookie_is_httponly_and_samesite_strict(admin_page: Any) -> None
     assert admin_page.evaluate("document.cookie") == ""  # not readable by scripts
 
 
+def test_session_cookie_is_secure_unless_asked_for_over_http_on_loopback(env: Env, accounts: Accounts) -> None:
+    body = {"username": "victor", "password": accounts.passwords["victor"]}
+    for host, secure in (("127.0.0.1", False), ("localhost", False), ("console.example.com", True),
+                         ("192.0.2.10", True)):
+        response = httpx.post(f"{env.admin_url}/console/login", json=body, headers={"Host": host}, timeout=10)
+        assert response.status_code == 200, response.text
+        attributes = [a.strip().lower() for a in response.headers["set-cookie"].split(";")]
+        assert ("secure" in attributes) is secure, (host, attributes)
+        assert {"httponly", "samesite=strict", "path=/"} <= set(attributes)
+
+
 def test_wizard_creates_a_profile_whose_key_and_secret_provision_a_device_seen_live(
     browser: Any, admin_page: Any, env: Env, shots: Any
 ) -> None:
