@@ -284,6 +284,20 @@ def test_admin_pages(admin_page: Any, shots: Any) -> None:
     shots(page, "audit")
 
 
+def test_personal_api_token_is_shown_once_works_and_is_revoked(admin_page: Any, env: Env) -> None:
+    page = admin_page
+    page.goto("/console/#/tokens")
+    page.fill("#token-name", "ci script")
+    page.click("#token-create")
+    token = page.wait_for_selector("#new-token").inner_text()
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{env.admin_url}/api/operators/me/tokens", headers=bearer).status_code == 200
+    assert token not in page.inner_text("#tokens")  # the list never shows it
+    page.click("#tokens tr:has-text('ci script') button")
+    page.wait_for_selector("#flash:has-text('Revoked ci script')")
+    assert httpx.get(f"{env.admin_url}/api/operators/me/tokens", headers=bearer).status_code == 401
+
+
 def test_csrf_less_post_is_refused(admin_page: Any, admin: Any) -> None:
     name = f"csrf-{uuid.uuid4().hex[:6]}"
     body = {"name": name, "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES"}
