@@ -22,11 +22,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.e2e.conftest import Env, tb_request
 from tests.faults.infra import PrivateRabbitMQ
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "deploy" / "brokers" / "rabbitmq"

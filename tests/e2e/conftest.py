@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,10 +16,11 @@ import aio_pika
 import asyncpg
 import httpx
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
 from provisioning_common.secretbox import generate_key
 
 from tests.conftest import Infra
+from tests.ports import free_port, free_udp_port
 
 
 def _with_database(url: str, name: str) -> str:
@@ -37,13 +37,6 @@ async def _drop_namespace(rabbitmq_url: str, names: list[str]) -> None:
             channel = await conn.channel()
             with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port nothing is bound to now (the CoAP gateway's COAP_PORT; 0 would disable it)."""
-    with socket.socket(type=socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def drop_core_queue(rabbitmq_url: str, namespace: str) -> None:

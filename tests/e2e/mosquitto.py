@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from devstack import free_port
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "deploy" / "brokers" / "mosquitto"

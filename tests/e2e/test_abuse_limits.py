@@ -22,10 +22,11 @@ import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from aiocoap.numbers.codes import Code
-from devstack import Stack, free_port
+from devstack import Stack
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import Infra
+from tests.ports import free_port
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, _create_database, _drop_database, tb_request

@@ -19,9 +19,11 @@ from collections.abc import Iterator
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
-from devstack import ServiceProcess, Stack, free_port
+from devstack import ServiceProcess, Stack
 
-from .conftest import Admin, Env, free_udp_port, tb_request
+from tests.ports import free_port, free_udp_port
+
+from .conftest import Admin, Env, tb_request
 from .test_coap_gateway import RawCoap
 
 PROVISION = ("api", "v1", "provision")

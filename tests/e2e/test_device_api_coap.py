@@ -28,7 +28,9 @@ import pytest
 from aiocoap.numbers.codes import Code
 from devstack import Stack
 
-from .conftest import Admin, Env, free_udp_port, tb_request
+from tests.ports import free_udp_port
+
+from .conftest import Admin, Env, tb_request
 from .test_http_provisioning import TelemetryListener, device_by_name
 
 SERVICES = ["credentials", "provisioning_core", "admin_api", "coap_gateway"]

@@ -26,8 +26,10 @@ from typing import Any
 import aio_pika
 import httpx
 import pytest
-from devstack import ServiceProcess, Stack, free_port
+from devstack import ServiceProcess, Stack
 from tb_device_http import TBHTTPDevice
+
+from tests.ports import free_port
 
 from .conftest import Admin, Env, tb_request
 

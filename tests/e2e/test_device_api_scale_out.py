@@ -17,13 +17,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
 from provisioning_common.bus import Bus, NoRoute
 from provisioning_common.contract import DOWNLINK_ATTRIBUTES, DOWNLINK_EXCHANGE
 from provisioning_common.settings import Settings
 
+from tests.ports import free_port, free_udp_port
+
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, free_udp_port, tb_request
+from .conftest import Admin, Env, tb_request
 from .test_device_api_mqtt import SDK_FILTERS, PahoDevice, server_rpc, set_shared
 from .test_http_provisioning import device_by_name
 

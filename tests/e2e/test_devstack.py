@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from devstack import free_port
 
-from .conftest import Env, _drop_database, free_udp_port
+from tests.ports import free_port, free_udp_port
+
+from .conftest import Env, _drop_database
 
 
 def _start(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:

@@ -13,7 +13,9 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from devstack import ServiceProcess, free_port
+from devstack import ServiceProcess
+
+from tests.ports import free_port
 
 from .conftest import Env
 

@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
+
+from tests.ports import free_port
 
 from .conftest import Admin, Env, tb_request
 

@@ -26,10 +26,12 @@ import asyncpg
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from tests.ports import free_port
 
 from .conftest import Admin, Env, tb_request
 from .mosquitto import Mosquitto, mosquitto_binary

@@ -21,9 +21,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
 from mqtt_gateway import codec
 from provisioning_common import mqtt_client_packets as client_codec
+
+from tests.ports import free_port
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, tb_request

@@ -16,8 +16,10 @@ from typing import Any
 import aiocoap
 import httpx
 import pytest
-from devstack import ServiceProcess, free_port
+from devstack import ServiceProcess
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.ports import free_port
 
 from .conftest import Admin, Env, tb_request
 from .mqtt_clients import provision_json

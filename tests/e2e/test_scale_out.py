@@ -21,10 +21,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from devstack import Stack, free_port
+from devstack import Stack
+
+from tests.ports import free_port, free_udp_port
 
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, free_udp_port, tb_request
+from .conftest import Admin, Env, tb_request
 
 BACKEND = ["credentials", "provisioning_core"]
 GATEWAYS = ["http_gateway", "mqtt_gateway"]

@@ -25,7 +25,8 @@ import pytest
 from devstack import ServiceProcess, Stack
 
 from tests.conftest import Infra
-from tests.e2e.conftest import Admin, Env, free_udp_port
+from tests.e2e.conftest import Admin, Env
+from tests.ports import free_udp_port
 
 from .infra import PrivatePostgres, PrivateRabbitMQ, Reaper, free_port, run_coroutine_blocking
 

@@ -24,7 +24,6 @@ import atexit
 import json
 import os
 import pwd
-import random
 import shutil
 import signal
 import socket
@@ -42,8 +41,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-#: The machine's shared servers: nothing here may ever bind, signal or configure them.
-SHARED_PORTS = frozenset({5432, 5672, 25672, 4369, 15672, 15692})
+# The machine's shared servers' ports and the choice of free ports: one place for every test (tests/ports.py).
+from tests.ports import SHARED_PORTS, free_port  # noqa: E402,F401
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
@@ -123,43 +122,6 @@ def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
 
 
 # --- ports -----------------------------------------------------------------------------------
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(taken: Iterable[int] = ()) -> int:
-    """A TCP port on this host that nothing uses now, below the kernel's ephemeral range, never one of
-    the shared servers' ports, never one handed out before by this process.
-
-    Below the ephemeral range because this machine runs other tests with tens of thousands of
-    short connections: a port from that range (what binding port 0 gives) is soon some client's
-    source port, and then the server cannot listen there - RabbitMQ's distribution check failed
-    that way 3 times in 5, and a broker or database restarted on "its" port would too.
-    """
-    avoid = set(taken) | SHARED_PORTS | _HANDED_OUT
-    high = _ephemeral_low() - 1
-    low = max(10000, high - 12000)
-    rng = random.SystemRandom()
-    for _ in range(2000):
-        port = rng.randint(low, high)
-        if port in avoid:
-            continue
-        try:
-            with socket.socket() as sock:  # no SO_REUSEADDR: also refuses ports with TIME_WAIT leftovers
-                sock.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free TCP port in {low}-{high}")
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:

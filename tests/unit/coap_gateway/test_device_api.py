@@ -33,6 +33,8 @@ from provisioning_common.models import (
 )
 from provisioning_common.settings import Settings
 
+from tests.ports import free_udp_port
+
 TOKENS = {"tok-a": "dev-a", "tok-b": "dev-b"}
 
 
@@ -320,12 +322,6 @@ def test_attribute_updates_are_merged_in_order() -> None:
 
 
 # --- observations over a real listener ------------------------------------------------------------------
-
-
-def free_udp_port() -> int:
-    with socket.socket(type=socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Observer:

@@ -21,11 +21,7 @@ from provisioning_common.models import Dialect, ProvisionResult
 from provisioning_common.settings import Settings
 from provisioning_common.transport_api import OutcomeKind, ProvisionOutcome
 
-
-def free_udp_port() -> int:
-    with socket.socket(type=socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_udp_port
 
 
 class SlowApi:

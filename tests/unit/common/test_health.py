@@ -91,7 +91,7 @@ async def test_a_silent_client_does_not_stop_the_listener(serve) -> None:
 
 async def test_off_unless_health_port_is_set() -> None:
     assert await health.start_if_configured(Settings(health_port=0), check(True)) is None
-    from devstack import free_port
+    from tests.ports import free_port
 
     port = free_port()
     server = await health.start_if_configured(Settings(health_port=port, bind_host="127.0.0.1"), check(True))

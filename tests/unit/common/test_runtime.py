@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import pytest
 from provisioning_common import runtime
 from provisioning_common.contract import ContractError, Service
 from provisioning_common.settings import Settings
 from pydantic import BaseModel
+
+from tests.ports import free_port
 
 from .fake_broker import connect, install
 
@@ -75,12 +76,6 @@ RUNNER = Service("unit_runner")
 ECHO = RUNNER.rpc("echo", Ping, Ping)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _get(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: probe\r\n\r\n".encode())
@@ -114,7 +109,7 @@ async def test_the_runner_serves_checks_announces_then_stops_in_order(monkeypatc
         return runtime.Running(serve=RUNNER, handlers=[ECHO.handler(echo)], checks=(broker_check,),
                                background=[forever()], stop=[stopped])
 
-    port, stop = _free_port(), asyncio.Event()
+    port, stop = free_port(), asyncio.Event()
     settings = Settings(bus_namespace="unit.", health_port=port, bind_host="127.0.0.1")
     service = asyncio.create_task(runtime.serve_until("unit_runner", start, settings, stop))
     while not events:
