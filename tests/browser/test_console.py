@@ -254,6 +254,33 @@ def test_wizard_x509_chain_profile(admin_page: Any, admin: Any, shots: Any) -> N
     assert page.inner_text("#provision-key") == created["provisionDeviceKey"]
 
 
+def test_activity_filtered_by_profile(admin_page: Any, admin: Any, env: Env) -> None:
+    watched, other = admin.create_profile(), admin.create_profile()
+    page = admin_page.context.new_page()
+    page.goto(f"/console/#/activity?profile={watched['id']}")
+    page.wait_for_selector("#live-status:has-text('live')")
+    names = {}
+    for profile in (other, watched):  # the other profile's device first
+        names[profile["id"]] = f"filtered-{uuid.uuid4().hex[:6]}"
+        response = httpx.post(f"{env.http_url}/api/v1/provision", timeout=15,
+                              json=tb_request(profile, deviceName=names[profile["id"]]))
+        assert response.json()["status"] == "SUCCESS", response.text
+    page.wait_for_selector(f"#activity tr[data-device='{names[watched['id']]}']")
+    assert page.query_selector(f"#activity tr[data-device='{names[other['id']]}']") is None
+    page.close()
+
+
+def test_a_disabled_operator_loses_their_session(browser: Any, env: Env, admin: Any) -> None:
+    password = secrets.token_urlsafe(16)
+    created = admin.http.post("/api/operators", json={"username": "dora", "password": password, "role": "operator"})
+    assert created.status_code == 201
+    login = httpx.post(f"{env.admin_url}/console/login", json={"username": "dora", "password": password}, timeout=10)
+    cookies = {"console_session": login.cookies["console_session"]}
+    assert httpx.get(f"{env.admin_url}/api/devices", cookies=cookies).status_code == 200
+    assert admin.http.put(f"/api/operators/{created.json()['id']}", json={"disabled": True}).status_code == 200
+    assert httpx.get(f"{env.admin_url}/api/devices", cookies=cookies).status_code == 401
+
+
 def test_import_reports_the_bad_row(admin_page: Any, admin: Any, shots: Any) -> None:
     page = admin_page
     profile = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES")

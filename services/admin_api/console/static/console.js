@@ -375,7 +375,11 @@ async function activityPage(params) {
   outcome.addEventListener("change", go); profile.addEventListener("change", go);
   const live = h("span", { id: "live-status", class: "badge" }, "connecting");
   const body = h("tbody", {});
+  const seen = new Set(); // an event both live and among the stored ones fetched after the stream opened
   const add = (e, top) => {
+    const key = `${e.requestId}|${e.time}|${e.outcome}|${e.deviceName}`;
+    if (seen.has(key)) return;
+    seen.add(key);
     const row = h("tr", { "data-device": e.deviceName || "" }, h("td", {}, time(e.time)),
       h("td", {}, h("span", { class: `badge ${e.outcome}` }, e.outcome)), h("td", {}, e.reason), h("td", {}, e.deviceName || ""),
       h("td", {}, names[e.deviceProfileId] || e.deviceProfileId || ""), h("td", {}, `${e.transport}${e.dialect ? ` (${e.dialect})` : ""}`),
