@@ -392,7 +392,14 @@ async function activityPage(params) {
   const filters = { outcome: outcome.value, deviceProfileId: profile.value };
   const source = new EventSource(`/api/provision-events/stream?${qs(filters)}`);
   source.onopen = () => { live.textContent = "live"; };
-  source.onerror = () => { live.textContent = "reconnecting"; };
+  source.onerror = async () => {
+    live.textContent = "reconnecting";
+    if (source.readyState === EventSource.CLOSED) { // refused (the session ended): back to the log-in page
+      const check = await fetch("/console/session", { credentials: "same-origin" });
+      if (check.status === 401) window.location.assign("/console/login");
+      else live.textContent = "stopped: reload the page";
+    }
+  };
   source.onmessage = (m) => { try { add(JSON.parse(m.data), true); } catch (e) { /* not an event */ } };
   leavePage = () => source.close();
   const recent = await api("GET", `/api/provision-events?${qs({ ...filters, pageSize: 50 })}`).catch(() => ({ data: [] }));
