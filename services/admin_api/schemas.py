@@ -41,6 +41,16 @@ def _check_name(value: str) -> str:
     return value
 
 
+class ProvisionHookIn(_Body):
+    """A profile's pre-provisioning hook: where to ask, the HMAC secret, how long to wait, what no answer means."""
+
+    url: str = Field(max_length=2048, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
+    #: Omitted on an update: the stored secret is kept. Never shown back.
+    secret: str | None = Field(default=None, min_length=16, max_length=255, pattern=NO_CONTROLS)
+    timeout_ms: int = Field(default=2000, ge=100, le=10_000, alias="timeoutMs")
+    fail_open: bool = Field(default=False, alias="failOpen")
+
+
 class DeviceProfileIn(_Body):
     name: str = Field(max_length=255, pattern=NO_CONTROLS)
     provision_strategy: ProvisionStrategy = Field(alias="provisionStrategy")
@@ -66,6 +76,8 @@ class DeviceProfileIn(_Body):
     #: Ours (issue 13): devices of this profile may choose access tokens below the minimum
     #: (credentials.hashing.MIN_DEVICE_TOKEN_LENGTH characters of [A-Za-z0-9._~-]). Off by default.
     allow_weak_tokens: bool = Field(default=False, alias="allowWeakTokens")
+    #: The pre-provisioning hook (README "Pre-provisioning hook"); None: none.
+    provision_hook: ProvisionHookIn | None = Field(default=None, alias="provisionHook")
     #: What a provision request for an existing, provisioned device of the profile does (README "Re-provisioning").
     reprovision_policy: Literal["NEVER", "ROTATE", "ROTATE_WITH_DEVICE_KEY"] = Field(
         default="NEVER", alias="reprovisionPolicy")

@@ -18,6 +18,7 @@ from provisioning_common.rate_limit import PostgresStore
 from provisioning_common.secretbox import SecretBox
 
 from .device_api import DeviceApi
+from .hook import ProvisionHooks
 from .rate_limit import ProvisionLimits, RateLimiter
 from .service import ProvisioningCore
 
@@ -41,13 +42,15 @@ async def start(context: runtime.Context) -> runtime.Running:
                             profile_ttl_s=settings.profile_cache_ttl_s,
                             replay_window_s=settings.provision_replay_window_s,
                             reply_grace_s=settings.bus_reply_grace_s,
-                            events=events)
+                            events=events,
+                            hooks=(hooks := ProvisionHooks(await context.pool(), box,
+                                                           max_concurrency=settings.provision_hook_max_concurrency)))
     # Device traffic (attributes) on its own queue and channel, with at most half of the pool, so
     # that it never queues provisioning.
     device_api = DeviceApi(await context.pool(), await context.bus(), max_connections=settings.db_pool_max // 2)
     background = [purge_forever(core, limits_store, await context.pool(), settings.provision_events_retention_days,
                                 settings.provision_events_purge_interval_s)]
-    stop: list[Callable[[], Awaitable[None]]] = []
+    stop: list[Callable[[], Awaitable[None]]] = [hooks.close]
     if isinstance(events, EventWriter):
         background.append(events.run())
         stop.append(events.close)  # after the requests in flight finished: their events are written too

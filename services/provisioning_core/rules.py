@@ -304,6 +304,16 @@ def prepare_failure(credentials_error: str | None) -> Refusal:
     return failure(reason=Reason.INVALID_CREDENTIALS)
 
 
+#: Ours: the profile's pre-provisioning hook refused the request, or could not decide (fail-closed).
+MSG_HOOK_REFUSED = "Provisioning refused by the device profile's hook"
+
+
+def hook_refusal(reason: str | None) -> Refusal:
+    """FAILURE for a request the profile's hook refused (its reason goes to the event, never to the device)."""
+    return failure(MSG_HOOK_REFUSED,
+                   reason=Reason.HOOK_UNAVAILABLE if reason == "hook_unavailable" else Reason.HOOK_DENIED)
+
+
 #: Profile reprovisionPolicy values (migration 0015, README "Re-provisioning after a factory reset").
 REPROVISION_NEVER = "NEVER"
 REPROVISION_ROTATE = "ROTATE"

@@ -68,6 +68,7 @@ from provisioning_common.secretbox import InvalidToken, SecretBox
 from pydantic import BaseModel
 
 from . import rules
+from .hook import ProvisionHooks
 from .profile_cache import ProfileCache
 from .rate_limit import RateLimiter, Refused, Verdict
 from .token_pool import TokenPool
@@ -101,8 +102,11 @@ class ProvisioningCore:
         replay_window_s: float = 600.0,
         reply_grace_s: float = 2.0,
         events: EventSink | None = None,
+        hooks: ProvisionHooks | None = None,
     ) -> None:
         self._pool = pool
+        #: Asks profiles' pre-provisioning hooks (README "Pre-provisioning hook"); None: hooks are not called.
+        self._hooks = hooks
         self._profiles = ProfileCache(pool, profile_ttl_s, box=box)
         self._bus = bus
         self._tokens = TokenPool(bus)
@@ -224,10 +228,17 @@ class ProvisioningCore:
         verdict = await self._limiter.right_secret(req, profile.id)
         if not verdict.admitted:
             return _too_many(verdict, profile.id)
+        name = decision.name
+        if profile.hook_url and self._hooks is not None:
+            hook = await self._hooks.decide(req, profile, name, self.replay_key(req))
+            if not hook.allow:
+                return _refused(rules.hook_refusal(hook.reason), profile.id)
+            if hook.device_name and isinstance(decision, rules.CreateDevice):
+                name = hook.device_name  # the hook names the device (a pre-provisioned one keeps its name)
         if isinstance(decision, rules.CreateDevice):
-            decided = await self._create_device(req, profile, decision.name)
+            decided = await self._create_device(req, profile, name)
         else:
-            decided = await self._claim_pre_provisioned(req, profile, decision.name)
+            decided = await self._claim_pre_provisioned(req, profile, name)
         return decided._replace(profile_id=profile.id)
 
     async def _replay(self, key: str) -> ProvisionResult | None:

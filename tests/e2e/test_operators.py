@@ -5,6 +5,7 @@ with its actor and without secret values."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -117,7 +118,12 @@ def test_changes_are_audited_with_their_actor_and_without_secrets(
             "credentials": {"credentialsType": "ACCESS_TOKEN", "credentialsValue": secret_token}}).json()
         refused = as_operator.delete(f"/api/device-profiles/{profile['id']}")
         assert refused.status_code == 403
-    log = admin.http.get("/api/audit", params={"pageSize": 1000}).json()["data"]
+    for _ in range(50):  # an entry is written once its answer is sent: wait for the last call's
+        log = admin.http.get("/api/audit", params={"pageSize": 1000}).json()["data"]
+        if any(e["objectId"] == profile["id"] and e["method"] == "DELETE" for e in log) and \
+                any(e["objectId"] == device["id"] for e in log):
+            break
+        time.sleep(0.1)
     by_object: dict[str, list[dict[str, Any]]] = {}
     for entry in log:
         by_object.setdefault(entry["objectId"], []).append(entry)

@@ -90,6 +90,9 @@ class Reason(str, enum.Enum):
     CSR_REQUIRED = "csr_required"
     CSR_REFUSED = "csr_refused"
     INTERNAL_ERROR = "internal_error"
+    #: The profile's pre-provisioning hook said no, or could not decide and the profile fails closed.
+    HOOK_DENIED = "hook_denied"
+    HOOK_UNAVAILABLE = "hook_unavailable"
     # RATE_LIMITED
     TOO_MANY_FAILURES = "too_many_failures"
     TOO_MANY_PROVISIONS = "too_many_provisions"

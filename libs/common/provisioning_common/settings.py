@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     #: Accept ADMIN_API_TOKEN only while no enabled admin operator exists (it then only bootstraps the first
     #: admin account; services/admin_api/auth.py). Off by default: scripts that predate accounts keep working.
     admin_api_token_bootstrap_only: bool = False
+    #: Pre-provisioning hooks (profile field provisionHook): http:// URLs allowed too (tests, a hook on the same
+    #: host); otherwise only https://. And how many hook calls one core makes at once (more wait).
+    provision_hook_allow_http: bool = False
+    provision_hook_max_concurrency: int = Field(default=64, ge=1, le=10_000)
 
     #: MQTT gateway: plain and TLS listeners (0 disables one), server certificate and limits.
     mqtt_port: int = Field(default=1883, ge=0, le=65535)

@@ -30,7 +30,7 @@ from provisioning_common.models import ProvisionStrategy
 from provisioning_common.secretbox import InvalidToken, SecretBox
 
 from ..auth import may_see_secrets
-from ..dependencies import Box, Pool, api_error
+from ..dependencies import Box, Pool, SettingsDep, api_error
 from ..schemas import MAX_PAGE, MAX_PAGE_SIZE, DeviceProfileIn, Page
 
 router = APIRouter(prefix="/device-profiles")
@@ -66,6 +66,8 @@ def profile_json(profile: ProfileRecord, box: SecretBox) -> dict[str, Any]:
         "provisionDeviceSecret": open_secret(profile, box) if may_see_secrets() else None,
         "allowWeakTokens": profile.allow_weak_tokens,
         "reprovisionPolicy": profile.reprovision_policy,
+        "provisionHook": None if profile.hook_url is None else {
+            "url": profile.hook_url, "timeoutMs": profile.hook_timeout_ms, "failOpen": profile.hook_fail_open},
         "createdTime": int(profile.created_at.timestamp() * 1000),
     }
     if profile.provision_strategy == ProvisionStrategy.X509_CERTIFICATE_CHAIN.value:
@@ -83,7 +85,25 @@ def profile_json(profile: ProfileRecord, box: SecretBox) -> dict[str, Any]:
     return body
 
 
-def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecord | None = None) -> ProfileFields:
+def _hook_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecord | None,
+                 allow_http: bool) -> tuple[str | None, bytes | None, int, bool]:
+    """The hook's columns (url, encrypted secret, time-out, fail-open); HTTP 400 when it is not valid."""
+    hook = body.provision_hook
+    if hook is None:
+        return None, None, 2000, False
+    if not hook.url.startswith("https://") and not allow_http:
+        raise api_error(400, "provisionHook.url must be https:// (PROVISION_HOOK_ALLOW_HTTP allows http://)")
+    if hook.secret is not None:
+        secret_enc = box.encrypt_json(hook.secret)
+    elif existing is not None and existing.hook_secret_enc is not None:
+        secret_enc = existing.hook_secret_enc
+    else:
+        raise api_error(400, "provisionHook.secret is required (at least 16 characters)")
+    return hook.url, secret_enc, hook.timeout_ms, hook.fail_open
+
+
+def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecord | None = None, *,
+                   allow_http_hooks: bool = False) -> ProfileFields:
     """Validate a profile body into its stored columns; HTTP 400 with the reason when it is not valid."""
     key, secret = body.provision_device_key, body.provision_device_secret
     certificate_pem = regex = ca_hash = None
@@ -125,6 +145,7 @@ def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecor
             except CertificateRefused as exc:
                 raise api_error(400, str(exc)) from None
             signing_enc = box.encrypt_json(key_pem).decode()
+    hook_url, hook_secret_enc, hook_timeout_ms, hook_fail_open = _hook_fields(body, box, existing, allow_http_hooks)
     return ProfileFields(
         name=body.name,
         provision_strategy=body.provision_strategy.value,
@@ -139,6 +160,10 @@ def profile_fields(body: DeviceProfileIn, box: SecretBox, existing: ProfileRecor
         issued_validity_days=body.issued_validity_days,
         allow_weak_tokens=body.allow_weak_tokens,
         reprovision_policy=body.reprovision_policy,
+        hook_url=hook_url,
+        hook_secret_enc=hook_secret_enc,
+        hook_timeout_ms=hook_timeout_ms,
+        hook_fail_open=hook_fail_open,
     )
 
 
@@ -158,8 +183,8 @@ async def _existing(pool: Any, profile_id: uuid.UUID) -> ProfileRecord:
 
 
 @router.post("", status_code=201)
-async def create_profile(body: DeviceProfileIn, pool: Pool, box: Box) -> dict[str, Any]:
-    fields = profile_fields(body, box)
+async def create_profile(body: DeviceProfileIn, pool: Pool, box: Box, settings: SettingsDep) -> dict[str, Any]:
+    fields = profile_fields(body, box, allow_http_hooks=settings.provision_hook_allow_http)
     try:
         profile = await repository.insert_profile(pool, uuid.uuid4(), fields)
     except repository.ProfileConflict as exc:
@@ -182,8 +207,11 @@ async def get_profile(profile_id: uuid.UUID, pool: Pool, box: Box) -> dict[str, 
 
 
 @router.put("/{profile_id}")
-async def update_profile(profile_id: uuid.UUID, body: DeviceProfileIn, pool: Pool, box: Box) -> dict[str, Any]:
-    fields = profile_fields(body, box, await _existing(pool, profile_id))
+async def update_profile(
+    profile_id: uuid.UUID, body: DeviceProfileIn, pool: Pool, box: Box, settings: SettingsDep
+) -> dict[str, Any]:
+    fields = profile_fields(body, box, await _existing(pool, profile_id),
+                            allow_http_hooks=settings.provision_hook_allow_http)
     try:
         profile = await repository.update_profile(pool, profile_id, fields)
     except repository.ProfileConflict as exc:

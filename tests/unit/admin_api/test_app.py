@@ -80,14 +80,15 @@ async def test_profiles_are_listed_by_page(admin: tuple[httpx.AsyncClient, _Pool
         "provision_key": "k", "provision_secret_enc": box.encrypt_json("s"), "certificate_pem": None,
         "certificate_regex": None, "ca_subject_hash": None, "signing_certificate_pem": None, "signing_key_enc": None,
         "allow_create_by_x509": True, "issued_validity_days": 365, "allow_weak_tokens": False,
-        "reprovision_policy": "NEVER", "total": 1,
+        "reprovision_policy": "NEVER", "hook_url": None, "hook_secret_enc": None, "hook_timeout_ms": 2000,
+        "hook_fail_open": False, "total": 1,
     }]
     response = await client.get("/api/device-profiles", params={"pageSize": 1}, headers=AUTH)
     assert response.status_code == 200
     assert response.json() == {"data": [{
         "id": str(uuid.UUID(int=1)), "name": "p", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
         "provisionDeviceKey": "k", "provisionDeviceSecret": "s", "allowWeakTokens": False,
-        "reprovisionPolicy": "NEVER",
+        "reprovisionPolicy": "NEVER", "provisionHook": None,
         "createdTime": int(created.timestamp() * 1000),
     }], "totalElements": 1, "hasNext": False}
 
@@ -144,3 +145,11 @@ async def test_the_shared_token_only_bootstraps_once_an_admin_exists_when_told_s
 
 async def _no_admin(sql: str, *args: Any) -> Any:
     return False if "EXISTS" in sql else 0
+
+
+async def test_a_profiles_hook_must_be_https_unless_http_is_allowed(admin: tuple[httpx.AsyncClient, _Pool]) -> None:
+    client, _ = admin
+    body = {"name": "p", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
+            "provisionHook": {"url": "http://erp.example/hook", "secret": "s" * 16}}
+    refused = await client.post("/api/device-profiles", json=body, headers=AUTH)
+    assert refused.status_code == 400 and "https://" in refused.json()["message"]

@@ -54,12 +54,17 @@ class ProfileRow:
     allow_weak_tokens: bool = False
     #: What a provision request for an existing, provisioned device of the profile does (migration 0015).
     reprovision_policy: str = "NEVER"
+    #: The pre-provisioning hook (migration 0016): its URL (None: no hook), encrypted secret, time-out, mode.
+    hook_url: str | None = None
+    hook_secret_enc: bytes | None = None
+    hook_timeout_ms: int = 2000
+    hook_fail_open: bool = False
 
 
 PROFILE_COLUMNS = (
     "id, name, provision_strategy, provision_key, provision_secret, certificate_regex, allow_create_by_x509,"
     " signing_certificate_pem, signing_key_enc, issued_validity_days, provision_secret_enc, allow_weak_tokens,"
-    " reprovision_policy"
+    " reprovision_policy, hook_url, hook_secret_enc, hook_timeout_ms, hook_fail_open"
 )
 
 
@@ -238,11 +243,44 @@ async def record_answer(
 
 
 async def purge_answers(conn: asyncpg.Connection | asyncpg.Pool, older_than_s: float) -> int:
-    """Forget the answers stored more than ``older_than_s`` ago; returns how many."""
+    """Forget the answers (and the hook's decisions) stored more than ``older_than_s`` ago; returns how many
+    answers."""
+    await conn.execute("DELETE FROM hook_decisions WHERE created_at < now() - make_interval(secs => $1)",
+                       older_than_s)
     status: str = await conn.execute(
         "DELETE FROM provision_requests WHERE created_at < now() - make_interval(secs => $1)", older_than_s
     )
     return int(status.split()[-1])
+
+
+# --- the pre-provisioning hook's decisions (provisioning-core; migration 0016) --------------------------
+
+
+@dataclass(frozen=True)
+class HookDecision:
+    allow: bool
+    reason: str | None = None
+    #: The device's name as the hook set it (None: the request's).
+    device_name: str | None = None
+
+
+async def hook_decision(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> HookDecision | None:
+    row = await conn.fetchrow("SELECT allow, reason, device_name FROM hook_decisions WHERE request_id = $1",
+                              request_id)
+    return HookDecision(**dict(row)) if row else None
+
+
+async def keep_hook_decision(conn: asyncpg.Connection | asyncpg.Pool, request_id: str,
+                             decision: HookDecision) -> HookDecision:
+    """Store ``decision`` for ``request_id`` unless one is stored already: the one that counts is returned."""
+    row = await conn.fetchrow(
+        "WITH put AS (INSERT INTO hook_decisions (request_id, allow, reason, device_name) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT DO NOTHING RETURNING allow, reason, device_name)"
+        " SELECT allow, reason, device_name FROM put"
+        " UNION ALL SELECT allow, reason, device_name FROM hook_decisions WHERE request_id = $1 LIMIT 1",
+        request_id, decision.allow, decision.reason, decision.device_name,
+    )
+    return HookDecision(**dict(row)) if row else decision
 
 
 # --- devices by name (provisioning-core) ----------------------------------------------------------
@@ -639,6 +677,11 @@ class ProfileFields:
     issued_validity_days: int
     allow_weak_tokens: bool
     reprovision_policy: str
+    hook_url: str | None
+    #: The hook's secret, encrypted (SecretBox.encrypt_json); never shown again.
+    hook_secret_enc: bytes | None
+    hook_timeout_ms: int
+    hook_fail_open: bool
 
 
 @dataclass(frozen=True)
@@ -652,7 +695,7 @@ class ProfileRecord(ProfileFields):
 _PROFILE_FIELDS = (
     "name", "provision_strategy", "provision_key", "provision_secret_enc", "certificate_pem", "certificate_regex",
     "ca_subject_hash", "signing_certificate_pem", "signing_key_enc", "allow_create_by_x509", "issued_validity_days",
-    "allow_weak_tokens", "reprovision_policy",
+    "allow_weak_tokens", "reprovision_policy", "hook_url", "hook_secret_enc", "hook_timeout_ms", "hook_fail_open",
 )
 _PROFILE_RECORD = ", ".join(("id", "created_at", *_PROFILE_FIELDS))
 

@@ -1,0 +1,186 @@
+"""The pre-provisioning hook (issue 19): a test hook server, written here, allows, denies, renames, times out
+(fail-closed and fail-open) and answers slowly under concurrency; every call it gets is signed with the profile's
+secret; repeated requests replay the first decision; a refused request writes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from devstack.stack import Stack
+
+from tests.conftest import Infra
+
+from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+
+SECRET = "hook-secret-" + uuid.uuid4().hex
+
+
+@dataclass
+class HookServer:
+    """Answers by the device name's prefix: allow-*, deny-*, rename-*, slow-* (0.5 s), hang-* (never in time)."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    bad_signatures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, body: bytes, signature: str) -> tuple[int, bytes]:
+        parts = dict(item.split("=", 1) for item in signature.split(",") if "=" in item)
+        expected = hmac.new(SECRET.encode(), f"{parts.get('t')}.".encode() + body, hashlib.sha256).hexdigest()
+        fresh = abs(time.time() - int(parts.get("t", "0"))) < 300
+        if not (fresh and hmac.compare_digest(expected, parts.get("v1", ""))):
+            with self.lock:
+                self.bad_signatures += 1
+            return 401, b"{}"
+        request = json.loads(body)
+        with self.lock:
+            self.calls.append(request)
+        name = request["deviceName"]
+        if name.startswith("deny-"):
+            return 200, json.dumps({"allow": False, "reason": "serial not in ERP"}).encode()
+        if name.startswith("rename-"):
+            return 200, json.dumps({"allow": True, "deviceName": "renamed-" + name[len("rename-"):]}).encode()
+        if name.startswith("slow-"):
+            time.sleep(0.5)
+        if name.startswith("hang-"):
+            time.sleep(3)
+        if name.startswith("garbage-"):
+            return 200, b"not json"
+        return 200, b'{"allow": true}'
+
+
+@pytest.fixture(scope="module")
+def hook() -> Iterator[tuple[HookServer, str]]:
+    server_state = HookServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            status, answer = server_state.answer(body, self.headers.get("X-Provision-Signature", ""))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_state, f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
+    """This module's stack lets profiles call an http:// hook (the test's own server on loopback)."""
+    environment = Env(infra)
+    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]),
+                             PROVISION_HOOK_ALLOW_HTTP="true")
+    _create_database(environment)
+    try:
+        yield environment
+    finally:
+        _drop_database(environment)
+
+
+def _profile(admin: Admin, url: str, **hook: Any) -> dict[str, Any]:
+    return admin.create_profile(provisionHook={"url": url, "secret": SECRET, "timeoutMs": 1000, **hook})
+
+
+def _names(admin: Admin, profile: dict[str, Any]) -> list[str]:
+    data = admin.http.get("/api/devices", params={"deviceProfileId": profile["id"], "pageSize": 1000}).json()["data"]
+    return sorted(d["name"] for d in data)
+
+
+def test_the_hook_allows_denies_and_renames_and_every_call_is_signed(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    server, url = hook
+    profile = _profile(admin, url)
+    assert profile["provisionHook"] == {"url": url, "timeoutMs": 1000, "failOpen": False}  # never the secret
+    tag = uuid.uuid4().hex[:6]
+    allowed = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"allow-{tag}")).json()
+    assert allowed["status"] == "SUCCESS"
+    denied = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"deny-{tag}")).json()
+    assert denied == {"errorMsg": "Provisioning refused by the device profile's hook", "status": "FAILURE"}
+    renamed = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"rename-{tag}")).json()
+    assert renamed["status"] == "SUCCESS"
+    assert _names(admin, profile) == [f"allow-{tag}", f"renamed-{tag}"]  # nothing written for the denied one
+    asked = [c for c in server.calls if c["profileId"] == profile["id"]]
+    assert [c["deviceName"] for c in asked] == [f"allow-{tag}", f"deny-{tag}", f"rename-{tag}"]
+    assert asked[0]["transport"] == "HTTP" and asked[0]["credentialsType"] == "ACCESS_TOKEN"
+    assert server.bad_signatures == 0
+    for _ in range(50):  # events are written in batches
+        events = admin.http.get("/api/provision-events", params={"deviceName": f"deny-{tag}"}).json()["data"]
+        if events:
+            break
+        time.sleep(0.1)
+    assert [(e["outcome"], e["reason"]) for e in events] == [("FAILURE", "hook_denied")]
+
+
+def test_a_repeated_request_replays_the_first_decision(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    server, url = hook
+    profile = _profile(admin, url)
+    request = tb_request(profile, deviceName=f"deny-{uuid.uuid4().hex[:6]}")
+    first = http.post("/api/v1/provision", json=request).json()
+    second = http.post("/api/v1/provision", json=request).json()
+    assert first == second and first["status"] == "FAILURE"
+    assert len([c for c in server.calls if c["deviceName"] == request["deviceName"]]) == 1
+
+
+def test_a_hook_that_does_not_answer_in_time_fails_closed_or_open_as_the_profile_says(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    _, url = hook
+    closed, opened = _profile(admin, url), _profile(admin, url, failOpen=True)
+    tag = uuid.uuid4().hex[:6]
+    refused = http.post("/api/v1/provision", json=tb_request(closed, deviceName=f"hang-{tag}")).json()
+    assert refused["status"] == "FAILURE" and _names(admin, closed) == []
+    garbage = http.post("/api/v1/provision", json=tb_request(closed, deviceName=f"garbage-{tag}")).json()
+    assert garbage["status"] == "FAILURE"
+    let_through = http.post("/api/v1/provision", json=tb_request(opened, deviceName=f"hang-{tag}")).json()
+    assert let_through["status"] == "SUCCESS" and _names(admin, opened) == [f"hang-{tag}"]
+
+
+def test_a_slow_hook_under_concurrency_answers_every_request(
+    stack: Stack, admin: Admin, env: Env, hook: tuple[HookServer, str]
+) -> None:
+    _, url = hook
+    profile = _profile(admin, url)
+    names = [f"slow-{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    with httpx.Client(base_url=env.http_url, timeout=30) as client, ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda n: client.post("/api/v1/provision", json=tb_request(profile, deviceName=n))
+                                .json(), names))
+    assert [a["status"] for a in answers] == ["SUCCESS"] * 20
+    assert _names(admin, profile) == sorted(names)
+
+
+def test_hook_urls_must_be_https_unless_allowed_and_need_a_secret(admin: Admin) -> None:
+    no_secret = admin.http.post("/api/device-profiles", json={
+        "name": f"p-{uuid.uuid4().hex[:6]}", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
+        "provisionHook": {"url": "https://erp.example/hook"}})
+    assert no_secret.status_code == 400 and "secret" in no_secret.json()["message"]
+    short = admin.http.post("/api/device-profiles", json={
+        "name": f"p-{uuid.uuid4().hex[:6]}", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
+        "provisionHook": {"url": "https://erp.example/hook", "secret": "short"}})
+    assert short.status_code == 400
