@@ -139,17 +139,26 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     return generate_dev_certificate(tmp_path_factory.mktemp("mqtt-tls"))
 
 
-@pytest.fixture(scope="module")
-def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
-    """A private database and bus namespace for one test module."""
+@contextlib.contextmanager
+def module_env(infra: Infra, tls_files: tuple[Path, Path, Path], **settings: str) -> Iterator[Env]:
+    """A private database and bus namespace for one test module, the MQTT TLS listener's files, and the
+    module's own ``settings`` (environment variables) on top. A module that needs some overrides ``env``:
+    ``with module_env(infra, tls_files, NAME="value") as environment: yield environment``."""
     environment = Env(infra)
-    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]))
+    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]), **settings)
     environment.ca_file = tls_files[2]
     _create_database(environment)
     try:
         yield environment
     finally:
         _drop_database(environment)
+
+
+@pytest.fixture(scope="module")
+def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
+    """A private database and bus namespace for one test module."""
+    with module_env(infra, tls_files) as environment:
+        yield environment
 
 
 @pytest.fixture(scope="module")

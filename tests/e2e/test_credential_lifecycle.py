@@ -21,7 +21,7 @@ from tests.conftest import Infra
 from tests.pki import issue
 
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+from .conftest import Admin, Env, module_env, tb_request
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,8 @@ def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
     """This module's stack keeps no content replay window (PROVISION_REPLAY_WINDOW_S=0): a device that sends its
     first request again after a factory reset is then a new request at once, not a replay of the first answer
     (with the default window it gets that answer, still valid, for ten minutes)."""
-    environment = Env(infra)
-    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]),
-                             PROVISION_REPLAY_WINDOW_S="0")
-    _create_database(environment)
-    try:
+    with module_env(infra, tls_files, PROVISION_REPLAY_WINDOW_S="0") as environment:
         yield environment
-    finally:
-        _drop_database(environment)
 
 
 def _provisioned_token(http: httpx.Client, profile: dict[str, Any]) -> tuple[str, str]:

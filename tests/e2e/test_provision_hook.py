@@ -23,14 +23,15 @@ from devstack.stack import Stack
 
 from tests.conftest import Infra
 
-from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+from .conftest import Admin, Env, module_env, tb_request
 
 SECRET = "hook-secret-" + uuid.uuid4().hex
 
 
 @dataclass
 class HookServer:
-    """Answers by the device name's prefix: allow-*, deny-*, rename-*, slow-* (0.5 s), hang-* (never in time)."""
+    """Answers by the device name's prefix: allow-*, deny-*, rename-*, slow-* (0.5 s), hang-* (6 s: too late),
+    garbage-* (not JSON)."""
 
     calls: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
@@ -55,7 +56,7 @@ class HookServer:
         if name.startswith("slow-"):
             time.sleep(0.5)
         if name.startswith("hang-"):
-            time.sleep(3)
+            time.sleep(6)
         if name.startswith("garbage-"):
             return 200, b"not json"
         return 200, b'{"allow": true}'
@@ -91,18 +92,13 @@ def hook() -> Iterator[tuple[HookServer, str]]:
 @pytest.fixture(scope="module")
 def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
     """This module's stack lets profiles call an http:// hook (the test's own server on loopback)."""
-    environment = Env(infra)
-    environment.extra.update(MQTT_TLS_CERT_FILE=str(tls_files[0]), MQTT_TLS_KEY_FILE=str(tls_files[1]),
-                             PROVISION_HOOK_ALLOW_HTTP="true")
-    _create_database(environment)
-    try:
+    with module_env(infra, tls_files, PROVISION_HOOK_ALLOW_HTTP="true") as environment:
         yield environment
-    finally:
-        _drop_database(environment)
 
 
 def _profile(admin: Admin, url: str, **hook: Any) -> dict[str, Any]:
-    return admin.create_profile(provisionHook={"url": url, "secret": SECRET, "timeoutMs": 1000, **hook})
+    # 4 s: generous on a loaded machine, so that only the hang-* answers (6 s) come too late.
+    return admin.create_profile(provisionHook={"url": url, "secret": SECRET, "timeoutMs": 4000, **hook})
 
 
 def _names(admin: Admin, profile: dict[str, Any]) -> list[str]:
@@ -115,7 +111,7 @@ def test_the_hook_allows_denies_and_renames_and_every_call_is_signed(
 ) -> None:
     server, url = hook
     profile = _profile(admin, url)
-    assert profile["provisionHook"] == {"url": url, "timeoutMs": 1000, "failOpen": False}  # never the secret
+    assert profile["provisionHook"] == {"url": url, "timeoutMs": 4000, "failOpen": False}  # never the secret
     tag = uuid.uuid4().hex[:6]
     allowed = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"allow-{tag}")).json()
     assert allowed["status"] == "SUCCESS"
@@ -166,7 +162,7 @@ def test_a_slow_hook_under_concurrency_answers_every_request(
     stack: Stack, admin: Admin, env: Env, hook: tuple[HookServer, str]
 ) -> None:
     _, url = hook
-    profile = _profile(admin, url)
+    profile = _profile(admin, url, timeoutMs=8000)  # each answer takes 0.5 s; the time-out is not what is tested
     names = [f"slow-{uuid.uuid4().hex[:8]}" for _ in range(20)]
     with httpx.Client(base_url=env.http_url, timeout=30) as client, ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(lambda n: client.post("/api/v1/provision", json=tb_request(profile, deviceName=n))
