@@ -117,6 +117,8 @@ def up() -> int:
         "\nProvisioning stack is up:\n"
         f"  HTTP gateway   http://{host}:{settings.http_port}/api/v1/provision  (Innoway: /api/provision)\n"
         f"  Admin API      http://{host}:{settings.admin_port}/api  (Authorization: Bearer <token>)\n"
+        f"  Web console    http://{host}:{settings.admin_port}/console/  (first create an admin account with"
+        " the admin token: README \"Web console\")\n"
         f"  MQTT           mqtt://{host}:{settings.mqtt_port}  (provision with username 'provision')\n"
         f"  MQTT over TLS  mqtts://{host}:{settings.mqtts_port}  ({tls_note})\n"
         f"  CoAP           coap://{host}:{settings.coap_port}/api/v1/provision  (UDP; Innoway: /api/provision)\n"
