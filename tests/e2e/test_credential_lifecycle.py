@@ -22,6 +22,7 @@ from tests.pki import issue
 
 from . import mqtt_clients as mc
 from .conftest import Admin, Env, module_env, tb_request
+from .test_mqtt_bridge import AUTH_HEADERS, broker_auth  # noqa: F401 - the fixture: broker_auth as a process
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +238,20 @@ def test_never_keeps_thingsboards_answer_for_a_second_provision_request(
     assert again.json() == {"errorMsg": "Failed to provision device!", "status": "FAILURE"}
 
 
+@pytest.fixture(scope="module")
+def broker_auth_url(broker_auth: Stack) -> str:  # noqa: F811 - the imported fixture, by name
+    return str(broker_auth.env["URL"])
+
+
+def _broker_auth_says(url: str, token: str) -> str:
+    """What broker_auth answers EMQX for a ThingsBoard device logging in with ``token`` as its user name."""
+    with httpx.Client(base_url=url, timeout=10, headers=AUTH_HEADERS) as client:
+        answer = client.post("/emqx/auth", json={"clientid": "c1", "username": token, "password": ""})
+    return str(answer.json()["result"])
+
+
 def test_rotate_gives_a_factory_reset_device_new_credentials_and_kills_the_old_ones(
-    env: Env, stack: Stack, admin: Admin, http: httpx.Client
+    env: Env, stack: Stack, admin: Admin, http: httpx.Client, broker_auth_url: str
 ) -> None:
     profile = admin.create_profile(reprovisionPolicy="ROTATE")
     assert profile["reprovisionPolicy"] == "ROTATE"
@@ -254,6 +267,8 @@ def test_rotate_gives_a_factory_reset_device_new_credentials_and_kills_the_old_o
     assert http.post(f"/api/v1/{old}/telemetry", json={"t": 1}).status_code == 401
     _mqtt_accepts(env.mqtt_port, username=new)
     assert http.post(f"/api/v1/{new}/telemetry", json={"t": 1}).status_code == 200
+    # And on an operator's own broker (bridge mode), which asks broker_auth.
+    assert (_broker_auth_says(broker_auth_url, old), _broker_auth_says(broker_auth_url, new)) == ("deny", "allow")
     for _ in range(50):  # events are written in batches, off the provisioning path
         events = admin.http.get("/api/provision-events", params={"deviceName": name}).json()["data"]
         if len(events) >= 2:
