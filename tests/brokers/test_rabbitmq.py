@@ -54,7 +54,9 @@ class Node:
 
     def __init__(self, auth_port: int, secret: str) -> None:
         self.mqtt_port = free_port()
-        self.bridge_password = secrets.token_urlsafe(16)
+        # Beginning with "-" on purpose: token_urlsafe passwords do one time in 64, and rabbitmqctl took them for
+        # an option until bridge-account.sh passed "--".
+        self.bridge_password = "-" + secrets.token_urlsafe(16)
         config = shipped_config(self.mqtt_port, auth_port, secret)
         self.rabbit = PrivateRabbitMQ(prefix="bridgetest", extra_config=config,
                                       plugins=["rabbitmq_mqtt", "rabbitmq_auth_backend_http"])

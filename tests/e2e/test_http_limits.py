@@ -86,7 +86,7 @@ async def until_closed(reader: asyncio.StreamReader, limit: float,
         while True:
             try:
                 data = await reader.read(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):  # closed by the server, as an EOF is
                 return
             if not data:
                 return

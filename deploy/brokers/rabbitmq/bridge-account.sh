@@ -7,7 +7,8 @@ set -eu
 VHOST="${VHOST:-/}"
 USER=provisioning-bridge
 
-rabbitmqctl add_user "$USER" "$BRIDGE_PASSWORD" 2>/dev/null || rabbitmqctl change_password "$USER" "$BRIDGE_PASSWORD"
+# "--": a password may begin with "-" (rabbitmqctl would take it for an option)
+rabbitmqctl add_user -- "$USER" "$BRIDGE_PASSWORD" 2>/dev/null || rabbitmqctl change_password -- "$USER" "$BRIDGE_PASSWORD"
 # configure / write / read on its session queue(s) (mqtt-subscription-<client id>qos1) and the MQTT exchange
 rabbitmqctl set_permissions -p "$VHOST" "$USER" \
   '^mqtt-(subscription|will)-provisioning-bridge.*$' \
