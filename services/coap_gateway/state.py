@@ -95,11 +95,15 @@ class _Entry:
 
 
 class _Capped:
-    """Entries in an :class:`OrderedDict` (oldest first) and, per source, the keys each holds (oldest first)."""
+    """Entries in an :class:`OrderedDict` (oldest first) and, per source, the keys each holds (oldest first).
 
-    def __init__(self, max_total: int, max_per_source: int) -> None:
+    Every entry has ``expires`` (a ``clock`` time) and ``source``; entries are kept in the order they expire
+    (a fixed lifetime, renewed by moving an entry to the end), so :meth:`expire` stops at the first live one."""
+
+    def __init__(self, max_total: int, max_per_source: int, clock: Clock = time.monotonic) -> None:
         self.max_total = max_total
         self.max_per_source = max_per_source
+        self._clock = clock
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._sources: dict[str, OrderedDict[Hashable, None]] = {}
         #: Entries dropped before their time because a cap was reached (since start).
@@ -144,14 +148,22 @@ class _Capped:
         self._entries.clear()
         self._sources.clear()
 
+    def expire(self, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        entries = self._entries
+        while entries:
+            key, entry = next(iter(entries.items()))
+            if entry.expires > now:
+                return
+            self._remove(key)
+
 
 class ExchangeTable(_Capped):
     """Message deduplication (RFC 7252 §4.5) for aiocoap's ``MessageManager``, bounded: see the module doc."""
 
     def __init__(self, lifetime_s: float, max_total: int, max_per_source: int, clock: Clock = time.monotonic) -> None:
-        super().__init__(max_total, max_per_source)
+        super().__init__(max_total, max_per_source, clock)
         self.lifetime_s = lifetime_s
-        self._clock = clock
         self._send: Callable[[Any], None] | None = None
         self._next_mid: Callable[[], int] | None = None
         #: The answer to a request refused on sight (unknown path, wrong method, ...), or None: see install.
@@ -226,15 +238,6 @@ class ExchangeTable(_Capped):
         """Drop a request's entry: its answer is the same every time, so a retransmission is simply answered."""
         self._remove((remote, mid))
 
-    def expire(self, now: float | None = None) -> None:
-        now = self._clock() if now is None else now
-        entries = self._entries
-        while entries:
-            key, entry = next(iter(entries.items()))
-            if entry.expires > now:
-                return
-            self._remove(key)
-
 
 class TransferTable(_Capped):
     """Drop-in for aiocoap's ``TimeoutDict`` in ``Block1Spool`` / ``Block2Cache``: an entry lives ``idle_s``
@@ -242,9 +245,8 @@ class TransferTable(_Capped):
     whose first item is the remote's ``blockwise_key`` ``(sockaddr, pktinfo)``."""
 
     def __init__(self, idle_s: float, max_total: int, max_per_source: int, clock: Clock = time.monotonic) -> None:
-        super().__init__(max_total, max_per_source)
+        super().__init__(max_total, max_per_source, clock)
         self.idle_s = idle_s
-        self._clock = clock
 
     @staticmethod
     def _source(key: Any) -> str:
@@ -287,15 +289,6 @@ class TransferTable(_Capped):
         keys = self._sources.get(entry.source)
         if keys is not None:
             keys.move_to_end(key)
-
-    def expire(self, now: float | None = None) -> None:
-        now = self._clock() if now is None else now
-        entries = self._entries
-        while entries:
-            key, entry = next(iter(entries.items()))
-            if entry.expires > now:
-                return
-            self._remove(key)
 
 
 class _Transfer:
