@@ -29,7 +29,7 @@ from tests.conftest import Infra
 from tests.ports import free_port
 
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+from .conftest import Admin, Env, module_env, tb_request
 
 #: Wrong secrets per (source, key) and per source, per minute; provisions per source and per profile.
 PER_KEY, PER_SOURCE = 5, 8
@@ -41,21 +41,15 @@ TOO_MANY_PROVISIONS = "Too many provisioning requests; retry later"
 
 @pytest.fixture(scope="module")
 def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
-    environment = Env(infra)
-    environment.extra.update(
+    with module_env(
+        infra, tls_files,
         PROVISION_FAILURES_PER_MINUTE=str(PER_KEY),
         PROVISION_SOURCE_FAILURES_PER_MINUTE=str(PER_SOURCE),
         PROVISION_RATE_LIMIT_PER_SOURCE=f"{SUCCESS_PER_SOURCE}:3600",
         PROVISION_RATE_LIMIT_PER_PROFILE=f"{SUCCESS_PER_PROFILE}:3600",
         FORWARDED_ALLOW_IPS=TRUSTED_PROXY,
-        MQTT_TLS_CERT_FILE=str(tls_files[0]),
-        MQTT_TLS_KEY_FILE=str(tls_files[1]),
-    )
-    _create_database(environment)
-    try:
+    ) as environment:
         yield environment
-    finally:
-        _drop_database(environment)
 
 
 # --- clients bound to a source address --------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Infra
 
-from .conftest import Admin, Env, _create_database, _drop_database, tb_request
+from .conftest import Admin, Env, module_env, tb_request
 
 LIMIT = 3
 
@@ -19,17 +19,8 @@ LIMIT = 3
 @pytest.fixture(scope="module")
 def env(infra: Infra, tls_files: tuple[Path, Path, Path]) -> Iterator[Env]:
     """This module's stack allows only LIMIT failures per minute."""
-    environment = Env(infra)
-    environment.extra.update(
-        PROVISION_FAILURES_PER_MINUTE=str(LIMIT),
-        MQTT_TLS_CERT_FILE=str(tls_files[0]),
-        MQTT_TLS_KEY_FILE=str(tls_files[1]),
-    )
-    _create_database(environment)
-    try:
+    with module_env(infra, tls_files, PROVISION_FAILURES_PER_MINUTE=str(LIMIT)) as environment:
         yield environment
-    finally:
-        _drop_database(environment)
 
 
 def test_wrong_secrets_lock_the_source_out_of_the_key_then_its_right_secret_is_refused_too(
