@@ -348,9 +348,11 @@ class ProvisioningCore:
         if refusal is not None:
             return _refused(refusal)
 
+        answers: dict[uuid.UUID, ProvisionResult] = {}
+
         def answer_for(device_id: uuid.UUID) -> bytes:
-            result = rules.created_result(device_id, name, prepared, ca_certificates)
-            return self._box.encrypt_json(result.model_dump(mode="json"))
+            answers[device_id] = rules.created_result(device_id, name, prepared, ca_certificates)
+            return self._box.encrypt_json(answers[device_id].model_dump(mode="json"))
 
         try:
             device_id = await repository.reprovision_device(
@@ -367,8 +369,7 @@ class ProvisioningCore:
                 _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
         log.info("re-provisioned device %s (%s) in profile %s via %s: its old credentials are revoked", device_id,
                  prepared.credentials_type.value, profile.name, req.transport.value)
-        result = rules.created_result(device_id, name, prepared, ca_certificates)
-        return _Decided(await self._deliverable(key, result), Reason.REPROVISIONED)
+        return _Decided(await self._deliverable(key, answers[device_id]), Reason.REPROVISIONED)
 
     async def _issue_certificate(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str

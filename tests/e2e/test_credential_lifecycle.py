@@ -160,6 +160,14 @@ def test_mqtt_basic_rotation_keeps_client_id_and_user_name_with_a_new_password(
     assert value["password"] and value["password"] != "first-password-1"
     _mqtt_refuses(env.mqtt_port, client_id=client_id, username="line-7", password="first-password-1")
     _mqtt_accepts(env.mqtt_port, client_id=client_id, username="line-7", password=value["password"])
+    # Revoked, the client id and user name are dead too: no other device may take them.
+    assert admin.http.post(f"/api/devices/{device['id']}/credentials/revoke").status_code == 200
+    _mqtt_refuses(env.mqtt_port, client_id=client_id, username="line-7", password=value["password"])
+    taken = admin.http.post("/api/devices", json={
+        "name": f"again-{uuid.uuid4().hex[:6]}", "deviceProfileId": profile["id"],
+        "credentials": {"credentialsType": "MQTT_BASIC",
+                        "credentialsValue": {"clientId": client_id, "userName": "line-7", "password": "other-pw-123"}}})
+    assert taken.status_code == 409
 
 
 def test_x509_rotation_takes_the_new_certificate(admin: Admin, profile: dict[str, Any]) -> None:

@@ -498,17 +498,26 @@ async def revoke_credentials(pool: asyncpg.Pool, device_id: uuid.UUID) -> Device
     device can be given them again) and the device is left without credentials. Idempotent; raises
     :class:`UnknownDevice` for no device."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
-            " RETURNING credentials_id, credentials_type, device_id)"
-            " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
-            " SELECT credentials_id, credentials_type, device_id FROM gone ON CONFLICT DO NOTHING",
-            device_id,
-        )
+        await _revoke_current(conn, device_id)
         row = await conn.fetchrow(f"{_DEVICE_RECORD} WHERE d.id = $1", device_id)
     if row is None:
         raise UnknownDevice(str(device_id))
     return _device_record(row)
+
+
+async def _revoke_current(conn: asyncpg.Connection, device_id: uuid.UUID, *,
+                          keep_mqtt_basic_id: str | None = None) -> None:
+    """In the caller's transaction: the device's credentials are deleted and their lookup key revoked, except
+    an MQTT_BASIC id equal to ``keep_mqtt_basic_id`` (a client id / user name kept with a new password)."""
+    await conn.execute(
+        "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
+        " RETURNING credentials_id, credentials_type, device_id)"
+        " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
+        " SELECT credentials_id, credentials_type, device_id FROM gone"
+        " WHERE $2::text IS NULL OR NOT (credentials_type = 'MQTT_BASIC' AND credentials_id = $2::text)"
+        " ON CONFLICT DO NOTHING",
+        device_id, keep_mqtt_basic_id,
+    )
 
 
 async def _replace_credentials(
@@ -517,15 +526,8 @@ async def _replace_credentials(
     """In the caller's transaction: the device's credentials become ``prepared``, the old ones revoked (except an
     MQTT_BASIC client id / user name kept with a new password: only the password changes). Raises
     ``asyncpg.UniqueViolationError`` when the new ones are revoked ones or another device's."""
-    await conn.execute(
-        "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1"
-        " RETURNING credentials_id, credentials_type, device_id)"
-        " INSERT INTO revoked_credentials (credentials_id, credentials_type, device_id)"
-        " SELECT credentials_id, credentials_type, device_id FROM gone"
-        " WHERE NOT (credentials_type = 'MQTT_BASIC' AND $2 = 'MQTT_BASIC' AND credentials_id = $3)"
-        " ON CONFLICT DO NOTHING",
-        device_id, prepared.credentials_type.value, prepared.credentials_id,
-    )
+    kept = prepared.credentials_id if prepared.credentials_type.value == "MQTT_BASIC" else None
+    await _revoke_current(conn, device_id, keep_mqtt_basic_id=kept)
     await conn.execute(
         "INSERT INTO device_credentials"
         " (device_id, credentials_type, credentials_id, secret_hash, public_value, value_enc)"
