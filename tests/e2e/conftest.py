@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -220,6 +221,17 @@ async def db(env: Env, stack: Stack) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+def window_left_at_least(seconds: float) -> float:
+    """Wait, when needed, for a fresh fixed one-minute window of the (system-wide) monotonic clock, the
+    clock the gateways count failures in, so that a test that fills a window's budget does so inside one
+    window (a minute ending mid-test resets the counts). Returns how long it waited."""
+    left = 60 - time.monotonic() % 60
+    if left >= seconds:
+        return 0.0
+    time.sleep(left + 0.5)
+    return left + 0.5
 
 
 def tb_request(profile: dict[str, Any], **fields: Any) -> dict[str, Any]:

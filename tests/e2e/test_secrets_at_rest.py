@@ -27,7 +27,7 @@ from provisioning_common.secretbox import SecretBox
 from tests.pki import csr_for, issue
 
 from . import mqtt_clients as mc
-from .conftest import Admin, Env, tb_request
+from .conftest import Admin, Env, tb_request, window_left_at_least
 
 #: A small wrong-credentials budget for this module's stack (AUTH_FAILURES_PER_MINUTE; default 120).
 AUTH_BUDGET = 5
@@ -214,6 +214,8 @@ def test_wrong_tokens_limited_per_source_and_transport(env: Env, stack: Stack, a
 
     # HTTP: the budget of wrong tokens answers 401, then the address is refused unasked (429 + Retry-After),
     # whatever the token; another address is untouched.
+    # Each address's budget is counted in fixed one-minute windows: each part starts with enough of one left.
+    window_left_at_least(15)
     with from_address("127.0.0.21") as guesser:
         codes = [guesser.post(f"/api/v1/{g}/telemetry", json={"t": 1}).status_code for g in guesses]
         assert codes == [401] * AUTH_BUDGET + [429] * 2
@@ -224,6 +226,7 @@ def test_wrong_tokens_limited_per_source_and_transport(env: Env, stack: Stack, a
         assert device.post(f"/api/v1/{token}/telemetry", json={"t": 1}).status_code == 200
 
     # CoAP (forgeable UDP sources): its own budget; an address it holds back still reaches HTTP and MQTT.
+    window_left_at_least(25)
     answers = [coap(env, "127.0.0.23", f"/api/v1/{g}/telemetry") for g in guesses]
     assert all(a.startswith("4.01") for a in answers[:AUTH_BUDGET]), answers
     assert all(a.startswith("4.29") for a in answers[AUTH_BUDGET:]), answers
@@ -232,6 +235,7 @@ def test_wrong_tokens_limited_per_source_and_transport(env: Env, stack: Stack, a
     assert mqtt_connack(env, "127.0.0.23", token) == 0
 
     # MQTT: wrong logins, then "connection rate exceeded" (0x9F) before any look-up.
+    window_left_at_least(15)
     codes = [mqtt_connack(env, "127.0.0.24", g) for g in guesses]
     assert codes == [0x86] * AUTH_BUDGET + [0x9F] * 2 or codes == [0x87] * AUTH_BUDGET + [0x9F] * 2, codes
     assert mqtt_connack(env, "127.0.0.25", token) == 0
