@@ -14,6 +14,8 @@ import httpx
 import pytest
 from devstack.stack import Stack
 
+from tests.ports import free_port
+
 from .conftest import Admin, Env
 
 READS = {"GET"}
@@ -163,3 +165,42 @@ def test_an_admin_cannot_lock_themselves_out(env: Env, stack: Stack, tokens: dic
         assert duplicate.status_code == 409
         weak = as_admin.post("/api/operators", json={"username": "weak-pw", "role": "viewer", "password": "short"})
         assert weak.status_code == 400
+
+
+def test_console_log_in_attempts_share_one_budget_across_admin_processes(env: Env, stack: Stack,
+                                                                         admin: Admin) -> None:
+    """Two more admin API processes on the module's database (two replicas behind one Service), both with
+    CONSOLE_LOGIN_FAILURES_PER_MINUTE=3 (a token back every 20 s): their failures come out of one budget, where
+    the former per-process counter gave each its own (3 + 3). Right passwords never use it up."""
+    password = "correct horse battery"
+    username = f"shared-{uuid.uuid4().hex[:6]}"
+    assert admin.http.post("/api/operators", json={"username": username, "role": "viewer",
+                                                   "password": password}).status_code == 201
+    replicas: list[Stack] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            replicas.append(Stack(env.variables(ADMIN_PORT=str(port), CONSOLE_LOGIN_FAILURES_PER_MINUTE="3"),
+                                  services=["admin_api"]).start(timeout=60))
+        urls = [f"http://127.0.0.1:{replica.env['ADMIN_PORT']}" for replica in replicas]
+
+        def log_in(index: int, secret: str) -> httpx.Response:
+            return httpx.post(f"{urls[index % 2]}/console/login", json={"username": username, "password": secret},
+                              timeout=30)
+
+        # Right passwords, more than the budget, on both: a success gives its attempt back.
+        assert [log_in(i, password).status_code for i in range(5)] == [200] * 5
+        # Wrong ones, alternating: 3 in all, then both replicas refuse (each alone would still have 1 or 2 left).
+        assert [log_in(i, "wrong password!").status_code for i in range(3)] == [401] * 3
+        for index in (1, 0):
+            refused = log_in(index, "wrong password!")
+            assert refused.status_code == 429, (index, refused.text)
+            seconds = int(refused.headers["retry-after"])
+            assert 1 <= seconds <= 21
+            assert refused.json()["message"] == f"Too many login attempts, try again in {seconds} s"
+        # The right password too, now (a guesser cannot tell it from a wrong one), and no session is made.
+        refused = log_in(1, password)
+        assert refused.status_code == 429 and "console_session" not in refused.cookies
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -5,9 +5,14 @@ The pages call the same ``/api`` routes as scripts do, authenticated by the sess
 token (``auth.authenticate``), so the one role policy and the audit log apply unchanged. Log-in:
 
 - ``POST /console/login`` ``{"username", "password"}``: the password is checked with scrypt off the event loop
-  (``passwords.verify_or_burn``: the same work for unknown users); failures are counted per source address and
-  per user name (``CONSOLE_LOGIN_FAILURES_PER_MINUTE`` each, then 429 until the minute ends); one generic
-  message for every wrong log-in. A success sets the cookie ``console_session`` (256 random bits; only their
+  (``passwords.verify_or_burn``: the same work for unknown users); one generic message for every wrong
+  log-in. Failures are limited per source address (IPv6: per /64) and per user name, with token buckets
+  shared by every admin API process through Postgres (``rate_limit_buckets``, the provisioning limits'
+  :class:`~provisioning_common.rate_limit.PostgresStore`): ``CONSOLE_LOGIN_FAILURES_PER_MINUTE`` at once,
+  refilled at that rate; beyond it 429 with ``Retry-After`` and "Too many login attempts, try again in N s".
+  Each attempt takes its token *before* the password is checked (so concurrent guesses, on one replica or
+  many, cannot all pass a check first) and a right password gives it back: only failures count.
+  A success sets the cookie ``console_session`` (256 random bits; only their
   SHA-256 stored, migration 0014) ``HttpOnly; SameSite=Strict; Path=/``, and ``Secure`` unless the request is
   plain http to a loopback address (``make up``), and answers the session's CSRF token.
 - ``GET /console/session``: who is logged in, their role and the CSRF token (401 when nobody).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import math
 import secrets
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from provisioning_common import passwords
 from provisioning_common.db import repository
-from provisioning_common.rate_limit import WindowCounter
+from provisioning_common.rate_limit import Bucket, PostgresStore
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.staticfiles import StaticFiles
 
@@ -75,12 +81,36 @@ def cookie_secure(request: Request) -> bool:
     return not (request.url.scheme == "http" and _loopback(request.url.hostname))
 
 
-def _failures(request: Request) -> WindowCounter:
-    counter: WindowCounter | None = getattr(request.app.state, "console_login_failures", None)
-    if counter is None:
-        counter = WindowCounter(request.app.state.admin.settings.console_login_failures_per_minute)
-        request.app.state.console_login_failures = counter
-    return counter
+#: The period of the log-in limit, whose setting counts per minute.
+LOGIN_PERIOD_S = 60.0
+
+
+def _login_store(request: Request) -> PostgresStore:
+    """This process's handle on the shared buckets (one per app: it batches concurrent log-ins)."""
+    store: PostgresStore | None = getattr(request.app.state, "console_login_store", None)
+    if store is None:
+        store = PostgresStore(request.app.state.pool)
+        request.app.state.console_login_store = store
+    return store
+
+
+def _source(host: str) -> str:
+    """A client address as a bucket name: IPv6 per /64 (one host's usual allocation), IPv4-mapped as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
+
+
+def login_buckets(request: Request, username: str) -> list[Bucket]:
+    """The log-in attempt buckets of this request: its source address and the user name it tries."""
+    per_minute = request.app.state.admin.settings.console_login_failures_per_minute
+    source = _source(request.client.host) if request.client else ""
+    names = [f"console-login:user:{username.lower()}"] + ([f"console-login:source:{source}"] if source else [])
+    return [Bucket(name, per_minute, LOGIN_PERIOD_S) for name in names]
 
 
 @router.get("")
@@ -100,17 +130,18 @@ async def login_page() -> FileResponse:
 
 @router.post("/login")
 async def login(body: LoginIn, request: Request, response: Response) -> dict[str, Any]:
-    source = request.client.host if request.client else ""
-    names = (f"source:{source}", f"user:{body.username.lower()}")
-    failures = _failures(request)
-    if failures.exhausted(*names):
-        raise HTTPException(429, "Too many failed log-ins; try again in a minute", headers={"Retry-After": "60"})
+    buckets = login_buckets(request, body.username)
+    refused, retry_after = await _login_store(request).admit([], buckets)
+    if refused:
+        seconds = max(1, math.ceil(retry_after))
+        raise HTTPException(429, f"Too many login attempts, try again in {seconds} s",
+                            headers={"Retry-After": str(seconds)})
     pool = request.app.state.pool
     found = await repository.operator_for_login(pool, body.username)
     stored = found[1] if found else None
     if not await asyncio.to_thread(passwords.verify_or_burn, body.password, stored) or found is None:
-        failures.record(*names)
         raise HTTPException(401, _WRONG)
+    await repository.rate_limit_give_back(pool, {b.name: b.emission_s for b in buckets})
     operator = found[0]
     settings = request.app.state.admin.settings
     session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

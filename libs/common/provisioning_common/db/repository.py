@@ -1053,6 +1053,18 @@ async def purge_rate_limits(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return int(status.split()[-1])
 
 
+async def rate_limit_give_back(conn: asyncpg.Connection | asyncpg.Pool, buckets: Mapping[str, float]) -> None:
+    """Give one token back to each bucket (name -> its emission interval in seconds), as if it had not been
+    taken: the console's log-in takes an attempt before checking the password and returns it when the
+    password was right (only failures count, yet concurrent guesses cannot all pass a check first)."""
+    if buckets:
+        await conn.execute(
+            "UPDATE rate_limit_buckets k SET tat = k.tat - r.emission"
+            " FROM unnest($1::text[], $2::float8[]) AS r(bucket, emission) WHERE k.bucket = r.bucket",
+            list(buckets), list(buckets.values()),
+        )
+
+
 # =====================================================================================================
 # --- bulk import of pre-provisioned devices and CSV export (admin API, routers.imports; migration 0010) --
 # =====================================================================================================
