@@ -2,13 +2,16 @@
 provision key/secret check and the rate limits (README "Pre-provisioning hook").
 
 The core POSTs JSON ``{"deviceName", "profileId", "profileName", "transport", "dialect", "sourceAddress",
-"credentialsType", "requestId"}`` signed with the profile's hook secret: header ``X-Provision-Signature:
-t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (the receiver recomputes it and refuses old ``t``).
-The hook answers 200 with ``{"allow": true|false, "reason"?: "<why, for the event>", "deviceName"?: "<name to
-create the device under>"}``. Anything else — a time-out (the profile's ``timeoutMs``), another status, a body
-that is not that — is *unavailable*: the request is refused (fail-closed, the default) or let through unchanged
+"credentialsType", "requestId", "extra"}`` (``extra``: the JSON fields the device sent beyond its dialect's own,
+as sent; null when they were over ``dialects.EXTRA_MAX_BYTES``) signed with the profile's hook secret: header
+``X-Provision-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (the receiver recomputes it
+and refuses old ``t``). The hook answers 200 with ``{"allow": true|false, "reason"?: "<why, for the event>",
+"deviceName"?: "<name to create the device under>", "label"?: "<the device's label>", "attributes"?: {<server
+attributes>}}``. Anything else — a time-out (the profile's ``timeoutMs``), another status, a body that is not
+that — is *unavailable*: the request is refused (fail-closed, the default) or let through unchanged
 (``failOpen``). The first decision for a request is stored (``hook_decisions``) and replayed for its repeats and
-redeliveries, so the hook is never asked twice about one request and cannot answer it two ways.
+redeliveries, so the hook is never asked twice about one request and cannot answer it two ways; the label and
+attributes it set are written with the device, in the device's own transaction (migration 0018).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hmac
 import json
 import logging
 import time
+from typing import Annotated, Any
 
 import asyncpg
 import httpx
@@ -35,6 +39,8 @@ SIGNATURE_HEADER = "X-Provision-Signature"
 DENIED, UNAVAILABLE = "hook_denied", "hook_unavailable"
 #: Longest answer body read from a hook.
 MAX_ANSWER_BYTES = 16 * 1024
+#: Most attributes one answer may set.
+MAX_ATTRIBUTES = 100
 
 
 class HookAnswer(BaseModel):
@@ -44,6 +50,10 @@ class HookAnswer(BaseModel):
     reason: str | None = Field(default=None, max_length=255)
     device_name: str | None = Field(default=None, alias="deviceName", min_length=1, max_length=255,
                                     pattern=r"^[^\x00-\x1f\x7f]*$")
+    label: str | None = Field(default=None, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")
+    #: Server-scope attributes (never shown to the device); keys as the admin API's attribute keys.
+    attributes: dict[Annotated[str, Field(min_length=1, max_length=255)], Any] | None = Field(
+        default=None, max_length=MAX_ATTRIBUTES)
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -77,7 +87,7 @@ class ProvisionHooks:
         body = json.dumps({
             "deviceName": name, "profileId": str(profile.id), "profileName": profile.name,
             "transport": req.transport.value, "dialect": req.dialect.value, "sourceAddress": req.source_address,
-            "credentialsType": req.credentials_type.value, "requestId": req.request_id,
+            "credentialsType": req.credentials_type.value, "requestId": req.request_id, "extra": req.extra,
         }, separators=(",", ":")).encode()
         secret: str = self._box.decrypt_json(profile.hook_secret_enc)
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, int(time.time()), body)}
@@ -90,7 +100,9 @@ class ProvisionHooks:
             return self._unavailable(profile, type(exc).__name__)
         if answer is None:
             return self._unavailable(profile, f"HTTP {response.status_code}")
-        return HookDecision(answer.allow, answer.reason or (None if answer.allow else DENIED), answer.device_name)
+        if not answer.allow:
+            return HookDecision(False, answer.reason or DENIED)
+        return HookDecision(True, answer.reason, answer.device_name, answer.label, answer.attributes)
 
     @staticmethod
     def _unavailable(profile: ProfileRow, why: str) -> HookDecision:

@@ -30,8 +30,8 @@ SECRET = "hook-secret-" + uuid.uuid4().hex
 
 @dataclass
 class HookServer:
-    """Answers by the device name's prefix: allow-*, deny-*, rename-*, slow-* (0.5 s), hang-* (6 s: too late),
-    garbage-* (not JSON)."""
+    """Answers by the device name's prefix: allow-*, deny-*, rename-*, tag-* (a label and server attributes),
+    badlabel-* (a label the contract refuses), slow-* (0.5 s), hang-* (6 s: too late), garbage-* (not JSON)."""
 
     calls: list[dict[str, Any]] = field(default_factory=list)
     bad_signatures: int = 0
@@ -51,6 +51,11 @@ class HookServer:
         name = request["deviceName"]
         if name.startswith("deny-"):
             return 200, json.dumps({"allow": False, "reason": "serial not in ERP"}).encode()
+        if name.startswith("tag-"):
+            return 200, json.dumps({"allow": True, "label": f"Line 3 / {name}",
+                                    "attributes": {"erpId": 42, "batch": {"id": "B7", "qa": [True, None]}}}).encode()
+        if name.startswith("badlabel-"):
+            return 200, json.dumps({"allow": True, "label": "two\nlines"}).encode()
         if name.startswith("rename-"):
             return 200, json.dumps({"allow": True, "deviceName": "renamed-" + name[len("rename-"):]}).encode()
         if name.startswith("slow-"):
@@ -123,6 +128,7 @@ def test_the_hook_allows_denies_and_renames_and_every_call_is_signed(
     asked = [c for c in server.calls if c["profileId"] == profile["id"]]
     assert [c["deviceName"] for c in asked] == [f"allow-{tag}", f"deny-{tag}", f"rename-{tag}"]
     assert asked[0]["transport"] == "HTTP" and asked[0]["credentialsType"] == "ACCESS_TOKEN"
+    assert asked[0]["extra"] == {}  # the device sent no field of its own
     assert server.bad_signatures == 0
     for _ in range(50):  # events are written in batches
         events = admin.http.get("/api/provision-events", params={"deviceName": f"deny-{tag}"}).json()["data"]
@@ -180,3 +186,78 @@ def test_hook_urls_must_be_https_unless_allowed_and_need_a_secret(admin: Admin) 
         "name": f"p-{uuid.uuid4().hex[:6]}", "provisionStrategy": "ALLOW_CREATE_NEW_DEVICES",
         "provisionHook": {"url": "https://erp.example/hook", "secret": "short"}})
     assert short.status_code == 400
+
+
+def _device(admin: Admin, profile: dict[str, Any], name: str) -> dict[str, Any]:
+    data = admin.http.get("/api/devices", params={"deviceProfileId": profile["id"], "textSearch": name}).json()["data"]
+    [device] = [d for d in data if d["name"] == name]
+    return device
+
+
+def _server_attributes(admin: Admin, device_id: str) -> dict[str, Any]:
+    answer = admin.http.get(f"/api/devices/{device_id}/attributes/server")
+    assert answer.status_code == 200, answer.text
+    return {a["key"]: a["value"] for a in answer.json()}
+
+
+def test_the_hook_sees_the_devices_own_fields_and_sets_label_and_attributes(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    server, url = hook
+    profile = _profile(admin, url)
+    tag = uuid.uuid4().hex[:6]
+    own = {"serialNumber": "SN-0001", "hwVersion": 3, "calibration": {"offset": -0.25, "ok": True, "runs": [1, 2]}}
+    answer = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"tag-{tag}", **own)).json()
+    assert answer["status"] == "SUCCESS"
+    [call] = [c for c in server.calls if c["deviceName"] == f"tag-{tag}"]
+    assert call["extra"] == own  # as sent, JSON types kept (numbers are not their source text)
+    device = _device(admin, profile, f"tag-{tag}")
+    assert device["label"] == f"Line 3 / tag-{tag}"
+    attributes = _server_attributes(admin, device["id"])
+    assert attributes["erpId"] == 42 and attributes["batch"] == {"id": "B7", "qa": [True, None]}
+    assert attributes["provisionState"] == "provisioned"
+    # The device itself never sees server attributes: its token reads its (empty) shared/client ones only.
+    mine = http.get(f"/api/v1/{answer['credentialsValue']}/attributes", params={"sharedKeys": "erpId"}).json()
+    assert "erpId" not in str(mine)
+
+    # Innoway's snake_case dialect: its own fields are not "extra", the others are.
+    innoway = http.post("/api/provision", json={
+        "provision_key": profile["provisionDeviceKey"], "provision_secret": profile["provisionDeviceSecret"],
+        "device_name": f"tag-i-{tag}", "device_key": f"k-{tag}", "firmware": "1.2.0"}).json()
+    assert innoway["status"] == "SUCCESS"
+    [call] = [c for c in server.calls if c["deviceName"] == f"tag-i-{tag}"]
+    assert call["extra"] == {"firmware": "1.2.0"}
+    assert _device(admin, profile, f"tag-i-{tag}")["label"] == f"Line 3 / tag-i-{tag}"
+
+    # More than 4 KiB of the device's own fields: dropped (null), never a refusal.
+    big = http.post("/api/v1/provision", json=tb_request(profile, deviceName=f"allow-big-{tag}", blob="x" * 5000))
+    assert big.json()["status"] == "SUCCESS"
+    [call] = [c for c in server.calls if c["deviceName"] == f"allow-big-{tag}"]
+    assert call["extra"] is None
+
+
+def test_a_pre_provisioned_device_gets_the_hooks_label_at_its_claim(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    _, url = hook
+    profile = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES",
+                                   provisionHook={"url": url, "secret": SECRET, "timeoutMs": 4000})
+    name = f"tag-pre-{uuid.uuid4().hex[:6]}"
+    created = admin.create_device(profile["id"], name)
+    assert created.get("label") is None
+    assert http.post("/api/v1/provision", json=tb_request(profile, deviceName=name)).json()["status"] == "SUCCESS"
+    device = _device(admin, profile, name)
+    assert device["label"] == f"Line 3 / {name}" and device["provisionState"] == "provisioned"
+    assert _server_attributes(admin, device["id"])["erpId"] == 42
+
+
+def test_an_answer_outside_the_contract_writes_nothing(
+    stack: Stack, admin: Admin, http: httpx.Client, hook: tuple[HookServer, str]
+) -> None:
+    server, url = hook
+    profile = _profile(admin, url)
+    name = f"badlabel-{uuid.uuid4().hex[:6]}"
+    answer = http.post("/api/v1/provision", json=tb_request(profile, deviceName=name)).json()
+    assert answer["status"] == "FAILURE"  # a label with a control character: the hook did not decide (fail-closed)
+    assert [c["deviceName"] for c in server.calls].count(name) == 1
+    assert _names(admin, profile) == []

@@ -92,6 +92,10 @@ class ProvisionRequest(_Frozen):
     dialect: Dialect = Dialect.THINGSBOARD
     transport: Transport = Transport.HTTP
     source_address: str = ""
+    #: The JSON fields the device sent beyond its dialect's own (ThingsBoard devices may send more), as sent:
+    #: passed to the profile's pre-provisioning hook, stored nowhere. None: they were over
+    #: ``dialects.EXTRA_MAX_BYTES`` and were dropped.
+    extra: dict[str, Any] | None = Field(default_factory=dict, repr=False)
 
 
 class AbandonResult(_Frozen):

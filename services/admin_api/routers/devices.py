@@ -40,6 +40,7 @@ def device_json(device: DeviceRecord) -> dict[str, Any]:
     return {
         "id": str(device.id),
         "name": device.name,
+        "label": device.label,
         "deviceProfileId": str(device.profile_id),
         "deviceKey": device.device_key,
         "gateway": device.gateway,

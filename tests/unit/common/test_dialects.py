@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from provisioning_common.dialects import (
+    EXTRA_MAX_BYTES,
     DialectError,
     detect_dialect,
     parse_provision_request,
@@ -595,3 +596,30 @@ def test_property_render_error_round_trips(message: str, dialect: Dialect) -> No
 def test_constants_match_spec() -> None:
     assert MSG_NOT_FOUND == "Provision data was not found!"
     assert MSG_FAILURE == "Failed to provision device!"
+
+
+# --- the device's own fields (ProvisionRequest.extra, for the pre-provisioning hook) -------------------------
+
+
+def test_fields_beyond_the_dialects_own_are_kept_as_sent() -> None:
+    body = json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": "s", "deviceName": "d", "token": "t",
+                       "serialNumber": "SN-1", "hwVersion": 3, "cal": {"offset": -0.25, "runs": [1, True, None]}})
+    request = parse_provision_request(body.encode(), transport=Transport.HTTP)
+    assert request.extra == {"serialNumber": "SN-1", "hwVersion": 3, "cal": {"offset": -0.25, "runs": [1, True, None]}}
+    assert request.credentials.token == "t" and request.device_name == "d"
+    innoway = parse_provision_request(json.dumps({"provision_key": "k", "provision_secret": "s", "device_key": "dk",
+                                                  "firmware": "1.2"}).encode(), transport=Transport.COAP)
+    assert innoway.extra == {"firmware": "1.2"}
+
+
+def test_no_own_fields_and_too_many_of_them() -> None:
+    plain = parse_provision_request(b'{"provisionDeviceKey": "k", "provisionDeviceSecret": "s"}',
+                                    transport=Transport.HTTP)
+    assert plain.extra == {}
+    filler = "x" * (EXTRA_MAX_BYTES - len('{"a":""}'))
+    fits = parse_provision_request(json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": "s",
+                                               "a": filler}).encode(), transport=Transport.HTTP)
+    assert fits.extra == {"a": filler}
+    over = parse_provision_request(json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": "s",
+                                               "a": filler + "x"}).encode(), transport=Transport.HTTP)
+    assert over.extra is None and over.provision_key == "k"  # dropped, not refused

@@ -262,25 +262,38 @@ class HookDecision:
     reason: str | None = None
     #: The device's name as the hook set it (None: the request's).
     device_name: str | None = None
+    #: The device's label, and server attributes ({key: JSON value}), as the hook set them: written with the
+    #: device, in its transaction, by migration 0018's trigger (None: none).
+    label: str | None = None
+    attributes: dict[str, Any] | None = None
+
+
+_HOOK_COLUMNS = "allow, reason, device_name, label, attributes"
+
+
+def _hook_decision(row: asyncpg.Record) -> HookDecision:
+    attributes = row["attributes"]
+    return HookDecision(row["allow"], row["reason"], row["device_name"], row["label"],
+                        json.loads(attributes) if attributes is not None else None)
 
 
 async def hook_decision(conn: asyncpg.Connection | asyncpg.Pool, request_id: str) -> HookDecision | None:
-    row = await conn.fetchrow("SELECT allow, reason, device_name FROM hook_decisions WHERE request_id = $1",
-                              request_id)
-    return HookDecision(**dict(row)) if row else None
+    row = await conn.fetchrow(f"SELECT {_HOOK_COLUMNS} FROM hook_decisions WHERE request_id = $1", request_id)
+    return _hook_decision(row) if row else None
 
 
 async def keep_hook_decision(conn: asyncpg.Connection | asyncpg.Pool, request_id: str,
                              decision: HookDecision) -> HookDecision:
     """Store ``decision`` for ``request_id`` unless one is stored already: the one that counts is returned."""
     row = await conn.fetchrow(
-        "WITH put AS (INSERT INTO hook_decisions (request_id, allow, reason, device_name) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT DO NOTHING RETURNING allow, reason, device_name)"
-        " SELECT allow, reason, device_name FROM put"
-        " UNION ALL SELECT allow, reason, device_name FROM hook_decisions WHERE request_id = $1 LIMIT 1",
-        request_id, decision.allow, decision.reason, decision.device_name,
+        f"WITH put AS (INSERT INTO hook_decisions (request_id, {_HOOK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+        f" ON CONFLICT DO NOTHING RETURNING {_HOOK_COLUMNS})"
+        f" SELECT {_HOOK_COLUMNS} FROM put"
+        f" UNION ALL SELECT {_HOOK_COLUMNS} FROM hook_decisions WHERE request_id = $1 LIMIT 1",
+        request_id, decision.allow, decision.reason, decision.device_name, decision.label,
+        json.dumps(decision.attributes) if decision.attributes is not None else None,
     )
-    return HookDecision(**dict(row)) if row else decision
+    return _hook_decision(row) if row else decision
 
 
 # --- devices by name (provisioning-core) ----------------------------------------------------------
@@ -790,11 +803,13 @@ class DeviceRecord:
     provision_state: str | None
     created_at: datetime.datetime
     credentials_type: str | None
+    #: ThingsBoard's label (set by a pre-provisioning hook).
+    label: str | None = None
 
 
 _DEVICE_RECORD = (
     "SELECT d.id, d.name, d.profile_id, d.device_key, d.gateway, d.provision_state, d.created_at,"
-    " c.credentials_type FROM devices d LEFT JOIN device_credentials c ON c.device_id = d.id"
+    " c.credentials_type, d.label FROM devices d LEFT JOIN device_credentials c ON c.device_id = d.id"
 )
 
 

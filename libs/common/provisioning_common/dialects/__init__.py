@@ -7,15 +7,23 @@ the transport, so any endpoint answers each request in the dialect it was asked 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from ..models import Dialect, ProvisionRequest, ProvisionResult, Transport
 from . import innoway, protobuf, thingsboard
 from ._json import DialectError, loads_object
 from .limits import check_request
 
-__all__ = ["DialectError", "parse_provision_request", "render_result", "render_error", "detect_dialect"]
+__all__ = ["DialectError", "EXTRA_MAX_BYTES", "parse_provision_request", "render_result", "render_error",
+           "detect_dialect"]
+
+#: The most the fields a device sends beyond its dialect's own (``ProvisionRequest.extra``, for the profile's
+#: pre-provisioning hook) may take as compact JSON; more are dropped (the hook sees ``"extra": null``), never
+#: refused, since ThingsBoard accepts any field it does not read.
+EXTRA_MAX_BYTES = 4096
 
 _MODULES: dict[Dialect, ModuleType] = {
     Dialect.THINGSBOARD: thingsboard,
@@ -54,12 +62,21 @@ def parse_provision_request(
         except DialectError as exc:
             exc.dialect = dialect
             raise
+        if not _MODULES[dialect].FIELDS.issuperset(obj):
+            request = request.model_copy(update={"extra": _extra(body, _MODULES[dialect].FIELDS)})
     try:
         check_request(request, _MODULES[dialect].WIRE_NAMES)
     except DialectError as exc:
         exc.dialect = dialect
         raise
     return request
+
+
+def _extra(body: bytes, fields: frozenset[str]) -> dict[str, Any] | None:
+    """The body's fields other than ``fields``, with their JSON types (the dialects read numbers as their
+    source text, as Gson does): parsed again, only for the bodies that have such fields."""
+    extra = {k: v for k, v in json.loads(body).items() if k not in fields}
+    return extra if len(json.dumps(extra, separators=(",", ":"))) <= EXTRA_MAX_BYTES else None
 
 
 def render_result(dialect: Dialect, result: ProvisionResult) -> bytes:

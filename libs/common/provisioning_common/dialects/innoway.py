@@ -16,6 +16,9 @@ WIRE_NAMES = {
 #: Innoway hands out 32-character tokens.
 TOKEN_LENGTH = 32
 
+#: Every field of the request body this dialect reads; any other is the device's own (``ProvisionRequest.extra``).
+FIELDS = frozenset({"provision_key", "provision_secret", "device_name", "device_key"})
+
 
 def parse(obj: dict[str, Any], *, transport: Transport, source_address: str = "") -> ProvisionRequest:
     return ProvisionRequest(

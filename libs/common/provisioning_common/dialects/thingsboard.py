@@ -23,6 +23,10 @@ WIRE_NAMES = {
     "certificate": "hash", "csr": "csr",
 }
 
+#: Every field of the request body this dialect reads; any other is the device's own (``ProvisionRequest.extra``).
+FIELDS = frozenset({"provisionDeviceKey", "provisionDeviceSecret", "deviceName", "credentialsType", "token",
+                    "clientId", "username", "password", "hash", "csr", "gateway"})
+
 
 def parse(obj: dict[str, Any], *, transport: Transport, source_address: str = "") -> ProvisionRequest:
     """Build a request from a parsed JSON object; raises :class:`DialectError` like ThingsBoard's JsonConverter."""
