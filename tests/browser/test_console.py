@@ -301,6 +301,66 @@ def test_import_reports_the_bad_row(admin_page: Any, admin: Any, shots: Any) -> 
     shots(page, "import")
 
 
+def _choose_csv(page: Any, profile: dict[str, Any], csv: bytes) -> None:
+    page.goto("/console/#/import")
+    page.reload()  # the page may be on #/import already (no hashchange): fresh, with the new profile
+    page.wait_for_selector("#import-profile")
+    page.select_option("#import-profile", profile["id"])
+    page.set_input_files("#import-file", files=[{"name": "line-7.csv", "mimeType": "text/csv", "buffer": csv}])
+    page.wait_for_selector("#import-columns")
+
+
+def test_import_maps_non_standard_headers(admin_page: Any, admin: Any, env: Env, shots: Any) -> None:
+    """A spreadsheet's own headers (with a BOM, ';'-separated, a quoted header holding a ';'): the page reads the
+    first line, shows each column with the field the API would give it, and the operator maps the rest."""
+    page = admin_page
+    profile = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES")
+    tag = uuid.uuid4().hex[:6]
+    tokens = [f"tok-{tag}-{n}-{secrets.token_hex(8)}" for n in (1, 2)]
+    csv = (f'Serial;Token;"Notes; free text";Label\r\nSN-{tag}-1;{tokens[0]};first;a\r\n'
+           f'SN-{tag}-2;{tokens[1]};"second; with a ;";b\r\n')
+    _choose_csv(page, profile, b"\xef\xbb\xbf" + csv.encode())
+    assert page.input_value("#import-delimiter") == ";"
+    headers = [c.inner_text() for c in page.query_selector_all("#import-columns tbody td:nth-child(2)")]
+    assert headers == ["Serial", "Token", "Notes; free text", "Label"]  # BOM dropped, quoting respected
+    # Pre-selected as the API maps headers by itself: Token is an alias of accessToken; Serial is unknown.
+    assert [page.input_value(f"#import-map-{n}") for n in (1, 2, 3, 4)] == ["", "accessToken", "", ""]
+    assert "not a known field" in page.inner_text("#import-columns tr[data-column='1']")
+    options = page.eval_on_selector_all("#import-map-1 option", "os => os.map(o => o.value)")
+    assert options == ["", "name", "deviceKey", "accessToken", "mqttClientId", "mqttUserName", "mqttPassword", "x509"]
+    page.select_option("#import-map-1", "name")
+    shots(page, "import-mapper")
+    page.click("#import-start")
+    page.wait_for_selector("#import-counts")
+    assert page.inner_text("#import-counts") == "created 2 · updated 0 · skipped 0 · rejected 0"
+    devices = admin.http.get("/api/devices", params={"deviceProfileId": profile["id"]}).json()["data"]
+    assert sorted(d["name"] for d in devices) == [f"SN-{tag}-1", f"SN-{tag}-2"]
+    for token in tokens:  # each device holds the access token from its row
+        response = httpx.post(f"{env.http_url}/api/v1/{token}/telemetry", json={"t": 1}, timeout=10)
+        assert response.status_code == 200, response.text
+
+
+def test_import_without_a_header_line_maps_columns_by_position(admin_page: Any, admin: Any) -> None:
+    page = admin_page
+    profile = admin.create_profile("CHECK_PRE_PROVISIONED_DEVICES")
+    tag = uuid.uuid4().hex[:6]
+    _choose_csv(page, profile, f"K-{tag}-1\tunit-{tag}-1\nK-{tag}-2\tunit-{tag}-2\n".encode())
+    assert page.input_value("#import-delimiter") == "\t"
+    page.uncheck("#import-header")
+    labels = [c.inner_text() for c in page.query_selector_all("#import-columns tbody td:nth-child(2)")]
+    assert labels == ["column 1", "column 2"]
+    # Mapped twice to name: refused in the page, nothing sent.
+    page.select_option("#import-map-2", "name")
+    page.click("#import-start")
+    page.wait_for_selector("#flash:has-text('More than one column is mapped to name')")
+    page.select_option("#import-map-1", "deviceKey")
+    page.click("#import-start")
+    page.wait_for_selector("#import-counts:has-text('created 2')")
+    devices = admin.http.get("/api/devices", params={"deviceProfileId": profile["id"]}).json()["data"]
+    assert sorted((d["name"], d["deviceKey"]) for d in devices) == [(f"unit-{tag}-1", f"K-{tag}-1"),
+                                                                    (f"unit-{tag}-2", f"K-{tag}-2")]
+
+
 def test_admin_pages(admin_page: Any, shots: Any) -> None:
     page = admin_page
     page.goto("/console/#/operators")

@@ -16,6 +16,8 @@ token (``auth.authenticate``), so the one role policy and the audit log apply un
   SHA-256 stored, migration 0014) ``HttpOnly; SameSite=Strict; Path=/``, and ``Secure`` unless the request is
   plain http to a loopback address (``make up``), and answers the session's CSRF token.
 - ``GET /console/session``: who is logged in, their role and the CSRF token (401 when nobody).
+- ``GET /console/import-fields``: the import API's fields and header aliases, for the bulk import page's
+  column mapper.
 - ``POST /console/logout`` (with ``X-CSRF-Token``): deletes the session and the cookie.
 
 Sessions end after ``CONSOLE_SESSION_IDLE_S`` without a request and ``CONSOLE_SESSION_MAX_S`` after log-in.
@@ -40,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.staticfiles import StaticFiles
 
 from ..auth import CSRF_HEADER, SESSION_COOKIE, session_principal, token_hash
+from ..routers import imports
 
 STATIC = Path(__file__).parent / "static"
 
@@ -164,6 +167,17 @@ async def session(request: Request, response: Response) -> dict[str, Any]:
     principal, csrf = found
     response.headers["Cache-Control"] = "no-store"
     return {"username": principal.actor, "role": principal.role.value, "csrfToken": csrf}
+
+
+@router.get("/import-fields")
+async def import_fields(request: Request, response: Response) -> dict[str, Any]:
+    """What the bulk import page's column mapper offers, from the import API's own tables (one source of
+    truth): the fields a column may be mapped to, the accepted-but-not-stored ones, and the header names the
+    API maps by itself (``imports.ALIASES``, keys normalised as ``imports._normal`` does)."""
+    if await session_principal(request) is None:
+        raise HTTPException(401, "Not logged in, or the console session has expired")
+    response.headers["Cache-Control"] = "no-store"
+    return {"fields": list(imports.FIELDS), "ignored": list(imports.IGNORED_FIELDS), "aliases": imports.ALIASES}
 
 
 @router.post("/logout", status_code=204)

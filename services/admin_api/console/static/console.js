@@ -318,22 +318,155 @@ async function deviceDetail(id) {
 
 // --- bulk import ------------------------------------------------------------------------------------------
 
+// The CSV's first line, read in the browser as the import API reads it (routers/imports.py): UTF-8 with its
+// BOM dropped; the delimiter guessed from that line among , ; TAB | the way Python's csv.Sniffer does (the
+// page then sends it, so the server splits exactly as shown); fields quoted with " ("" inside is one ").
+const DELIMITERS = [[",", ", (comma)"], [";", "; (semicolon)"], ["\t", "TAB"], ["|", "| (pipe)"]];
+
+function firstLine(text) {
+  const end = text.indexOf("\n");
+  return end < 0 ? text : text.slice(0, end + 1);
+}
+
+function sniffDelimiter(line) {
+  // 1. csv.Sniffer._guess_quote_and_delimiter: a quoted field with the same character before and after it.
+  // Python's re.MULTILINE ^ and $ only know \n as a line end (JavaScript's also \r): spelt out.
+  const notWord = String.raw`[^\p{L}\p{N}_\n"']`, lineStart = String.raw`(?:(?<![\s\S])|\n)`;
+  const lineEnd = String.raw`(?:(?=\n)|(?![\s\S])|\n)`;
+  const patterns = [
+    String.raw`(?<delim>${notWord})(?<space> ?)(?<quote>["']).*?\k<quote>\k<delim>`,
+    String.raw`${lineStart}(?<quote>["']).*?\k<quote>(?<delim>${notWord})(?<space> ?)`,
+    String.raw`(?<delim>${notWord})(?<space> ?)(?<quote>["']).*?\k<quote>${lineEnd}`,
+  ];
+  for (const pattern of patterns) {
+    const found = [...line.matchAll(new RegExp(pattern, "gsu"))];
+    if (!found.length) continue;
+    const counts = new Map();
+    for (const m of found) {
+      const d = m.groups.delim;
+      if (DELIMITERS.some(([c]) => c === d)) counts.set(d, (counts.get(d) || 0) + 1);
+    }
+    let best = "";
+    for (const [d, n] of counts) if (!best || n > counts.get(best)) best = d;
+    if (best) return best;
+    break;
+  }
+  // 2. csv.Sniffer._guess_delimiter on one line: every candidate present is as consistent as any other, so
+  // one present is it, and among several its preference order decides.
+  const present = DELIMITERS.map(([c]) => c).filter((c) => line.includes(c));
+  if (present.length === 1) return present[0];
+  for (const c of [",", "\t", ";"]) if (present.includes(c)) return c;
+  return ","; // nothing found: the server's fallback
+}
+
+function parseRecord(text, delimiter) {
+  // The first record: fields split at the delimiter, "quoted" ones may hold the delimiter, "" and newlines.
+  const fields = [];
+  let field = "", quoted = false, i = 0, wasQuoted = false;
+  for (; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i++; }
+      else if (c === '"') quoted = false;
+      else field += c;
+    } else if (c === '"' && field === "" && !wasQuoted) { quoted = true; wasQuoted = true; }
+    else if (c === delimiter) { fields.push(field); field = ""; wasQuoted = false; }
+    else if (c === "\n" || c === "\r") break;
+    else field += c;
+  }
+  fields.push(field);
+  return fields;
+}
+
+async function readHeader(file) {
+  const head = await file.slice(0, 65536).text();
+  const text = head.charCodeAt(0) === 0xfeff ? head.slice(1) : head;
+  const delimiter = sniffDelimiter(firstLine(text));
+  return { delimiter, text };
+}
+
+const normalName = (name) => name.trim().toLowerCase().replace(/[ _-]/g, "");
+
+let importFields = null; // {fields, ignored, aliases}: GET /console/import-fields, once
+
 async function importPage() {
   const root = main();
   const profiles = await shown(allProfiles());
+  if (!importFields) {
+    const r = await fetch("/console/import-fields", { credentials: "same-origin" });
+    if (r.status === 401) { window.location.assign("/console/login"); return; }
+    importFields = await r.json();
+  }
   const file = h("input", { type: "file", id: "import-file", accept: ".csv,text/csv,.ndjson,.jsonl" });
+  const header = h("input", { type: "checkbox", id: "import-header", checked: true });
+  const delimiter = select("import-delimiter", DELIMITERS, ",");
+  const mapper = h("div", { id: "import-mapper" });
   const progress = h("progress", { id: "import-progress", max: 1, value: 0 });
   const status = h("p", { id: "import-status" });
   const report = h("div", { id: "import-report" });
+  let head = null; // {delimiter, text} of the chosen CSV file; null for JSON lines or no file
+  const isNdjson = (f) => /\.(nd)?jsonl?$|\.ndjson$/i.test(f.name);
+  const targets = [["", "(ignore)"], ...importFields.fields.map((f) => [f, f])];
+
+  const showMapper = () => {
+    if (!head) { replace(mapper); return; }
+    const cells = parseRecord(head.text, delimiter.value);
+    const rows = cells.map((cell, i) => {
+      const label = header.checked ? cell : `column ${i + 1}`;
+      let target = "", note = "";
+      if (header.checked) {
+        const known = importFields.aliases[normalName(cell)];
+        if (known === undefined) note = "not a known field: ignored unless you choose one";
+        else if (importFields.ignored.includes(known)) note = "accepted, not stored";
+        else target = known;
+      } else if (i === 0) target = "name";
+      const choice = select(`import-map-${i + 1}`, targets, target);
+      const hint = h("td", { class: "hint" }, note);
+      choice.addEventListener("change", () => { hint.textContent = choice.value ? "" : note; });
+      return h("tr", { "data-column": i + 1 }, h("td", {}, i + 1), h("td", { class: "mono" }, label), h("td", {}, choice), hint);
+    });
+    replace(mapper, h("h2", {}, "Columns"),
+      h("p", { class: "hint" }, header.checked ? "Each column's header and the field it fills (pre-selected from the header)." : "No header line: choose each column's field."),
+      h("table", { id: "import-columns" }, h("thead", {}, h("tr", {}, ["#", header.checked ? "Header" : "Column", "Field", ""].map((t) => h("th", {}, t)))),
+        h("tbody", {}, rows)));
+  };
+
+  file.addEventListener("change", async () => {
+    head = null;
+    const f = file.files[0];
+    if (f && !isNdjson(f)) {
+      try { head = await readHeader(f); } catch (e) { flash("The file cannot be read", "error"); }
+      if (head) delimiter.value = head.delimiter;
+    }
+    delimiter.parentElement.hidden = !head; header.parentElement.hidden = !head;
+    showMapper();
+  });
+  header.addEventListener("change", showMapper);
+  delimiter.addEventListener("change", showMapper);
+
+  const chosenColumns = () => {
+    const chosen = [...mapper.querySelectorAll("select")].map((s) => s.value);
+    const taken = chosen.filter((c) => c);
+    const twice = taken.find((c, i) => taken.indexOf(c) !== i);
+    if (twice) throw new Error(`More than one column is mapped to ${twice}`);
+    if (!taken.includes("name")) throw new Error("Map one column to name");
+    return chosen.join(",");
+  };
+
   const run = async () => {
     if (!file.files.length) { flash("Choose a file", "error"); return; }
     const f = file.files[0];
-    const ndjson = /\.(nd)?jsonl?$|\.ndjson$/i.test(f.name);
-    const query = qs({ deviceProfileId: document.getElementById("import-profile").value, onExisting: document.getElementById("import-existing").value,
-      columns: document.getElementById("import-columns").value.trim(), header: document.getElementById("import-header").checked ? "" : "false" });
+    const ndjson = isNdjson(f);
+    const params = { deviceProfileId: document.getElementById("import-profile").value, onExisting: document.getElementById("import-existing").value };
+    if (!ndjson) {
+      if (!head) { flash("The file cannot be read", "error"); return; }
+      try { params.columns = chosenColumns(); } catch (e) { flash(e.message, "error"); return; }
+      params.delimiter = delimiter.value;
+      if (!header.checked) params.header = "false";
+    }
     replace(report, ); flash("");
     let job;
-    try { job = await api("POST", `/api/devices/import?${query}`, f, ndjson ? "application/x-ndjson" : "text/csv"); } catch (e) { flash(e.message, "error"); return; }
+    try { job = await api("POST", `/api/devices/import?${qs(params)}`, f, ndjson ? "application/x-ndjson" : "text/csv"); } catch (e) { flash(e.message, "error"); return; }
     for (;;) {
       let s;
       try { s = await api("GET", `/api/devices/import/${job.id}`); } catch (e) { flash(e.message, "error"); return; }
@@ -343,13 +476,14 @@ async function importPage() {
       await new Promise((r) => setTimeout(r, 400));
     }
   };
+  const delimiterLabel = h("label", { hidden: true }, "Delimiter (detected from the first line)", delimiter);
+  const headerLabel = h("label", { hidden: true }, header, " The first line is a header");
   replace(root, h("h1", {}, "Bulk import"), h("div", { class: "card" },
     h("label", {}, "Device profile", select("import-profile", profiles.map((p) => [p.id, p.name]), "")),
-    h("label", {}, "File (CSV with a header line, or JSON lines)", file),
+    h("label", {}, "File (CSV, or JSON lines: .ndjson / .jsonl)", file),
     h("label", {}, "Devices that already exist", select("import-existing", [["skip", "skip them"], ["update", "update them"]], "skip")),
-    h("label", {}, "Map columns by position (optional; e.g. name,,accessToken; empty entries ignore a column)", h("input", { id: "import-columns" })),
-    h("label", {}, h("input", { type: "checkbox", id: "import-header", checked: true }), " The first line is a header"),
-    h("p", { class: "hint" }, "Columns: name (required), deviceKey, accessToken, mqttClientId, mqttUserName, mqttPassword, x509."),
+    delimiterLabel, headerLabel, mapper,
+    h("p", { class: "hint" }, `Fields: ${importFields.fields.join(", ")} (name is required).`),
     h("button", { type: "button", class: "primary", id: "import-start", onclick: run }, "Import")),
   h("div", { class: "card" }, progress, status, report));
 }
