@@ -1,9 +1,12 @@
-"""The ``provisioning`` command: device profiles, devices, bulk import and export over the admin API (HTTP).
+"""The ``provisioning`` command: device profiles, devices (bulk import and export, credentials rotation and
+revocation), operator accounts and personal API tokens, over the admin API (HTTP).
 
 Built on typer (commands, options, help) and rich (tables, the import's progress bar). Configuration:
 ``--url`` / ``PROVISIONING_URL`` (default ``http://127.0.0.1:8081``, the admin API of ``make up``) and
-``--token`` / ``ADMIN_API_TOKEN`` (default: ``.local/stack.env`` as ``make up`` writes it). ``--json`` prints
-the API's JSON instead of tables.
+``--token`` / ``PROVISIONING_TOKEN`` / ``ADMIN_API_TOKEN``: an operator's personal API token (it acts with
+that operator's role, and the audit log names them) or the shared bootstrap token (default:
+``.local/stack.env`` as ``make up`` writes it). ``--json`` prints the API's JSON instead of tables. Passwords
+are never arguments (they would show in ``ps`` and shell history): a hidden prompt, or one line on stdin.
 
 Exit codes (for scripts): 0 done; 1 unexpected error; 2 bad usage; 3 the admin API cannot be reached;
 4 the token was refused; 5 the API refused the request (not found, invalid, conflict, ...); 6 an import
@@ -31,10 +34,12 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TOKEN, EXIT_REFUSED, EXI
 DEFAULT_URL = "http://127.0.0.1:8081"
 STACK_ENV = Path(".local/stack.env")
 
-HELP = """Operate the provisioning service through its admin API: device profiles, devices, bulk import and export.
+HELP = """Operate the provisioning service through its admin API: device profiles, devices, bulk import and export,
+credentials rotation, operator accounts and personal API tokens.
 
 Configured by --url / PROVISIONING_URL (default http://127.0.0.1:8081, the admin API `make up` starts) and
---token / ADMIN_API_TOKEN (default: .local/stack.env, written by `make up`).
+--token / PROVISIONING_TOKEN / ADMIN_API_TOKEN: a personal API token (`provisioning tokens create`, or the
+console's "My API tokens"), or the shared admin token (default: .local/stack.env, written by `make up`).
 
 Exit codes: 0 done; 1 unexpected error; 2 bad usage; 3 the admin API cannot be reached; 4 the token was
 refused; 5 the API refused the request (not found, invalid, conflict); 6 an import finished with rejected
@@ -42,9 +47,16 @@ rows, or failed."""
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 profiles_app = typer.Typer(help="Device profiles.", no_args_is_help=True)
-devices_app = typer.Typer(help="Devices: list, show, create, delete, import, export.", no_args_is_help=True)
+devices_app = typer.Typer(help="Devices: list, show, create, delete, rotate or revoke credentials, import, export.",
+                          no_args_is_help=True)
+operators_app = typer.Typer(help="Operator accounts (admin role): list, create, roles, disable, enable, delete.",
+                            no_args_is_help=True)
+tokens_app = typer.Typer(help="Personal API tokens: create (shown once), list, revoke. Your own by default.",
+                         no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(devices_app, name="devices")
+app.add_typer(operators_app, name="operators")
+app.add_typer(tokens_app, name="tokens")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -54,6 +66,12 @@ class Strategy(str, Enum):
     ALLOW_CREATE_NEW_DEVICES = "ALLOW_CREATE_NEW_DEVICES"
     CHECK_PRE_PROVISIONED_DEVICES = "CHECK_PRE_PROVISIONED_DEVICES"
     DISABLED = "DISABLED"
+
+
+class Role(str, Enum):
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
 
 
 class OnExisting(str, Enum):
@@ -106,7 +124,8 @@ class Api:
 
 def checked(response: httpx.Response, url: str) -> httpx.Response:
     if response.status_code == 401:
-        fail(f"the admin API at {url} refused the token (401): check --token / ADMIN_API_TOKEN", EXIT_TOKEN)
+        fail(f"the admin API at {url} refused the token (401: unknown, revoked, or its operator disabled):"
+             " check --token / PROVISIONING_TOKEN / ADMIN_API_TOKEN", EXIT_TOKEN)
     if response.status_code >= 400:
         try:
             message = response.json().get("message") or response.text
@@ -125,8 +144,9 @@ def api(ctx: typer.Context) -> Api:
 def configure(
     ctx: typer.Context,
     url: Annotated[str, typer.Option(envvar="PROVISIONING_URL", help="The admin API's base URL.")] = DEFAULT_URL,
-    token: Annotated[str | None, typer.Option(envvar="ADMIN_API_TOKEN", show_default=False,
-                                              help="The admin API token (default: .local/stack.env).")] = None,
+    token: Annotated[str | None, typer.Option(envvar=["PROVISIONING_TOKEN", "ADMIN_API_TOKEN"], show_default=False,
+                                              help="A personal API token, or the admin token"
+                                                   " (default: .local/stack.env).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     ctx.obj = Api(url.rstrip("/"), token or _stack_env_token(), as_json)
@@ -349,6 +369,45 @@ def devices_delete(ctx: typer.Context, device_id: uuid.UUID) -> None:
         out.print(f"deleted device {device_id}", markup=False)
 
 
+def show_credentials(a: Api, device: dict[str, Any], title: str) -> None:
+    """A device and the credentials it was just given: printed this once (the API never shows them again)."""
+    if a.as_json:
+        print_json(device)
+        return
+    show_devices(a, {"data": [device]}, title)
+    credentials = device["credentials"]
+    out.print(f"new credentials ({credentials['credentialsType']}, shown once): "
+              f"{json.dumps(credentials['credentialsValue'])}", markup=False)
+
+
+@devices_app.command("rotate")
+def devices_rotate(
+    ctx: typer.Context,
+    device_id: uuid.UUID,
+    certificate: Annotated[Path | None, typer.Option(help="The new X.509 certificate (PEM file); an X.509 device"
+                                                          " needs one.", exists=True, dir_okay=False)] = None,
+) -> None:
+    """New credentials of the same type (a new token; a new MQTT password under the same client id and user
+    name; the given certificate), printed once; the old ones are refused from now on and live sessions end."""
+    a = api(ctx)
+    body = None
+    if certificate is not None:
+        body = {"credentialsType": "X509_CERTIFICATE", "credentialsValue": certificate.read_text()}
+    device = a.json("POST", f"/api/devices/{device_id}/credentials/rotate", json=body)
+    show_credentials(a, device, "credentials rotated")
+
+
+@devices_app.command("revoke")
+def devices_revoke(ctx: typer.Context, device_id: uuid.UUID) -> None:
+    """Take the device's credentials away (it can no longer log in; `devices rotate` gives it new ones)."""
+    a = api(ctx)
+    device = a.json("POST", f"/api/devices/{device_id}/credentials/revoke")
+    if a.as_json:
+        print_json(device)
+    else:
+        out.print(f"revoked the credentials of device {device['name']} ({device_id})", markup=False)
+
+
 def _content_type(path: Path) -> str:
     return "application/x-ndjson" if path.suffix.lower() in (".ndjson", ".jsonl", ".json") else "text/csv"
 
@@ -438,6 +497,163 @@ def devices_export(
                         sink.close()
         except httpx.TransportError as exc:
             fail(f"cannot reach the admin API at {a.url} ({type(exc).__name__}: {exc})", EXIT_UNREACHABLE)
+
+
+# --- operators and tokens ---------------------------------------------------------------------------
+
+
+def read_password(confirm: bool = True) -> str:
+    """The new password: a hidden prompt (typed twice) on a terminal, else the first line of stdin
+    (``printf '%s\\n' "$PW" | provisioning operators create ...``). Never a command-line argument."""
+    if sys.stdin.isatty():
+        password: str = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm, err=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        fail("no password given (a hidden prompt on a terminal, else one line on stdin)", EXIT_USAGE)
+    return password
+
+
+def find_operator(a: Api, name_or_id: str) -> dict[str, Any]:
+    """An operator by id or by user name."""
+    operators: list[dict[str, Any]] = a.json("GET", "/api/operators")
+    for operator in operators:
+        if name_or_id in (operator["id"], operator["username"]):
+            return operator
+    fail(f"no operator named {name_or_id!r}", EXIT_REFUSED)
+
+
+def show_operators(a: Api, operators: list[dict[str, Any]], title: str, *, one: bool = True) -> None:
+    """A table of ``operators`` (``--json``: the API's answer, one object unless ``one`` is False)."""
+    if a.as_json:
+        print_json(operators[0] if one else operators)
+        return
+    table(title, ["user name", "id", "role", "state", "created"],
+          [[o["username"], o["id"], o["role"], "disabled" if o["disabled"] else "enabled", _when(o["createdTime"])]
+           for o in operators])
+
+
+@operators_app.command("list")
+def operators_list(ctx: typer.Context) -> None:
+    """Every operator account."""
+    a = api(ctx)
+    found = a.json("GET", "/api/operators")
+    show_operators(a, found, f"{len(found)} operators", one=False)
+
+
+@operators_app.command("create")
+def operators_create(
+    ctx: typer.Context,
+    username: str,
+    role: Annotated[Role, typer.Option(help="viewer: reads; operator: also devices and imports; admin: all.")]
+    = Role.viewer,
+    no_password: Annotated[bool, typer.Option("--no-password", help="No console log-in: API tokens only.")]
+    = False,
+) -> None:
+    """Create an account; its console password is asked for (hidden, twice) or read from stdin."""
+    a = api(ctx)
+    body: dict[str, Any] = {"username": username, "role": role.value}
+    if not no_password:
+        body["password"] = read_password()
+    show_operators(a, [a.json("POST", "/api/operators", json=body)], "operator created")
+
+
+def _update_operator(ctx: typer.Context, who: str, change: dict[str, Any], title: str) -> None:
+    a = api(ctx)
+    operator = find_operator(a, who)
+    show_operators(a, [a.json("PUT", f"/api/operators/{operator['id']}", json=change)], title)
+
+
+@operators_app.command("disable")
+def operators_disable(ctx: typer.Context, operator: Annotated[str, typer.Argument(help="User name or id.")]) -> None:
+    """Disable an account: its console sessions and API tokens stop working at once (enable undoes it)."""
+    _update_operator(ctx, operator, {"disabled": True}, "operator disabled")
+
+
+@operators_app.command("enable")
+def operators_enable(ctx: typer.Context, operator: Annotated[str, typer.Argument(help="User name or id.")]) -> None:
+    """Enable a disabled account again."""
+    _update_operator(ctx, operator, {"disabled": False}, "operator enabled")
+
+
+@operators_app.command("role")
+def operators_role(ctx: typer.Context, operator: Annotated[str, typer.Argument(help="User name or id.")],
+                   role: Role) -> None:
+    """Change an account's role."""
+    _update_operator(ctx, operator, {"role": role.value}, "role changed")
+
+
+@operators_app.command("password")
+def operators_password(ctx: typer.Context,
+                       operator: Annotated[str, typer.Argument(help="User name or id.")]) -> None:
+    """Set an account's console password (asked for, hidden, or read from stdin)."""
+    _update_operator(ctx, operator, {"password": read_password()}, "password set")
+
+
+@operators_app.command("delete")
+def operators_delete(ctx: typer.Context, operator: Annotated[str, typer.Argument(help="User name or id.")]) -> None:
+    """Delete an account and its tokens (the audit log keeps its name)."""
+    a = api(ctx)
+    found = find_operator(a, operator)
+    a.request("DELETE", f"/api/operators/{found['id']}")
+    if a.as_json:
+        print_json({"deleted": found["id"]})
+    else:
+        out.print(f"deleted operator {found['username']} ({found['id']})", markup=False)
+
+
+OperatorOption = Annotated[str, typer.Option("--operator", help="Whose tokens (user name or id; admins only);"
+                                                                " default: your own.")]
+
+
+def _tokens_path(a: Api, operator: str) -> str:
+    return "/api/operators/me/tokens" if operator == "me" else \
+        f"/api/operators/{find_operator(a, operator)['id']}/tokens"
+
+
+@tokens_app.command("create")
+def tokens_create(ctx: typer.Context, name: Annotated[str, typer.Argument(help="What the token is for.")],
+                  operator: OperatorOption = "me") -> None:
+    """A new personal API token, printed once (only its hash is kept): store it now."""
+    a = api(ctx)
+    created = a.json("POST", _tokens_path(a, operator), json={"name": name})
+    if a.as_json:
+        print_json(created)
+        return
+    err.print(f"token {created['name']!r} ({created['id']}), shown once; store it now:", markup=False)
+    out.print(created["token"], markup=False)
+
+
+@tokens_app.command("list")
+def tokens_list(ctx: typer.Context, operator: OperatorOption = "me") -> None:
+    """Tokens (never their value): name, id, created, last used, revoked."""
+    a = api(ctx)
+    found = a.json("GET", _tokens_path(a, operator))
+    if a.as_json:
+        print_json(found)
+        return
+    table(f"{len(found)} tokens", ["name", "id", "created", "last used", "revoked"],
+          [[t["name"], t["id"], _when(t["createdTime"]), _when(t["lastUsedTime"]), _when(t["revokedTime"])]
+           for t in found])
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(ctx: typer.Context, token: Annotated[str, typer.Argument(help="The token's id, or its name.")],
+                  operator: OperatorOption = "me") -> None:
+    """Revoke a token: refused from its next request on."""
+    a = api(ctx)
+    path = _tokens_path(a, operator)
+    live = [t for t in a.json("GET", path) if t["revokedTime"] is None]
+    matches = [t for t in live if t["id"] == token] or [t for t in live if t["name"] == token]
+    if not matches:
+        fail(f"no live token with the id or name {token!r}", EXIT_REFUSED)
+    if len(matches) > 1:
+        fail(f"{len(matches)} live tokens are named {token!r}: give its id (`provisioning tokens list`)", EXIT_USAGE)
+    a.request("DELETE", f"{path}/{matches[0]['id']}")
+    if a.as_json:
+        print_json({"revoked": matches[0]["id"]})
+    else:
+        out.print(f"revoked token {matches[0]['name']} ({matches[0]['id']})", markup=False)
 
 
 def main() -> None:
