@@ -16,6 +16,8 @@ token (``auth.authenticate``), so the one role policy and the audit log apply un
   SHA-256 stored, migration 0014) ``HttpOnly; SameSite=Strict; Path=/``, and ``Secure`` unless the request is
   plain http to a loopback address (``make up``), and answers the session's CSRF token.
 - ``GET /console/session``: who is logged in, their role and the CSRF token (401 when nobody).
+- ``GET /console/session/left``: seconds until the session ends, without restarting its idle clock (401 when
+  it has ended): the live activity page's watch.
 - ``GET /console/import-fields``: the import API's fields and header aliases, for the bulk import page's
   column mapper.
 - ``POST /console/logout`` (with ``X-CSRF-Token``): deletes the session and the cookie.
@@ -167,6 +169,22 @@ async def session(request: Request, response: Response) -> dict[str, Any]:
     principal, csrf = found
     response.headers["Cache-Control"] = "no-store"
     return {"username": principal.actor, "role": principal.role.value, "csrfToken": csrf}
+
+
+@router.get("/session/left")
+async def session_left(request: Request, response: Response) -> dict[str, float]:
+    """Seconds until this session ends (``secondsLeft``), or 401 when it has: asked by the live activity page,
+    whose open stream is not a request, to say "Session expired" when it happens. It does not count as a
+    request itself (the idle clock is not restarted), or a watching screen would never expire."""
+    session_id = request.cookies.get(SESSION_COOKIE, "")
+    left = None
+    if session_id and len(session_id) <= 128:
+        left = await repository.console_session_left(request.app.state.pool, token_hash(session_id),
+                                                     request.app.state.admin.settings.console_session_idle_s)
+    if left is None:
+        raise HTTPException(401, "Not logged in, or the console session has expired")
+    response.headers["Cache-Control"] = "no-store"
+    return {"secondsLeft": round(left, 3)}
 
 
 @router.get("/import-fields")

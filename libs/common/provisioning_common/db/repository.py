@@ -1476,5 +1476,20 @@ async def use_console_session(
     return Operator(**fields), csrf
 
 
+async def console_session_left(conn: asyncpg.Connection | asyncpg.Pool, id_hash: str, idle_s: float) -> float | None:
+    """Seconds until a live session ends (idle or absolute), or None as :func:`use_console_session` would refuse
+    it, *without* restarting its idle clock: the console's live activity page asks this while it watches, and
+    watching alone must not keep a session alive."""
+    left = await conn.fetchval(
+        "SELECT least(extract(epoch FROM s.last_seen_at + make_interval(secs => $2) - now()),"
+        " extract(epoch FROM s.expires_at - now()))::float8"
+        " FROM console_sessions s JOIN operators o ON o.id = s.operator_id"
+        " WHERE s.id_hash = $1 AND NOT o.disabled AND s.expires_at > now()"
+        " AND s.last_seen_at > now() - make_interval(secs => $2)",
+        id_hash, float(idle_s),
+    )
+    return None if left is None else float(left)
+
+
 async def delete_console_session(conn: asyncpg.Connection | asyncpg.Pool, id_hash: str) -> None:
     await conn.execute("DELETE FROM console_sessions WHERE id_hash = $1", id_hash)

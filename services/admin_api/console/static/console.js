@@ -525,19 +525,41 @@ async function activityPage(params) {
     h("table", { id: "activity" }, h("thead", {}, h("tr", {}, ["Time", "Outcome", "Reason", "Device", "Profile", "Transport", "Source", "Latency"].map((t) => h("th", {}, t)))), body));
   const filters = { outcome: outcome.value, deviceProfileId: profile.value };
   const source = new EventSource(`/api/provision-events/stream?${qs(filters)}`);
-  source.onopen = () => { live.textContent = "live"; };
+  // The open stream is not a request, so the session idles out while the page watches: it asks, without
+  // restarting the idle clock, how long the session has left, asks again then (at least once a minute:
+  // a logout or a disabled account elsewhere), and says so when it has ended instead of going quiet.
+  let timer = null, gone = false; // gone: another page is shown
+  const expired = () => {
+    if (gone) return;
+    source.close(); clearTimeout(timer);
+    live.textContent = "session expired"; live.className = "badge FAILURE";
+    if (!document.getElementById("session-expired")) {
+      root.prepend(h("p", { id: "session-expired", class: "card error", role: "alert" }, "Session expired — ", h("a", { href: "/console/login" }, "log in again")));
+    }
+  };
+  const watch = async () => {
+    let left = 15;
+    try {
+      const r = await fetch("/console/session/left", { credentials: "same-origin" });
+      if (r.status === 401) { expired(); return; }
+      if (r.ok) left = (await r.json()).secondsLeft;
+    } catch (e) { /* the admin API is unreachable: ask again soon */ }
+    if (!gone) timer = setTimeout(watch, (Math.min(Math.max(left, 0), 60) + 1) * 1000);
+  };
+  source.onopen = () => { live.textContent = "live"; live.className = "badge"; };
   source.onerror = async () => {
     live.textContent = "reconnecting";
-    if (source.readyState === EventSource.CLOSED) { // refused (the session ended): back to the log-in page
-      const check = await fetch("/console/session", { credentials: "same-origin" });
-      if (check.status === 401) window.location.assign("/console/login");
+    if (source.readyState === EventSource.CLOSED) { // refused: the session ended, or something else
+      const check = await fetch("/console/session/left", { credentials: "same-origin" }).catch(() => null);
+      if (check && check.status === 401) expired();
       else live.textContent = "stopped: reload the page";
     }
   };
   source.onmessage = (m) => { try { add(JSON.parse(m.data), true); } catch (e) { /* not an event */ } };
-  leavePage = () => source.close();
+  leavePage = () => { gone = true; source.close(); clearTimeout(timer); };
   const recent = await api("GET", `/api/provision-events?${qs({ ...filters, pageSize: 50 })}`).catch(() => ({ data: [] }));
   for (const e of recent.data) add(e, false);
+  if (source.readyState !== EventSource.CLOSED) watch();
 }
 
 // --- operators, tokens, audit -------------------------------------------------------------------------
