@@ -200,7 +200,8 @@ class Settings(BaseSettings):
     #: seconds without a request, and in any case CONSOLE_SESSION_MAX_S after log-in.
     console_session_idle_s: int = Field(default=1800, ge=60, le=86400)
     console_session_max_s: int = Field(default=43200, ge=60, le=30 * 86400)
-    #: Failed console log-ins allowed per source address and per user name per minute (admin API process).
+    #: Failed console log-ins allowed per source address and per user name per minute, in token buckets shared
+    #: by every admin API process through Postgres (rate_limit_buckets); then 429 with Retry-After.
     console_login_failures_per_minute: int = Field(default=10, ge=1)
 
     def queue(self, name: str) -> str:
