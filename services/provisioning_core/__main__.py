@@ -43,6 +43,7 @@ async def start(context: runtime.Context) -> runtime.Running:
                             replay_window_s=settings.provision_replay_window_s,
                             reply_grace_s=settings.bus_reply_grace_s,
                             events=events,
+                            write_batch_max=settings.provision_write_batch_max,
                             hooks=(hooks := ProvisionHooks(await context.pool(), box,
                                                            max_concurrency=settings.provision_hook_max_concurrency)))
     # Device traffic (attributes) on its own queue and channel, with at most half of the pool, so

@@ -22,12 +22,14 @@ handed it meanwhile.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
 from typing import NamedTuple
 
 import asyncpg
+from provisioning_common.batching import Batcher
 from provisioning_common.bus import (
     Bus,
     DeadlineExceeded,
@@ -103,8 +105,12 @@ class ProvisioningCore:
         reply_grace_s: float = 2.0,
         events: EventSink | None = None,
         hooks: ProvisionHooks | None = None,
+        write_batch_max: int = 64,
     ) -> None:
         self._pool = pool
+        #: Devices written together: the concurrent requests' in one statement (README PROVISION_WRITE_BATCH_MAX).
+        self._devices: Batcher[repository.NewDevice, bool] = Batcher(
+            functools.partial(repository.insert_devices, pool), max_batch=write_batch_max, name="devices")
         #: Asks profiles' pre-provisioning hooks (README "Pre-provisioning hook"); None: hooks are not called.
         self._hooks = hooks
         self._profiles = ProfileCache(pool, profile_ttl_s, box=box)
@@ -306,8 +312,7 @@ class ProvisioningCore:
         answer_enc = self._box.encrypt_json(result.model_dump(mode="json"))
         for _ in range(2):  # a claim undone between our insert and our replay: write again
             try:
-                created = await repository.insert_device(
-                    self._pool,
+                created = await self._write(repository.NewDevice(
                     device_id=device_id,
                     name=name,
                     profile_id=profile.id,
@@ -320,7 +325,7 @@ class ProvisioningCore:
                     answer_enc=answer_enc,
                     deadline=current_deadline(),
                     replay_window_s=self._replay_window_s if key != req.request_id else None,
-                )
+                ))
             except repository.DeviceConflict as exc:
                 if exc.what == "name" and profile.reprovision_policy != rules.REPROVISION_NEVER:
                     return await self._reprovision(req, profile, name, prepared, ca_certificates, key)
@@ -337,6 +342,16 @@ class ProvisioningCore:
             if replayed is not None:
                 return _Decided(replayed, Reason.REPLAYED)
         return _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
+
+    async def _write(self, device: repository.NewDevice) -> bool:
+        """Write ``device`` with the concurrent requests' devices (one statement per batch): True written, False
+        a duplicate request (replay its answer); raises DeviceConflict and Expired as :func:`repository.insert_device`
+        does, and :class:`Unavailable` ("retry later") when the database failed this device alone."""
+        try:
+            return await self._devices.submit(device)
+        except repository.RowFailed as exc:
+            log.warning("device %s not written: %s; its request is answered 'retry later'", device.device_id, exc)
+            raise Unavailable("database error") from None
 
     async def _reprovision(
         self, req: ProvisionRequest, profile: repository.ProfileRow, name: str, prepared: PreparedCredentials,
@@ -431,11 +446,11 @@ class ProvisioningCore:
                 return _Decided(rules.x509_result(decision.device_id, name, prepared), Reason.ROTATED, profile.id)
             device_id = uuid.uuid4()
             try:
-                await repository.insert_device(
-                    self._pool, device_id=device_id, name=name, profile_id=profile.id, device_key=str(device_id),
+                await self._write(repository.NewDevice(
+                    device_id=device_id, name=name, profile_id=profile.id, device_key=str(device_id),
                     gateway=False, provision_state=rules.PROVISIONED, prepared=prepared, value_enc=None,
                     deadline=current_deadline(),
-                )
+                ))
             except repository.Expired:
                 raise DeadlineExceeded("deadline passed before the device was written") from None
             except repository.DeviceConflict as exc:

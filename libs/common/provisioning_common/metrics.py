@@ -96,6 +96,12 @@ RPC_SERVER_CALLS = Counter(
     "RPCs handled by this service, by method and outcome (deadline: it arrived or ran past its deadline)",
     ["service", "method", "outcome"],
 )
+BATCH_SIZE = Histogram(
+    "provisioning_batch_size",
+    "Items per batch of concurrent work done in one round trip (batching.Batcher), by what is batched",
+    ["batch"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 BUS_DISCONNECTS = Counter("provisioning_bus_disconnects_total", "RabbitMQ connections lost")
 BUS_RECONNECTS = Counter("provisioning_bus_reconnects_total", "RabbitMQ connections restored after a loss")
 
@@ -198,7 +204,8 @@ NAMES = frozenset({
     "provisioning_x509_chain_provisions_total", "provisioning_core_decisions_total",
     "provisioning_rpc_client_duration_seconds", "provisioning_rpc_client_calls_total",
     "provisioning_rpc_server_duration_seconds", "provisioning_rpc_server_calls_total",
-    "provisioning_bus_disconnects_total", "provisioning_bus_reconnects_total", "provisioning_mqtt_connections",
+    "provisioning_batch_size", "provisioning_bus_disconnects_total", "provisioning_bus_reconnects_total",
+    "provisioning_mqtt_connections",
     "provisioning_coap_requests_in_flight", "provisioning_coap_exchanges", "provisioning_db_pool_connections",
     "provisioning_db_pool_in_use", "provisioning_db_pool_max",
 })

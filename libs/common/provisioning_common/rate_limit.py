@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Protocol
 
 import asyncpg
 
+from .batching import Batcher
 from .db import repository
 
 
@@ -114,43 +114,23 @@ class PostgresStore:
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256) -> None:
         self._pool = pool
-        self._max_batch = max_batch
-        self._pending: list[tuple[Request, asyncio.Future[tuple[int, float]]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._batches: Batcher[Request, tuple[int, float]] = Batcher(self._decide, max_batch=max_batch,
+                                                                     name="rate_limit")
 
     async def admit(self, check: list[Bucket], take: list[Bucket]) -> tuple[int, float]:
-        future: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
-        self._pending.append(((check, take), future))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush())
-        return await future
+        return await self._batches.submit((check, take))
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
-                requests = [request for request, _ in batch]
-                verdicts: list[tuple[int, float]] = []
+    async def _decide(self, requests: list[Request]) -> list[tuple[int, float]]:
+        verdicts: list[tuple[int, float]] = []
 
-                def decide(tat: dict[str, float], now: float, requests: list[Request] = requests,
-                           verdicts: list[tuple[int, float]] = verdicts) -> dict[str, float]:
-                    verdicts[:] = admit_in_order(requests, tat, now)
-                    return tat
+        def decide(tat: dict[str, float], now: float) -> dict[str, float]:
+            verdicts[:] = admit_in_order(requests, tat, now)
+            return tat
 
-                take = sorted({b.name for _, taken in requests for b in taken})
-                check = sorted({b.name for checked, _ in requests for b in checked} - set(take))
-                try:
-                    await repository.rate_limit_batch(self._pool, take, check, decide)
-                except Exception as exc:  # every waiter gets the failure (the core's DatabaseGuard answers it)
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for (_, future), verdict in zip(batch, verdicts, strict=True):
-                        if not future.done():
-                            future.set_result(verdict)
-        finally:
-            self._flushing = None
+        take = sorted({b.name for _, taken in requests for b in taken})
+        check = sorted({b.name for checked, _ in requests for b in checked} - set(take))
+        await repository.rate_limit_batch(self._pool, take, check, decide)
+        return verdicts
 
     async def purge(self) -> int:
         return await repository.purge_rate_limits(self._pool)

@@ -102,63 +102,91 @@ def public_value(prepared: PreparedCredentials) -> str | None:
     return None
 
 
-async def insert_device(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    *,
-    device_id: uuid.UUID,
-    name: str,
-    profile_id: uuid.UUID,
-    device_key: str,
-    gateway: bool,
-    provision_state: str | None,
-    prepared: PreparedCredentials,
-    value_enc: bytes | None,
-    request_id: str | None = None,
-    answer_enc: bytes | None = None,
-    deadline: float | None = None,
-    replay_window_s: float | None = None,
-) -> bool:
-    """Write a device, its credentials and (with ``request_id``) the replayable answer in one statement.
+@dataclass(frozen=True)
+class NewDevice:
+    """A device, its credentials and (with ``request_id``) the replayable answer, to be written whole."""
 
-    Returns False when ``request_id`` was already claimed within ``replay_window_s`` (a duplicate
-    delivery or a repeated request: replay its answer). Raises :class:`DeviceConflict` when a
-    uniqueness rule refused the device, and :class:`Expired` when ``deadline`` (Unix time) passed
-    before the statement could commit; in both cases nothing at all was written.
-    """
-    try:
-        outcome = await conn.fetchval(
-            "SELECT create_device_with_credentials("
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
-            request_id,
-            answer_enc,
-            device_id,
-            name,
-            profile_id,
-            device_key,
-            gateway,
-            provision_state,
-            prepared.credentials_type.value,
-            prepared.credentials_id,
-            prepared.secret_hash,
-            public_value(prepared),
-            value_enc,
-            _timestamp(deadline),
-            datetime.timedelta(seconds=replay_window_s) if replay_window_s else None,
-        )
-    except asyncpg.RaiseError as exc:
-        message = str(exc)
-        if message.startswith("conflict:"):
-            raise DeviceConflict(message.split(":", 1)[1]) from None
-        if message == "expired":
-            raise Expired from None
-        raise
-    except asyncpg.UniqueViolationError as exc:  # revoked credentials (migration 0012's trigger)
-        if exc.constraint_name == CREDENTIALS_KEY:
-            raise DeviceConflict("credentials") from None
-        raise
+    device_id: uuid.UUID
+    name: str
+    profile_id: uuid.UUID
+    device_key: str
+    gateway: bool
+    provision_state: str | None
+    prepared: PreparedCredentials
+    value_enc: bytes | None
+    request_id: str | None = None
+    answer_enc: bytes | None = None
+    #: Unix time past which nothing may be written.
+    deadline: float | None = None
+    replay_window_s: float | None = None
+
+
+class RowFailed(Exception):
+    """A device's write failed in the database for another reason than a conflict or its deadline (its
+    SQLSTATE says why, e.g. 40P01 a deadlock); nothing of it was written."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"device write failed in the database (SQLSTATE {sqlstate})")
+        self.sqlstate = sqlstate
+
+
+async def insert_devices(
+    conn: asyncpg.Connection | asyncpg.Pool, devices: Sequence[NewDevice]
+) -> list[bool | Exception]:
+    """Write ``devices`` in one statement (migration 0019), each whole or not at all, and say per device,
+    in order: True written; False its ``request_id`` was already claimed within its ``replay_window_s`` (a
+    duplicate delivery or a repeated request: replay that answer); or the exception its caller gets -
+    :class:`DeviceConflict` (a uniqueness rule refused it, also against a device before it in the list),
+    :class:`Expired` (its ``deadline`` passed before it was written), :class:`RowFailed` (another error).
+    Raises when the statement itself fails (the database is unreachable): then nothing was written."""
+    order = sorted(range(len(devices)), key=lambda i: devices[i].name)  # one lock order for every writer
+    rows = [devices[i] for i in order]
+    outcomes = await conn.fetchval(
+        "SELECT array_agg(o ORDER BY n) FROM create_devices_with_credentials("
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb[], $13, $14, $15) WITH ORDINALITY AS t (o, n)",
+        [d.request_id for d in rows],
+        [d.answer_enc for d in rows],
+        [d.device_id for d in rows],
+        [d.name for d in rows],
+        [d.profile_id for d in rows],
+        [d.device_key for d in rows],
+        [d.gateway for d in rows],
+        [d.provision_state for d in rows],
+        [d.prepared.credentials_type.value for d in rows],
+        [d.prepared.credentials_id for d in rows],
+        [d.prepared.secret_hash for d in rows],
+        [public_value(d.prepared) for d in rows],
+        [d.value_enc for d in rows],
+        [_timestamp(d.deadline) for d in rows],
+        [datetime.timedelta(seconds=d.replay_window_s) if d.replay_window_s else None for d in rows],
+    )
+    results: list[bool | Exception] = [False] * len(devices)
+    for i, outcome in zip(order, outcomes, strict=True):
+        results[i] = _write_outcome(outcome)
+    return results
+
+
+def _write_outcome(outcome: str) -> bool | Exception:
+    if outcome == "created":
+        return True
+    if outcome == "duplicate_request":
+        return False
     if outcome == "expired":
-        raise Expired
-    return bool(outcome == "created")
+        return Expired()
+    kind, _, detail = outcome.partition(":")
+    if kind == "conflict":
+        return DeviceConflict(detail)
+    if kind == "unique" and detail == CREDENTIALS_KEY:  # revoked credentials (migration 0012's trigger)
+        return DeviceConflict("credentials")
+    return RowFailed(detail if kind == "error" else "23505")
+
+
+async def insert_device(conn: asyncpg.Connection | asyncpg.Pool, device: NewDevice) -> bool:
+    """:func:`insert_devices` for one device: True written, False a duplicate request; raises the rest."""
+    [outcome] = await insert_devices(conn, [device])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _timestamp(unix_time: float | None) -> datetime.datetime | None:
@@ -830,10 +858,10 @@ async def create_device(
     """A pre-provisioned device (not yet claimed by its device) with its credentials, the value encrypted
     until the device collects it. Raises :class:`DeviceConflict` as :func:`insert_device` does."""
     async with pool.acquire() as conn:
-        await insert_device(
-            conn, device_id=device_id, name=name, profile_id=profile_id, device_key=device_key, gateway=False,
+        await insert_device(conn, NewDevice(
+            device_id=device_id, name=name, profile_id=profile_id, device_key=device_key, gateway=False,
             provision_state=None, prepared=prepared, value_enc=value_enc,
-        )
+        ))
         record = await device_record(conn, device_id)
     assert record is not None  # written just now, on this connection
     return record
