@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+import os
 import re
-import uuid
+import secrets
 from collections.abc import Iterator
 
 #: The bus message header (nameko's call-context style, beside ``x-deadline``).
@@ -35,9 +37,29 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
+class _Ids:
+    """Fresh request ids: a random 64-bit prefix per process (drawn again in a forked child) and a counter, so
+    that ids never repeat across processes without a getrandom() per request (a uuid4 each cost ~2 us)."""
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_IDS = _Ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_IDS.reseed)
+
+
 def new_request_id() -> str:
-    """A fresh request id (32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh request id (32 hex digits), unique across processes; not a secret (a client sees its own)."""
+    return _IDS.next()
 
 
 def valid_request_id(value: object) -> str | None:

@@ -81,12 +81,35 @@ class _Exchange:
         self.broker.deliver(routing_key, message)
 
 
+class _Published:
+    """A message the Bus published with bare AMQP properties (``Bus._publish_properties``), as aio_pika names them."""
+
+    def __init__(self, body: bytes, properties: Any) -> None:
+        self.body, self.type, self.headers = body, properties.message_type, properties.headers or {}
+        self.reply_to, self.correlation_id, self.message_id = (
+            properties.reply_to, properties.correlation_id, properties.message_id)
+
+
+class _Underlay:
+    """aiormq's channel under a channel: ``basic_publish`` routes like the exchanges (routing key = queue name)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def basic_publish(self, body: bytes, *, exchange: str = "", routing_key: str = "", properties: Any = None,
+                            mandatory: bool = False) -> None:
+        self.broker.deliver(routing_key, _Published(body, properties))
+
+
 class _Channel:
     is_closed = False
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.default_exchange = _Exchange(broker)
+
+    async def get_underlay_channel(self) -> _Underlay:
+        return _Underlay(self.broker)
 
     async def declare_queue(self, name: str, **_: Any) -> _Queue:
         self.broker.declared.append(name)

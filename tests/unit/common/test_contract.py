@@ -69,6 +69,38 @@ async def test_call_returns_the_declared_reply_and_one_way_messages_arrive(broke
     await server.close()
 
 
+async def test_each_call_has_its_own_ids_unique_across_processes(broker: tuple[Broker, Any]) -> None:
+    """Correlation ids pair replies with calls, and a call's message id (when not given) is what handlers
+    replay answers by: none may repeat, within a process or across two (a counter behind a random prefix)."""
+    seen: list[tuple[str, str]] = []
+
+    async def echo(request: Ping) -> Pong:
+        return Pong(text=request.text)
+
+    async def note(request: Ping) -> None:
+        pass
+
+    original = broker[0].deliver
+
+    def deliver(routing_key: str, message: Any) -> None:
+        if getattr(message, "type", None) == ECHO.name:
+            seen.append((message.correlation_id, message.message_id))
+        original(routing_key, message)
+
+    broker[0].deliver = deliver  # type: ignore[method-assign]
+    server, first, second = await connect(ECHO_SERVICE.name), await connect("unit_a"), await connect("unit_b")
+    await server.serve(ECHO_SERVICE, [ECHO.handler(echo), NOTE.handler(note)])
+    for client in (first, second, first, second):
+        assert await client.call(ECHO, Ping(text="x")) == Pong(text="x")
+    assert await first.call(ECHO, Ping(text="y"), message_id="chosen-by-the-caller") == Pong(text="y")
+    correlation_ids = [correlation_id for correlation_id, _ in seen]
+    assert len(set(correlation_ids)) == 5
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in correlation_ids)
+    assert [message_id for _, message_id in seen] == [*correlation_ids[:4], "chosen-by-the-caller"]
+    for bus in (first, second, server):
+        await bus.close()
+
+
 async def test_a_one_way_message_kept_from_its_work_by_an_outage_is_delivered_again(
     broker: tuple[Broker, Any]
 ) -> None:

@@ -169,6 +169,24 @@ def test_request_scope_keeps_the_request_in_force_and_restores() -> None:
         assert len(fresh) == 32 and kept == fresh
 
 
+def test_fresh_request_ids_never_repeat_even_in_a_forked_child() -> None:
+    import os
+
+    ids = {context.new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(value) == 32 and context.valid_request_id(value) for value in ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child draws its own prefix: its ids are not its parent's next ones
+        os.write(writer, context.new_request_id().encode())
+        os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 64).decode()
+    os.close(reader)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child not in ids and child != context.new_request_id()
+    assert child[:16] != next(iter(ids))[:16]
+
+
 class Text(BaseModel):
     text: str
 
