@@ -64,6 +64,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -270,6 +271,8 @@ class _Observation:
     #: RPC notifications not sent yet, and the last RPC taken (each reaches every sink of the device).
     rpcs: deque[bytes] = field(default_factory=deque)
     last_rpc: Downlink | None = None
+    #: When its request authenticated (Unix time): a revocation after it ends the observation (Downlink.revokes).
+    since: float = field(default_factory=time.time)
 
     def end(self, code: Code) -> None:
         self.end_code = code
@@ -600,7 +603,8 @@ class DeviceApi:
 
         def sink(downlink: Downlink) -> None:
             if downlink.kind == DOWNLINK_REVOKED:
-                observation.end(Code.UNAUTHORIZED)  # its credentials were revoked or replaced
+                if downlink.revokes(observation.since):
+                    observation.end(Code.UNAUTHORIZED)  # its credentials were revoked or replaced
             elif downlink.kind == DOWNLINK_RPC:
                 self._route_rpc(device_id, downlink)
             elif (downlink.kind == DOWNLINK_ATTRIBUTES and observation.feature is Feature.ATTRIBUTES

@@ -178,7 +178,7 @@ class DevicePolls:
                 # The device's credentials were revoked or replaced: a poll opened before that ends (401);
                 # one opened since authenticated with what is valid now. Both kinds' queues get a copy.
                 await message.ack()
-                if _revoked_at(downlink) >= poll.opened and not poll.future.done():
+                if downlink.revokes(poll.opened) and not poll.future.done():
                     poll.future.set_result(downlink)
             elif downlink.kind != poll.kind or downlink.expired():
                 await message.ack()  # the other kind's queue has its own copy
@@ -191,12 +191,6 @@ class DevicePolls:
                 await message.ack()
         except Exception as exc:  # the channel went away: the broker requeues what was not acked
             log.debug("a poll's message could not be settled: %s", type(exc).__name__)
-
-
-def _revoked_at(downlink: Downlink) -> float:
-    """When a ``revoked`` message's credentials were revoked (Unix time; 0 when it does not say)."""
-    value = downlink.body.get("revokedAt")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 async def _requeue(message: AbstractIncomingMessage) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -126,6 +127,8 @@ class DeviceSession:
         self._wire = wire
         self._api = api
         self.device_id = device_id
+        #: When the device logged in (Unix time): a revocation after it ends the session (Downlink.revokes).
+        self._since = time.time()
         self._max_inflight = settings.device_max_inflight
         self._rate = RateLimit(settings.device_messages_rate_limit)
         #: What ``getSessionLimits`` reports and what always fits in one PUBLISH of ours or the device's.
@@ -390,6 +393,8 @@ class DeviceSession:
         if self._closed:
             return
         if downlink.kind == DOWNLINK_REVOKED:
+            if not downlink.revokes(self._since):
+                return  # it logged in after the revocation, with what is valid now
             # Its credentials were revoked or replaced: the session ends now, whatever is queued (MQTT 5: 0x87).
             log.info("session of %s closed: its credentials were revoked", self.device_id)
             self._closed = True

@@ -51,6 +51,7 @@ from provisioning_common.contract import (
 )
 from provisioning_common.db import repository
 from provisioning_common.db.guard import DatabaseGuard
+from provisioning_common.device_link import end_sessions
 from provisioning_common.events import EventSink, Outcome, ProvisionEvent, Reason, elapsed_ms
 from provisioning_common.models import (
     AbandonResult,
@@ -384,6 +385,9 @@ class ProvisioningCore:
                 _Decided(ProvisionResult.failure(), Reason.INTERNAL_ERROR)
         log.info("re-provisioned device %s (%s) in profile %s via %s: its old credentials are revoked", device_id,
                  prepared.credentials_type.value, profile.name, req.transport.value)
+        # Before the device hears its answer: sessions still open with the old credentials end (the device's own,
+        # opened with the new ones once it has them, stay).
+        await end_sessions(self._bus, device_id)
         return _Decided(await self._deliverable(key, answers[device_id]), Reason.REPROVISIONED)
 
     async def _issue_certificate(

@@ -265,11 +265,26 @@ def test_rotate_gives_a_factory_reset_device_new_credentials_and_kills_the_old_o
     assert profile["reprovisionPolicy"] == "ROTATE"
     name, old = _provisioned_token(http, profile)
     device_id = _device_id(admin, name)
-    _mqtt_accepts(env.mqtt_port, username=old)
-    # The device was reset and lost its token: it provisions again, as ThingsBoard firmware does on first boot.
-    again = http.post("/api/v1/provision", json=tb_request(profile, deviceName=name)).json()
-    assert again["status"] == "SUCCESS" and again["credentialsValue"] != old
-    new = again["credentialsValue"]
+    stale = LiveSession(env.mqtt_port, old)  # e.g. a clone, or the unit's session from before its reset
+    try:
+        # The device was reset and lost its token: it provisions again, as ThingsBoard firmware does on first boot,
+        # and connects with its new token at once.
+        again = http.post("/api/v1/provision", json=tb_request(profile, deviceName=name)).json()
+        assert again["status"] == "SUCCESS" and again["credentialsValue"] != old
+        new = again["credentialsValue"]
+        fresh = LiveSession(env.mqtt_port, new)
+        try:
+            assert stale.ended.wait(10), "the session with the old token was not closed"
+            assert stale.reason == 0x87  # MQTT 5 DISCONNECT: Not authorized
+            # The revocation reached the gateway (above); the session opened with the new token stays.
+            sent = fresh.client.publish("v1/devices/me/telemetry", '{"t": 1}', qos=1)
+            sent.wait_for_publish(10)
+            assert sent.is_published()  # PUBACK'd
+            assert not fresh.ended.is_set()
+        finally:
+            fresh.stop()
+    finally:
+        stale.stop()
     assert _device_id(admin, name) == device_id  # the same device, its data kept
     _mqtt_refuses(env.mqtt_port, username=old)
     assert http.post(f"/api/v1/{old}/telemetry", json={"t": 1}).status_code == 401

@@ -85,8 +85,9 @@ class BusUser:
 #: Every service's user. A gateway may call provisioning, device logins and attributes - never the internal
 #: credentials service (minting, hashing, signing), which only provisioning-core and admin-api may call.
 USERS: tuple[BusUser, ...] = (
+    # device.downlink: a re-provisioned device's sessions with its old credentials end (device_link.end_sessions).
     BusUser("provisioning_core", serves=(CORE, DEVICE_API), calls=(CREDENTIALS_INTERNAL,),
-            publishes=(ATTRIBUTES_EXCHANGE, EVENTS_EXCHANGE), answers=True),
+            publishes=(ATTRIBUTES_EXCHANGE, EVENTS_EXCHANGE, DOWNLINK_EXCHANGE), answers=True),
     BusUser("credentials", serves=(CREDENTIALS, CREDENTIALS_INTERNAL), answers=True),
     # The live stream of provisioning events: one exclusive queue per open stream, bound to provisioning.events.
     BusUser("admin_api", calls=(CREDENTIALS_INTERNAL,), publishes=(DOWNLINK_EXCHANGE,),

@@ -61,6 +61,17 @@ class Downlink:
         """How long the device may take to answer: until the deadline, or ``default`` without one."""
         return default if self.deadline is None else max(0.0, self.deadline - time.time())
 
+    def revokes(self, since: float) -> bool:
+        """Whether this is a ``revoked`` message that ends a session which logged in at ``since`` (Unix time):
+        one that logged in after the revocation used credentials valid now (a re-provisioned device connecting
+        with its new token at once) and stays. A message that does not say when (``revokedAt``) ends any."""
+        if self.kind != DOWNLINK_REVOKED:
+            return False
+        value = self.body.get("revokedAt")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return True
+        return float(value) >= since
+
 
 #: A session's callback for the messages of its device; must not block (queue the work itself).
 Sink = Callable[[Downlink], None]
@@ -206,3 +217,22 @@ def parse_downlink(message: AbstractIncomingMessage) -> Downlink | None:
     if deadline is None and isinstance(expiration, (int, float)):
         deadline = time.time() + float(expiration)
     return Downlink(kind, body, message.reply_to, message.correlation_id, deadline)
+
+
+#: How long a ``revoked`` message may wait in a device's queue (an HTTP poll's; sessions opened later ignore it).
+REVOKED_MESSAGE_TTL_S = 60.0
+
+
+async def end_sessions(bus: Bus, device_id: uuid.UUID | str) -> bool:
+    """Tell every gateway to end the device's live sessions opened until now (its credentials were revoked or
+    replaced: admin API revoke/rotate, re-provisioning): MQTT connections close (MQTT 5: DISCONNECT 0x87),
+    CoAP observations end with 4.01, HTTP long polls with 401. False when the bus could not take the message
+    (the credentials are dead all the same: those sessions then end at their next log-in)."""
+    body = json.dumps({"revokedAt": time.time()}).encode()
+    try:
+        await bus.publish(DOWNLINK_EXCHANGE, str(device_id), body, type=DOWNLINK_REVOKED,
+                          expiration=REVOKED_MESSAGE_TTL_S)
+    except RpcError as exc:
+        log.warning("credentials of device %s replaced, but its live sessions were not told: %s", device_id, exc)
+        return False
+    return True

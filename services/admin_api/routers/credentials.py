@@ -19,17 +19,14 @@ credentials at its claim (CHECK_PRE_PROVISIONED_DEVICES), as it would have the o
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
-import time
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
-from provisioning_common.bus import Bus, RpcError
-from provisioning_common.contract import DOWNLINK_EXCHANGE, DOWNLINK_REVOKED
 from provisioning_common.db import repository
+from provisioning_common.device_link import end_sessions
 from provisioning_common.models import CredentialsType, SuppliedCredentials
 
 from ..dependencies import Box, BusDep, Pool, api_error
@@ -39,23 +36,6 @@ from .devices import _CONFLICTS, device_json, prepare, supplied_credentials
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/devices/{device_id}/credentials")
-
-#: How long a ``revoked`` message may wait in an HTTP device's poll queue (polls opened later ignore it).
-REVOKED_MESSAGE_TTL_S = 60.0
-
-
-async def end_sessions(bus: Bus, device_id: uuid.UUID) -> bool:
-    """Tell every gateway to end the device's live sessions; False when the bus could not take it (the
-    credentials are revoked all the same: the sessions then end at their next log-in)."""
-    body = json.dumps({"revokedAt": time.time()}).encode()
-    try:
-        await bus.publish(DOWNLINK_EXCHANGE, str(device_id), body, type=DOWNLINK_REVOKED,
-                          expiration=REVOKED_MESSAGE_TTL_S)
-    except RpcError as exc:
-        log.warning("credentials of device %s revoked, but its live sessions were not told: %s", device_id, exc)
-        return False
-    return True
-
 
 @router.post("/revoke")
 async def revoke(device_id: uuid.UUID, pool: Pool, bus: BusDep) -> dict[str, Any]:

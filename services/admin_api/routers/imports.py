@@ -39,6 +39,7 @@ from provisioning_common.bus import Bus, RpcError
 from provisioning_common.contract import MINT_TOKENS, PREPARE_MANY
 from provisioning_common.db import repository
 from provisioning_common.db.repository import ImportCounts, ImportedDevice, ImportRowError
+from provisioning_common.device_link import end_sessions
 from provisioning_common.models import (
     CredentialsType,
     MintTokensRequest,
@@ -53,7 +54,6 @@ from pydantic import BaseModel, ValidationError
 
 from ..dependencies import Box, BusDep, Pool, api_error
 from ..schemas import PATTERN_MESSAGES, DeviceIn
-from .credentials import end_sessions
 from .devices import _CONFLICTS, supplied_credentials
 
 log = logging.getLogger("admin_api.imports")
