@@ -37,6 +37,7 @@ from . import health, metrics
 from .bus import Bus, UndeliveredHook
 from .context import current_request_id
 from .contract import Handler, Service
+from .logs import BatchedStreamHandler, batched_stderr
 from .settings import Settings, get_settings
 
 #: Start-up and shutdown lines are logged whatever LOG_LEVEL says: orchestration (devstack, an
@@ -49,13 +50,14 @@ def setup_logging(settings: Settings, service: str) -> None:
     this service's name and the request id in force (:mod:`.context`), control characters escaped
     (:func:`escape_controls`): a device name with a line feed cannot forge a line."""
     formatter = make_formatter(settings.log_format, service)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
+    # stderr in batches (provisioning_common.logs): a WARNING or worse, and every lifecycle line, at once.
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[BatchedStreamHandler(batched_stderr())])
     metrics.set_service(service)
     lifecycle = logging.getLogger(LIFECYCLE_LOGGER)
     lifecycle.setLevel(logging.INFO)
     lifecycle.propagate = False
     if not lifecycle.handlers:
-        lifecycle.addHandler(logging.StreamHandler(sys.stderr))
+        lifecycle.addHandler(BatchedStreamHandler(batched_stderr(), immediate_level=logging.DEBUG))
     # aiormq logs connection URLs at debug level, and returned or unexpected messages (bodies with
     # tokens) at error level; aio_pika logs every reconnect attempt. The Bus logs one line per
     # outage instead (provisioning_common.outage), so only their real errors pass, without bodies.
