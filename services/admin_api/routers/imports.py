@@ -75,8 +75,8 @@ PREPARE_TIMEOUT_S = 60.0
 
 #: The fields a row may carry (CSV columns after mapping, JSON lines' keys).
 FIELDS = ("name", "deviceKey", "accessToken", "mqttClientId", "mqttUserName", "mqttPassword", "x509")
-#: Fields accepted and not stored: ThingsBoard's label and type (this service has neither) and the columns
-#: of our own export (so an export can be imported again).
+#: Fields accepted and not stored: ThingsBoard's label (only a pre-provisioning hook sets one here) and type
+#: (this service has none), and the columns of our own export (so an export can be imported again).
 IGNORED_FIELDS = ("label", "type", "provisionState", "credentialsType", "createdTime", "provisionedTime")
 #: Header names (lower case, without spaces, ``_`` and ``-``) understood without a ``columns`` mapping.
 ALIASES: dict[str, str] = {

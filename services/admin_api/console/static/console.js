@@ -309,7 +309,8 @@ async function deviceDetail(id) {
     } }, "Delete")) : null;
   const row = (k, v) => h("tr", {}, h("th", {}, k), h("td", {}, v));
   replace(root, h("h1", {}, d.name), h("table", { id: "device-detail" },
-    row("Id", d.id), row("Profile", profile ? profile.name : d.deviceProfileId), row("Device key", d.deviceKey || ""),
+    row("Id", d.id), row("Label", d.label || ""), row("Profile", profile ? profile.name : d.deviceProfileId),
+    row("Device key", d.deviceKey || ""),
     row("Provision state", d.provisionState || "not provisioned"), row("Provisioned", last ? time(last.time) : ""),
     row("Transport used", last ? `${last.transport}${last.dialect ? ` (${last.dialect})` : ""}` : ""),
     row("Credentials type", d.credentialsType || "none (revoked)"), row("Gateway", d.gateway ? "yes" : "no"),
