@@ -44,7 +44,8 @@ GATEWAY_DRAIN_S = PROVISION_TIMEOUT_S + 5  # http_gateway: uvicorn's timeout_gra
 
 
 def _variables(env: Env) -> dict[str, str]:
-    return env.variables(PROVISION_TIMEOUT_S=str(PROVISION_TIMEOUT_S))
+    # Each device its own statement (no batching), so that every request in flight is seen waiting on the lock.
+    return env.variables(PROVISION_TIMEOUT_S=str(PROVISION_TIMEOUT_S), PROVISION_WRITE_BATCH_MAX="1")
 
 
 @contextlib.contextmanager

@@ -35,7 +35,14 @@ class Batcher(Generic[T, R]):
         self._flushing: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
-        """``item``'s result, raised when it is an exception."""
+        """``item``'s result, raised when it is an exception. With ``max_batch`` 1 nothing is batched: each item
+        runs at once, concurrently with the others (one round trip each)."""
+        if self._max_batch == 1:
+            self._sizes.observe(1)
+            [result] = await self._run([item])
+            if isinstance(result, BaseException):
+                raise result
+            return result
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._flushing is None:

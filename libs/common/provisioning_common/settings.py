@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     provision_hook_allow_http: bool = False
     provision_hook_max_concurrency: int = Field(default=64, ge=1, le=10_000)
     #: provisioning-core writes the devices of concurrent provision requests in batches of at most this many
-    #: (one statement and one commit per batch; a lone request goes out alone, at once). 1: one by one.
+    #: (one statement and one commit per batch; a lone request goes out alone, at once). 1: no batching (each
+    #: device its own statement, concurrently).
     provision_write_batch_max: int = Field(default=64, ge=1, le=64)
 
     #: MQTT gateway: plain and TLS listeners (0 disables one), server certificate and limits.

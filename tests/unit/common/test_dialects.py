@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from provisioning_common.dialects import (
     EXTRA_MAX_BYTES,
+    EXTRA_MAX_DEPTH,
     DialectError,
     detect_dialect,
     parse_provision_request,
@@ -623,3 +624,16 @@ def test_no_own_fields_and_too_many_of_them() -> None:
     over = parse_provision_request(json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": "s",
                                                "a": filler + "x"}).encode(), transport=Transport.HTTP)
     assert over.extra is None and over.provision_key == "k"  # dropped, not refused
+
+
+def test_own_fields_nested_too_deep_to_pass_on_are_dropped() -> None:
+    def body(depth: int) -> bytes:
+        return (b'{"provisionDeviceKey": "k", "provisionDeviceSecret": "s", "d": '
+                + b"[" * depth + b"1" + b"]" * depth + b"}")
+
+    at_limit = parse_provision_request(body(EXTRA_MAX_DEPTH - 1), transport=Transport.COAP)
+    assert at_limit.extra is not None and at_limit.extra["d"]
+    for depth in (EXTRA_MAX_DEPTH + 1, 900):  # 900: deeper than the bus's JSON parser goes
+        request = parse_provision_request(body(depth), transport=Transport.COAP)
+        assert request.extra is None and request.provision_key == "k"
+        ProvisionRequest.model_validate_json(request.model_dump_json())  # crosses the bus

@@ -17,13 +17,15 @@ from . import innoway, protobuf, thingsboard
 from ._json import DialectError, loads_object
 from .limits import check_request
 
-__all__ = ["DialectError", "EXTRA_MAX_BYTES", "parse_provision_request", "render_result", "render_error",
-           "detect_dialect"]
+__all__ = ["DialectError", "EXTRA_MAX_BYTES", "EXTRA_MAX_DEPTH", "parse_provision_request", "render_result",
+           "render_error", "detect_dialect"]
 
 #: The most the fields a device sends beyond its dialect's own (``ProvisionRequest.extra``, for the profile's
 #: pre-provisioning hook) may take as compact JSON; more are dropped (the hook sees ``"extra": null``), never
 #: refused, since ThingsBoard accepts any field it does not read.
 EXTRA_MAX_BYTES = 4096
+#: ... and at most this deep (arrays and objects in one another; the bus's JSON parser stops at 200).
+EXTRA_MAX_DEPTH = 32
 
 _MODULES: dict[Dialect, ModuleType] = {
     Dialect.THINGSBOARD: thingsboard,
@@ -75,8 +77,24 @@ def parse_provision_request(
 def _extra(body: bytes, fields: frozenset[str]) -> dict[str, Any] | None:
     """The body's fields other than ``fields``, with their JSON types (the dialects read numbers as their
     source text, as Gson does): parsed again, only for the bodies that have such fields."""
-    extra = {k: v for k, v in json.loads(body).items() if k not in fields}
-    return extra if len(json.dumps(extra, separators=(",", ":"))) <= EXTRA_MAX_BYTES else None
+    try:
+        extra = {k: v for k, v in json.loads(body).items() if k not in fields}
+        if not _shallow(extra, EXTRA_MAX_DEPTH):
+            return None
+        return extra if len(json.dumps(extra, separators=(",", ":"))) <= EXTRA_MAX_BYTES else None
+    except (RecursionError, ValueError):  # nested deeper than json goes: as good as too large
+        return None
+
+
+def _shallow(value: Any, depth: int) -> bool:
+    """Whether ``value`` nests at most ``depth`` arrays/objects deep (checked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(depth + 1):
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return True
+    return False
 
 
 def render_result(dialect: Dialect, result: ProvisionResult) -> bytes:
