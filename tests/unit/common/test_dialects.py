@@ -637,3 +637,10 @@ def test_own_fields_nested_too_deep_to_pass_on_are_dropped() -> None:
         request = parse_provision_request(body(depth), transport=Transport.COAP)
         assert request.extra is None and request.provision_key == "k"
         ProvisionRequest.model_validate_json(request.model_dump_json())  # crosses the bus
+
+
+def test_own_fields_with_a_lone_surrogate_are_dropped_and_the_request_crosses_the_bus() -> None:
+    body = b'{"provision_key": "k", "provision_secret": "s", "device_key": "dk", "aevice_name": "fz\\ud800-1"}'
+    request = parse_provision_request(body, transport=Transport.HTTP)
+    assert request.extra is None and request.device_key == "dk"
+    ProvisionRequest.model_validate_json(request.model_dump_json())

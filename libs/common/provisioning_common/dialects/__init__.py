@@ -21,8 +21,8 @@ __all__ = ["DialectError", "EXTRA_MAX_BYTES", "EXTRA_MAX_DEPTH", "parse_provisio
            "render_error", "detect_dialect"]
 
 #: The most the fields a device sends beyond its dialect's own (``ProvisionRequest.extra``, for the profile's
-#: pre-provisioning hook) may take as compact JSON; more are dropped (the hook sees ``"extra": null``), never
-#: refused, since ThingsBoard accepts any field it does not read.
+#: pre-provisioning hook) may take as compact UTF-8 JSON; more (or text that is not Unicode) are dropped (the
+#: hook sees ``"extra": null``), never refused, since ThingsBoard accepts any field it does not read.
 EXTRA_MAX_BYTES = 4096
 #: ... and at most this deep (arrays and objects in one another; the bus's JSON parser stops at 200).
 EXTRA_MAX_DEPTH = 32
@@ -81,8 +81,10 @@ def _extra(body: bytes, fields: frozenset[str]) -> dict[str, Any] | None:
         extra = {k: v for k, v in json.loads(body).items() if k not in fields}
         if not _shallow(extra, EXTRA_MAX_DEPTH):
             return None
-        return extra if len(json.dumps(extra, separators=(",", ":"))) <= EXTRA_MAX_BYTES else None
-    except (RecursionError, ValueError):  # nested deeper than json goes: as good as too large
+        # As UTF-8: a lone surrogate (a "\ud800" escape) cannot cross the bus, and drops them like excess.
+        encoded = json.dumps(extra, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return extra if len(encoded) <= EXTRA_MAX_BYTES else None
+    except (RecursionError, ValueError):  # UnicodeEncodeError is a ValueError
         return None
 
 
