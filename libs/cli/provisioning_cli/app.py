@@ -156,6 +156,15 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
+def delete(a: Api, path: str, object_id: str, what: str) -> None:
+    """DELETE ``path`` and say so: ``{"deleted": id}`` with --json, else "deleted <what>"."""
+    a.request("DELETE", path)
+    if a.as_json:
+        print_json({"deleted": object_id})
+    else:
+        out.print(f"deleted {what}", markup=False)
+
+
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     view = Table(title=title, show_lines=False)
     for column in columns:
@@ -273,11 +282,7 @@ def profiles_delete(ctx: typer.Context, profile: Annotated[str, typer.Argument(h
     """Delete a profile (refused while devices use it)."""
     a = api(ctx)
     current = find_profile(a, profile)
-    a.request("DELETE", f"/api/device-profiles/{current['id']}")
-    if a.as_json:
-        print_json({"deleted": current["id"]})
-    else:
-        out.print(f"deleted profile {current['name']} ({current['id']})", markup=False)
+    delete(a, f"/api/device-profiles/{current['id']}", current["id"], f"profile {current['name']} ({current['id']})")
 
 
 # --- devices ----------------------------------------------------------------------------------------
@@ -361,12 +366,7 @@ def devices_create(
 @devices_app.command("delete")
 def devices_delete(ctx: typer.Context, device_id: uuid.UUID) -> None:
     """Delete a device and its credentials."""
-    a = api(ctx)
-    a.request("DELETE", f"/api/devices/{device_id}")
-    if a.as_json:
-        print_json({"deleted": str(device_id)})
-    else:
-        out.print(f"deleted device {device_id}", markup=False)
+    delete(api(ctx), f"/api/devices/{device_id}", str(device_id), f"device {device_id}")
 
 
 def show_credentials(a: Api, device: dict[str, Any], title: str) -> None:
@@ -595,11 +595,7 @@ def operators_delete(ctx: typer.Context, operator: Annotated[str, typer.Argument
     """Delete an account and its tokens (the audit log keeps its name)."""
     a = api(ctx)
     found = find_operator(a, operator)
-    a.request("DELETE", f"/api/operators/{found['id']}")
-    if a.as_json:
-        print_json({"deleted": found["id"]})
-    else:
-        out.print(f"deleted operator {found['username']} ({found['id']})", markup=False)
+    delete(a, f"/api/operators/{found['id']}", found["id"], f"operator {found['username']} ({found['id']})")
 
 
 OperatorOption = Annotated[str, typer.Option("--operator", help="Whose tokens (user name or id; admins only);"
