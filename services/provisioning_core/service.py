@@ -14,6 +14,10 @@ derived from the request's content (key, secret, name, credentials), so a device
 request after a time-out or a lost answer gets that answer too, within
 ``PROVISION_REPLAY_WINDOW_S``, instead of "name taken".
 
+Writes in batches: the devices of concurrent requests go to Postgres together (:class:`batching.Batcher`,
+``PROVISION_WRITE_BATCH_MAX``), one statement and one commit per batch, each device in its own subtransaction,
+so each is still written whole or not at all and answered as if it had been alone; a lone request goes at once.
+
 Deadlines: nothing is written past the request's deadline (:func:`bus.current_deadline`; the
 write checks it in the same statement), and work whose answer provably reached nobody (it came
 back from the broker, or was ready only after the caller gave up) is undone, unless a retry was
