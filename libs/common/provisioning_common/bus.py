@@ -468,11 +468,13 @@ class Bus:
         return route
 
     async def _publish_properties(
-        self, exchange: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties
+        self, exchange: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties,
+        channel: AbstractChannel | None = None,
     ) -> None:
-        """What aio_pika's ``Exchange.publish`` does on the publishing channel (mandatory, confirmed), given the
-        AMQP properties: raises what it raises (a closed channel, a lost connection, ``PublishError``)."""
-        channel = self.channel
+        """What aio_pika's ``Exchange.publish`` does on ``channel`` (default: the publishing channel; mandatory,
+        confirmed), given the AMQP properties, without building an ``aio_pika.Message`` (requests and replies):
+        raises what it raises (a closed channel, a lost connection, ``PublishError``)."""
+        channel = channel or self.channel
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = await channel.get_underlay_channel()
@@ -687,7 +689,7 @@ class Bus:
         queue = await self._declare_service_route(channel, service.name)
         self._declared.add(self._settings.queue(request_exchange(service.name)))
         await self.reply_exchange()  # publishing a reply to a missing exchange would close this channel
-        replies = await channel.get_exchange(self._settings.queue(REPLY_EXCHANGE), ensure=False)
+        replies = self._settings.queue(REPLY_EXCHANGE)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._in_flight += 1
@@ -695,7 +697,7 @@ class Bus:
             # The caller's request id (an invalid one is dropped) is in force while this message is handled.
             token = set_request_id((message.headers or {}).get(REQUEST_ID_HEADER))
             try:
-                await self._handle(replies, entry_points, service.name, message, on_undelivered)
+                await self._handle(channel, replies, entry_points, service.name, message, on_undelivered)
             finally:
                 reset_request_id(token)
                 self._in_flight -= 1
@@ -707,7 +709,8 @@ class Bus:
 
     async def _handle(
         self,
-        replies: AbstractExchange,
+        channel: AbstractChannel,
+        replies: str,
         handlers: dict[str, Handler],
         service: str,
         message: AbstractIncomingMessage,
@@ -772,17 +775,12 @@ class Bus:
             try:
                 # Always rpc.replies, never the default exchange (a forged reply_to cannot make a
                 # service write where its user may not, which would close its consuming channel).
-                await replies.publish(
-                    aio_pika.Message(
-                        reply.model_dump_json().encode(),
-                        content_type="application/json",
-                        correlation_id=message.correlation_id,
-                        message_id=message.message_id,
-                        headers=headers,
-                    ),
-                    routing_key=message.reply_to,
-                    mandatory=True,
+                properties = aiormq.spec.Basic.Properties(
+                    content_type="application/json", correlation_id=message.correlation_id,
+                    message_id=message.message_id, headers=headers,
                 )
+                await self._publish_properties(replies, message.reply_to, reply.model_dump_json().encode(),
+                                               properties, channel)
             except aiormq.exceptions.PublishError:
                 # Returned unroutable: the caller's reply queue is gone, nobody will read this answer.
                 if on_undelivered is not None and request is not None and not headers:
