@@ -43,9 +43,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import itertools
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -64,7 +62,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from . import metrics
-from .context import REQUEST_ID_HEADER, current_request_id, reset_request_id, set_request_id
+from .context import REQUEST_ID_HEADER, current_request_id, new_request_id, reset_request_id, set_request_id
 from .contract import REPLY_EXCHANGE, Handler, OneWay, Rpc, Service, request_exchange
 from .models import RpcFailure
 from .outage import OutageLog
@@ -170,10 +168,6 @@ class Bus:
         self._channel: AbstractChannel | None = None
         self._reply_queue_name = reply_queue_prefix(settings, service_name) + uuid.uuid4().hex
         self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
-        #: Correlation ids (and default message ids): this Bus's random 64-bit prefix and a counter, 32 hex
-        #: digits like a uuid4's, unique across processes and restarts without a getrandom() per call.
-        self._id_prefix = secrets.token_hex(8)
-        self._id_counter = itertools.count(1)
         #: Per service called: (request exchange, routing key), once its route is known to exist.
         self._routes: dict[str, tuple[str, str]] = {}
         #: Queues and exchanges known to exist (looked up, or declared), by name.
@@ -397,9 +391,9 @@ class Bus:
             outcome = "connection_lost"
             raise
         finally:
-            seconds, calls = _client_metrics(rpc.service.name, rpc.name, outcome)
-            seconds.observe(time.perf_counter() - started)
-            calls.inc()
+            service, method = rpc.service.name, rpc.name
+            metrics.series(metrics.RPC_CLIENT_SECONDS, service, method).observe(time.perf_counter() - started)
+            metrics.series(metrics.RPC_CLIENT_CALLS, service, method, outcome).inc()
 
     async def _call(
         self, rpc: Rpc[Req, Resp], payload: Req, *, timeout: float | None, message_id: str | None,
@@ -416,7 +410,7 @@ class Bus:
         if budget <= 0:
             raise DeadlineExceeded(f"{service}.{method}: deadline already passed")
         body = payload.model_dump_json().encode()
-        correlation_id = self._new_id()
+        correlation_id = new_request_id()  # also the default message id
         future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         # The AMQP properties themselves, not an aio_pika.Message: its validated, lockable attributes cost ten
@@ -457,9 +451,6 @@ class Bus:
                 raise Unavailable(failure.error)
             raise RpcError(failure.error)
         return rpc.reply.model_validate_json(reply.body)
-
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     async def _route(self, service: str) -> tuple[str, str]:
         """``service``'s request exchange and routing key, its route made sure of (once per process)."""
@@ -606,7 +597,7 @@ class Bus:
         if timeout <= 0:
             raise RpcTimeout("no time left")
         await self._ensure_reply_consumer()
-        correlation_id = self._new_id()
+        correlation_id = new_request_id()  # also the default message id
         future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         deadline = time.time() + timeout
@@ -769,14 +760,14 @@ class Bus:
             _deadline.reset(token)
             # Only declared methods are labels: a message naming another method counts as "unknown".
             labels = (service, message.type if handler is not None and message.type else "unknown")
-            metrics.RPC_SERVER_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-            metrics.RPC_SERVER_CALLS.labels(*labels, outcome).inc()
+            metrics.series(metrics.RPC_SERVER_SECONDS, *labels).observe(time.perf_counter() - started)
+            metrics.series(metrics.RPC_SERVER_CALLS, *labels, outcome).inc()
         if message.reply_to and reply is not None:  # None: a one-way method was handled
             try:
                 # Always rpc.replies, never the default exchange (a forged reply_to cannot make a
                 # service write where its user may not, which would close its consuming channel).
                 properties = aiormq.spec.Basic.Properties(
-                    content_type="application/json", correlation_id=message.correlation_id,
+                    content_type=JSON, correlation_id=message.correlation_id,
                     message_id=message.message_id, headers=headers,
                 )
                 await self._publish_properties(replies, message.reply_to, reply.model_dump_json().encode(),
@@ -813,20 +804,6 @@ class Bus:
             if not future.done():
                 future.cancel()
         await self._connection.close()
-
-
-_CLIENT_METRICS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-
-
-def _client_metrics(service: str, method: str, outcome: str) -> tuple[Any, Any]:
-    """The ``provisioning_rpc_client_*`` series of one (service, method, outcome), looked up once: ``labels()``
-    takes a lock and builds its key on every call. Bounded: the contract's methods times a few outcomes."""
-    key = (service, method, outcome)
-    children = _CLIENT_METRICS.get(key)
-    if children is None:
-        children = _CLIENT_METRICS[key] = (metrics.RPC_CLIENT_SECONDS.labels(service, method),
-                                           metrics.RPC_CLIENT_CALLS.labels(service, method, outcome))
-    return children
 
 
 def _expiration(seconds: float) -> str:

@@ -179,7 +179,7 @@ def count_decisions(handlers: Sequence[Handler]) -> list[Handler]:
         async def decide(request: Any) -> object:
             answer = await func(request)
             if isinstance(answer, ProvisionResult):
-                CORE_DECISIONS.labels(method, provision_outcome(answer)).inc()
+                series(CORE_DECISIONS, method, provision_outcome(answer)).inc()
             return answer
 
         return Handler(handler.method, decide)
@@ -199,6 +199,13 @@ def render() -> tuple[bytes, str]:
 
 #: Every metric family name the services expose (histograms as their base name), for the checks of
 #: deploy/monitoring's dashboard and alert rules.
+@functools.cache
+def series(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set (``labels()`` takes a lock and builds its key at
+    every call; the hot path of every provision asks for the same few). Bounded as the labels are (above)."""
+    return metric.labels(*labels)
+
+
 NAMES = frozenset({
     "provisioning_service_info", "provisioning_provisions_total", "provisioning_provision_duration_seconds",
     "provisioning_x509_chain_provisions_total", "provisioning_core_decisions_total",

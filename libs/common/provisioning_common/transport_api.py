@@ -122,9 +122,8 @@ class TransportApi:
         else:
             label = "bad_request" if outcome.kind is OutcomeKind.BAD_REQUEST else "timeout"
         elapsed = time.perf_counter() - received
-        counted, timed = _provision_metrics(label, transport, outcome.dialect)
-        counted.inc()
-        timed.observe(elapsed)
+        metrics.series(metrics.PROVISIONS, label, transport.value, outcome.dialect.value).inc()
+        metrics.series(metrics.PROVISION_SECONDS, transport.value, label).observe(elapsed)
         # One line per answer, with the request id (the core's lines of the same request carry it too); the
         # refusals a flood produces (rate-limited, unparsable) only at DEBUG. Never the secret or credentials.
         level = logging.DEBUG if label in ("rate_limited", "bad_request") else logging.INFO
@@ -268,19 +267,7 @@ class TransportApi:
             return None
 
 
-_PROVISION_METRICS: dict[tuple[str, Transport, Dialect], tuple[Any, Any]] = {}
 
-
-def _provision_metrics(label: str, transport: Transport, dialect: Dialect) -> tuple[Any, Any]:
-    """The ``provisioning_provisions_total`` and ``provisioning_provision_duration_seconds`` series of one
-    (outcome, transport, dialect), looked up once (``labels()`` locks and builds its key at every call).
-    Bounded: a handful of outcomes times the transports and dialects."""
-    key = (label, transport, dialect)
-    series = _PROVISION_METRICS.get(key)
-    if series is None:
-        series = _PROVISION_METRICS[key] = (metrics.PROVISIONS.labels(label, transport.value, dialect.value),
-                                            metrics.PROVISION_SECONDS.labels(transport.value, label))
-    return series
 
 
 def is_json_document(payload: bytes) -> bool:
