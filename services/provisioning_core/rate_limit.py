@@ -26,14 +26,13 @@ datagrams can only use up CoAP's own budget of that address, never lock it out o
 from __future__ import annotations
 
 import enum
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from provisioning_common.device_api import parse_rate
 from provisioning_common.models import ProvisionRequest, Transport
-from provisioning_common.rate_limit import Bucket, MemoryStore, Store
+from provisioning_common.rate_limit import Bucket, MemoryStore, Store, address_key
 from provisioning_common.settings import Settings
 
 #: The period of the wrong-secret limits, whose settings count per minute.
@@ -87,14 +86,7 @@ def source_key(transport: Transport, address: str) -> str:
     """
     if not address:
         return ""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        key = address
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        key = str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
+    key = address_key(address)
     return f"coap:{key}" if transport is Transport.COAP else key
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,18 @@ class WindowCounter:
             if not name or (name not in self._counts and len(self._counts) >= self._max_names):
                 continue
             self._counts[name] = self._counts.get(name, 0) + 1
+
+
+def address_key(address: str) -> str:
+    """A client address as a bucket name: IPv6 per /64 (one host's usual allocation), IPv4-mapped IPv6 as the
+    IPv4 address; anything that is not an IP address (the MQTT bridge's ``mqtt-client:<id>``) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
 
 
 @dataclass(frozen=True)

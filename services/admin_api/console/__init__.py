@@ -39,7 +39,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from provisioning_common import passwords
 from provisioning_common.db import repository
-from provisioning_common.rate_limit import Bucket, PostgresStore
+from provisioning_common.rate_limit import Bucket, PostgresStore, address_key
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.staticfiles import StaticFiles
 
@@ -99,21 +99,10 @@ def _login_store(request: Request) -> PostgresStore:
     return store
 
 
-def _source(host: str) -> str:
-    """A client address as a bucket name: IPv6 per /64 (one host's usual allocation), IPv4-mapped as IPv4."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ipaddress.IPv6Network((ip, 64), strict=False)) if ip.version == 6 else str(ip)
-
-
 def login_buckets(request: Request, username: str) -> list[Bucket]:
     """The log-in attempt buckets of this request: its source address and the user name it tries."""
     per_minute = request.app.state.admin.settings.console_login_failures_per_minute
-    source = _source(request.client.host) if request.client else ""
+    source = address_key(request.client.host) if request.client else ""
     names = [f"console-login:user:{username.lower()}"] + ([f"console-login:source:{source}"] if source else [])
     return [Bucket(name, per_minute, LOGIN_PERIOD_S) for name in names]
 
