@@ -32,6 +32,16 @@ serving side handles the message with it in force, so every service's log lines 
 request carry the id its gateway gave it. Every call and every handled message is counted and timed
 per service and method (:mod:`.metrics`: ``provisioning_rpc_*``), time-outs apart.
 
+Batches (issue 18): the per-message work of AMQP - framing, publisher confirms, deliveries, acks, on the
+caller, the broker and the service alike - is most of what a call costs. Calls of a method the contract
+declares ``batched`` (provision, authenticate) that are made while one of its messages is being published
+travel together: one message (header ``x-batch``) whose body is a JSON array of the requests, each with
+its own correlation id, deadline and request id (:class:`BatchedRequest`); a lone call still goes alone, at
+once, as a plain message. The service handles each request of a batch on its own, as if it had come alone
+(its own deadline and request id in force, its own metrics), and answers those that finish together in
+one message (a JSON array of :class:`BatchedReply`), so a slow request never holds up its neighbours'
+answers; it acks the batch once every answer is out (a redelivered batch replays each request's answer).
+
 When the connection drops, callers fail at once (no waiting out the time-out), and a reply the
 broker cannot deliver (its caller vanished) is reported to the service through
 ``on_undelivered`` so that it can undo work nobody was told about.
@@ -43,11 +53,12 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import aio_pika
 import aiormq.exceptions
@@ -59,9 +70,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     ExchangeType,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import metrics
+from .batching import Batcher
 from .context import REQUEST_ID_HEADER, current_request_id, new_request_id, reset_request_id, set_request_id
 from .contract import REPLY_EXCHANGE, Handler, OneWay, Rpc, Service, request_exchange
 from .models import RpcFailure
@@ -77,6 +89,10 @@ Resp = TypeVar("Resp", bound=BaseModel)
 ERROR_HEADER = "x-rpc-error"
 #: Header of every request: the absolute deadline (Unix time, seconds) of the whole call chain.
 DEADLINE_HEADER = "x-deadline"
+#: Header of a message whose body is a JSON array of requests (or of their replies): how many.
+BATCH_HEADER = "x-batch"
+#: The most requests one batch message may hold (a longer one is dropped, with a warning).
+BATCH_MAX = 256
 #: ``reply_to`` of RabbitMQ's direct reply-to: answered on the default exchange, which needs write on
 #: ``amq.default`` (a development broker's guest); with least privilege, answer through REPLY_EXCHANGE.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -145,6 +161,62 @@ OUTBOX_MAX = 10_000
 UndeliveredHook = Callable[[BaseModel, BaseModel], Awaitable[None]]
 
 
+class BatchedRequest(BaseModel):
+    """One request of a batch message: what a plain message carries in its properties and body."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: Its correlation id, by which the caller matches the answer.
+    id: str = Field(min_length=1, max_length=128)
+    #: Its deadline (Unix time; ``x-deadline`` of a plain message).
+    dl: float | None = None
+    #: Its request id (``x-request-id``).
+    rid: str | None = None
+    #: The request's JSON (the method's request model), as a string.
+    b: str
+
+
+class BatchedReply(BaseModel):
+    """One answer of a batch reply."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    #: The body is an :class:`RpcFailure` (``x-rpc-error`` of a plain reply).
+    err: bool = False
+    #: The reply's JSON, as a string.
+    b: str
+
+
+_BATCH_REQUESTS: TypeAdapter[list[BatchedRequest]] = TypeAdapter(
+    Annotated[list[BatchedRequest], Field(min_length=1, max_length=BATCH_MAX)])
+_BATCH_REPLIES: TypeAdapter[list[BatchedReply]] = TypeAdapter(list[BatchedReply])
+
+
+class _Outgoing(NamedTuple):
+    """A call waiting for its batch message."""
+
+    correlation_id: str
+    message_id: str
+    deadline: float
+    request_id: str | None
+    body: bytes
+
+
+class _Answer(NamedTuple):
+    """What handling one request gave: the validated request, the reply (an RpcFailure when ``failed``), and
+    whether a one-way message must be tried again later (a dependency was down)."""
+
+    request: BaseModel | None
+    reply: BaseModel | None
+    failed: bool
+    retry: bool = False
+
+
+#: A reply as its caller reads it: whether it is an RpcFailure, and its JSON.
+_Reply = tuple[bool, bytes | str]
+
+
 def service_queue_arguments(settings: Settings) -> dict[str, Any]:
     """The arguments of every service's request queue: identical wherever it is declared (the services,
     callers on a development broker, and a deployment's definitions), or RabbitMQ refuses the declaration."""
@@ -167,7 +239,9 @@ class Bus:
         self._connection = connection
         self._channel: AbstractChannel | None = None
         self._reply_queue_name = reply_queue_prefix(settings, service_name) + uuid.uuid4().hex
-        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._pending: dict[str, asyncio.Future[_Reply]] = {}
+        #: Per batched method called: the batcher of its outgoing calls.
+        self._outgoing: dict[tuple[str, str], Batcher[_Outgoing, None]] = {}
         #: Per service called: (request exchange, routing key), once its route is known to exist.
         self._routes: dict[str, tuple[str, str]] = {}
         #: Queues and exchanges known to exist (looked up, or declared), by name.
@@ -345,9 +419,21 @@ class Bus:
             self._reply_consumer_started = True
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        if headers.get(BATCH_HEADER):
+            try:
+                replies = _BATCH_REPLIES.validate_json(message.body)
+            except ValidationError:
+                log.warning("dropped a malformed batch reply (%d bytes)", len(message.body))
+                return
+            for reply in replies:
+                future = self._pending.pop(reply.id, None)
+                if future is not None and not future.done():
+                    future.set_result((reply.err, reply.b))
+            return
         future = self._pending.pop(message.correlation_id or "", None)
         if future is not None and not future.done():
-            future.set_result(message)
+            future.set_result((bool(headers.get(ERROR_HEADER)), message.body))
 
     # --- caller side -------------------------------------------------------------------
 
@@ -409,32 +495,21 @@ class Bus:
         budget = deadline - now
         if budget <= 0:
             raise DeadlineExceeded(f"{service}.{method}: deadline already passed")
-        body = payload.model_dump_json().encode()
         correlation_id = new_request_id()  # also the default message id
-        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+        call = _Outgoing(correlation_id, message_id or correlation_id, deadline, current_request_id(),
+                         payload.model_dump_json().encode())
+        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
-        # The AMQP properties themselves, not an aio_pika.Message: its validated, lockable attributes cost ten
-        # times as much to build as the properties it would be turned into (the hot path of every provision).
-        properties = aiormq.spec.Basic.Properties(
-            content_type=JSON,
-            message_type=method,
-            correlation_id=correlation_id,
-            message_id=message_id or correlation_id,
-            reply_to=self._reply_queue_name,
-            headers=_call_headers(deadline),
-            # Nothing is taken from the queue after the deadline (the handler checks it too).
-            expiration=_expiration(budget),
-            # Transient: a request lives at most ``timeout`` seconds, after which its caller has
-            # answered the device anyway; writing it to disk would only cost broker time.
-            delivery_mode=_TRANSIENT,
-        )
         try:
             async with asyncio.timeout(budget + grace):
                 if not self._reply_consumer_started:
                     await self._ensure_reply_consumer()
                 route = self._routes.get(service) or await self._route(service)
-                await self._publish_properties(route[0], route[1], body, properties)
-                reply = await future
+                if rpc.batched and self._settings.bus_call_batch_max > 1:
+                    await self._batcher(rpc, route).submit(call)
+                else:
+                    await self._publish_calls(method, route, [call])
+                failed, body = await future
         except TimeoutError:
             raise RpcTimeout(f"{service}.{method} did not answer within {budget + grace:.3g}s") from None
         except RpcError:
@@ -443,14 +518,53 @@ class Bus:
             raise ConnectionLost(f"bus unavailable: {type(exc).__name__}") from None
         finally:
             self._pending.pop(correlation_id, None)
-        if reply.headers.get(ERROR_HEADER):
-            failure = RpcFailure.model_validate_json(reply.body)
+        if failed:
+            failure = RpcFailure.model_validate_json(body)
             if failure.code == CODE_DEADLINE:
                 raise DeadlineExceeded(failure.error)
             if failure.code == CODE_UNAVAILABLE:
                 raise Unavailable(failure.error)
             raise RpcError(failure.error)
-        return rpc.reply.model_validate_json(reply.body)
+        return rpc.reply.model_validate_json(body)
+
+    def _batcher(self, rpc: Rpc[Any, Any], route: tuple[str, str]) -> Batcher[_Outgoing, None]:
+        key = (rpc.service.name, rpc.name)
+        batcher = self._outgoing.get(key)
+        if batcher is None:
+            batcher = self._outgoing[key] = Batcher(
+                functools.partial(self._publish_calls, rpc.name, route),
+                max_batch=self._settings.bus_call_batch_max, name=f"call.{rpc}")
+        return batcher
+
+    async def _publish_calls(self, method: str, route: tuple[str, str], calls: list[_Outgoing]) -> list[None]:
+        """Publish ``calls`` of ``method``: one plain message for one call, else one batch message."""
+        if len(calls) == 1:
+            [call] = calls
+            correlation_id, message_id, deadline = call.correlation_id, call.message_id, call.deadline
+            headers = _call_headers(deadline, call.request_id)
+            body = call.body
+        else:
+            correlation_id = message_id = new_request_id()
+            deadline = max(call.deadline for call in calls)
+            headers = {DEADLINE_HEADER: f"{deadline:.6f}", BATCH_HEADER: len(calls)}
+            body = _batch_body(calls)
+        # The AMQP properties themselves, not an aio_pika.Message: its validated, lockable attributes cost ten
+        # times as much to build as the properties it would be turned into (the hot path of every provision).
+        properties = aiormq.spec.Basic.Properties(
+            content_type=JSON,
+            message_type=method,
+            correlation_id=correlation_id,
+            message_id=message_id,
+            reply_to=self._reply_queue_name,
+            headers=headers,
+            # Nothing is taken from the queue after the (last) deadline (the handler checks each too).
+            expiration=_expiration(max(deadline - time.time(), 0.001)),
+            # Transient: a request lives at most ``timeout`` seconds, after which its caller has
+            # answered the device anyway; writing it to disk would only cost broker time.
+            delivery_mode=_TRANSIENT,
+        )
+        await self._publish_properties(route[0], route[1], body, properties)
+        return [None] * len(calls)
 
     async def _route(self, service: str) -> tuple[str, str]:
         """``service``'s request exchange and routing key, its route made sure of (once per process)."""
@@ -598,7 +712,7 @@ class Bus:
             raise RpcTimeout("no time left")
         await self._ensure_reply_consumer()
         correlation_id = new_request_id()  # also the default message id
-        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         deadline = time.time() + timeout
         try:
@@ -608,18 +722,18 @@ class Bus:
                     routing_key,
                     body,
                     type=type,
-                    headers={**(headers or {}), **_call_headers(deadline)},
+                    headers={**(headers or {}), **_call_headers(deadline, current_request_id())},
                     reply_to=self._reply_queue_name,
                     correlation_id=correlation_id,
                     expiration=timeout,
                     mandatory=True,
                 )
-                reply = await future
+                _, answer = await future
         except TimeoutError:
             raise RpcTimeout(f"no answer on {exchange_name} within {timeout:.3g}s") from None
         finally:
             self._pending.pop(correlation_id, None)
-        return bytes(reply.body)
+        return answer.encode() if isinstance(answer, str) else bytes(answer)
 
     async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
         """Answer a message that asked (:meth:`ask`, or :meth:`call`'s protocol) on its ``reply_to``:
@@ -686,9 +800,13 @@ class Bus:
             self._in_flight += 1
             self._idle.clear()
             # The caller's request id (an invalid one is dropped) is in force while this message is handled.
-            token = set_request_id((message.headers or {}).get(REQUEST_ID_HEADER))
+            headers = message.headers or {}
+            token = set_request_id(headers.get(REQUEST_ID_HEADER))
             try:
-                await self._handle(channel, replies, entry_points, service.name, message, on_undelivered)
+                if headers.get(BATCH_HEADER):
+                    await self._handle_batch(channel, replies, entry_points, service.name, message, on_undelivered)
+                else:
+                    await self._handle(channel, replies, entry_points, service.name, message, on_undelivered)
             finally:
                 reset_request_id(token)
                 self._in_flight -= 1
@@ -697,6 +815,59 @@ class Bus:
 
         tag = await queue.consume(on_message)
         self._consumers.append((queue, tag))
+
+    async def _answer(
+        self, handler: Handler | None, service: str, method: str | None, body: bytes | str, deadline: float | None
+    ) -> _Answer:
+        """Handle one request (a plain message's, or one of a batch): its reply, or the failure its caller is told."""
+        request: BaseModel | None = None
+        reply: BaseModel | None = None
+        token = _deadline.set(deadline)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            if handler is None:
+                raise RpcError(f"{service} has no method {method!r}")
+            if deadline is not None and time.time() >= deadline:
+                raise DeadlineExceeded(f"{service}.{method}: deadline passed before it was handled")
+            request = handler.method.request.model_validate_json(body)
+            # Not cancelled at the deadline: a write cancelled mid-commit would leave its outcome
+            # unknown. Handlers check the deadline themselves, and the database refuses to commit
+            # past it, so a late handler ends with a clear "too late" (or undoes what it did).
+            answer = await handler.func(request)
+            if handler.replies:
+                if not isinstance(answer, BaseModel):
+                    raise TypeError(f"{handler.method} returned {type(answer).__name__}")
+                reply = answer
+            outcome = "ok"
+            return _Answer(request, reply, failed=False)
+        except ValidationError as exc:
+            outcome = "invalid"
+            return _Answer(request, RpcFailure(error=f"invalid {method} request: {exc.error_count()} errors"), True)
+        except DeadlineExceeded:
+            outcome = "deadline"
+            return _Answer(request, RpcFailure(error="deadline exceeded", code=CODE_DEADLINE), True)
+        except Unavailable as exc:
+            outcome = "unavailable"
+            if handler is not None and not handler.replies:
+                # A one-way message (an abandon) that a dependency outage kept from being done:
+                # nobody waits for it, so try again once the outage may be over instead of losing it.
+                return _Answer(request, None, True, retry=True)
+            return _Answer(request, RpcFailure(error=str(exc), code=CODE_UNAVAILABLE), True)
+        except RpcError as exc:
+            return _Answer(request, RpcFailure(error=str(exc)), True)
+        except asyncio.CancelledError:
+            # Shutting down mid-request: leave it unacked so another instance gets it.
+            raise
+        except Exception as exc:
+            log.exception("%s.%s failed", service, method)
+            return _Answer(request, RpcFailure(error=f"{type(exc).__name__}"), True)
+        finally:
+            _deadline.reset(token)
+            # Only declared methods are labels: a message naming another method counts as "unknown".
+            labels = (service, method if handler is not None and method else "unknown")
+            metrics.series(metrics.RPC_SERVER_SECONDS, *labels).observe(time.perf_counter() - started)
+            metrics.series(metrics.RPC_SERVER_CALLS, *labels, outcome).inc()
 
     async def _handle(
         self,
@@ -707,78 +878,99 @@ class Bus:
         message: AbstractIncomingMessage,
         on_undelivered: UndeliveredHook | None,
     ) -> None:
-        handler = handlers.get(message.type or "")
-        headers: dict[str, Any] = {}
-        request: BaseModel | None = None
-        reply: BaseModel | None = None
-        deadline = _header_deadline(message)
-        token = _deadline.set(deadline)
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            if handler is None:
-                raise RpcError(f"{service} has no method {message.type!r}")
-            if deadline is not None and time.time() >= deadline:
-                raise DeadlineExceeded(f"{service}.{message.type}: deadline passed before it was handled")
-            request = handler.method.request.model_validate_json(message.body)
-            # Not cancelled at the deadline: a write cancelled mid-commit would leave its outcome
-            # unknown. Handlers check the deadline themselves, and the database refuses to commit
-            # past it, so a late handler ends with a clear "too late" (or undoes what it did).
-            answer = await handler.func(request)
-            if handler.replies:
-                if not isinstance(answer, BaseModel):
-                    raise TypeError(f"{handler.method} returned {type(answer).__name__}")
-                reply = answer
-            outcome = "ok"
-        except ValidationError as exc:
-            outcome = "invalid"
-            reply, headers = RpcFailure(error=f"invalid {message.type} request: {exc.error_count()} errors"), {
-                ERROR_HEADER: 1
-            }
-        except DeadlineExceeded:
-            outcome = "deadline"
-            reply, headers = RpcFailure(error="deadline exceeded", code=CODE_DEADLINE), {ERROR_HEADER: 1}
-        except Unavailable as exc:
-            outcome = "unavailable"
-            if handler is not None and not handler.replies:
-                # A one-way message (an abandon) that a dependency outage kept from being done:
-                # nobody waits for it, so try again once the outage may be over instead of losing it.
-                await asyncio.sleep(self._settings.bus_reconnect_interval_s)
-                with contextlib.suppress(Exception):  # the channel is gone: the broker redelivers it anyway
-                    await message.nack(requeue=True)
-                return
-            reply, headers = RpcFailure(error=str(exc), code=CODE_UNAVAILABLE), {ERROR_HEADER: 1}
-        except RpcError as exc:
-            reply, headers = RpcFailure(error=str(exc)), {ERROR_HEADER: 1}
-        except asyncio.CancelledError:
-            # Shutting down mid-request: leave it unacked so another instance gets it.
-            raise
-        except Exception as exc:
-            log.exception("%s.%s failed", service, message.type)
-            reply, headers = RpcFailure(error=f"{type(exc).__name__}"), {ERROR_HEADER: 1}
-        finally:
-            _deadline.reset(token)
-            # Only declared methods are labels: a message naming another method counts as "unknown".
-            labels = (service, message.type if handler is not None and message.type else "unknown")
-            metrics.series(metrics.RPC_SERVER_SECONDS, *labels).observe(time.perf_counter() - started)
-            metrics.series(metrics.RPC_SERVER_CALLS, *labels, outcome).inc()
-        if message.reply_to and reply is not None:  # None: a one-way method was handled
+        """A plain message: one request, answered alone, then acked."""
+        answer = await self._answer(handlers.get(message.type or ""), service, message.type, message.body,
+                                    _header_deadline(message))
+        if answer.retry:
+            await asyncio.sleep(self._settings.bus_reconnect_interval_s)
+            with contextlib.suppress(Exception):  # the channel is gone: the broker redelivers it anyway
+                await message.nack(requeue=True)
+            return
+        if message.reply_to and answer.reply is not None:  # None: a one-way method was handled
             try:
                 # Always rpc.replies, never the default exchange (a forged reply_to cannot make a
                 # service write where its user may not, which would close its consuming channel).
                 properties = aiormq.spec.Basic.Properties(
                     content_type=JSON, correlation_id=message.correlation_id,
-                    message_id=message.message_id, headers=headers,
+                    message_id=message.message_id, headers={ERROR_HEADER: 1} if answer.failed else {},
                 )
-                await self._publish_properties(replies, message.reply_to, reply.model_dump_json().encode(),
+                await self._publish_properties(replies, message.reply_to, answer.reply.model_dump_json().encode(),
                                                properties, channel)
             except aiormq.exceptions.PublishError:
                 # Returned unroutable: the caller's reply queue is gone, nobody will read this answer.
-                if on_undelivered is not None and request is not None and not headers:
-                    await _quietly(on_undelivered(request, reply), service)
+                await self._undelivered(answer, on_undelivered, service)
             except Exception as exc:  # our connection dropped: leave the request unacked (redelivered)
                 self._outage.failed(f"reply not sent ({type(exc).__name__})")
                 return
+        await self._ack(message)
+
+    async def _handle_batch(
+        self,
+        channel: AbstractChannel,
+        replies: str,
+        handlers: dict[str, Handler],
+        service: str,
+        message: AbstractIncomingMessage,
+        on_undelivered: UndeliveredHook | None,
+    ) -> None:
+        """A batch message: each request handled on its own, concurrently; the answers that are ready together
+        leave in one message; acked once all are out."""
+        handler = handlers.get(message.type or "")
+        try:
+            requests = _BATCH_REQUESTS.validate_json(message.body)
+        except ValidationError:
+            requests = []
+        if handler is None or not handler.replies or not requests or not message.reply_to:
+            # Only a caller that is not this bus's makes one: nobody to answer (no correlation ids to answer by).
+            log.warning("%s: dropped a batch message of %r that is not a batch of requests to answer", service,
+                        message.type)
+            await self._ack(message)
+            return
+        answers: Batcher[tuple[str, bool, str], bool] = Batcher(
+            functools.partial(self._publish_replies, channel, replies, message.reply_to, message.correlation_id),
+            max_batch=len(requests), name=f"reply.{service}")
+
+        async def one(request: BatchedRequest) -> None:
+            token = set_request_id(request.rid)
+            try:
+                answer = await self._answer(handler, service, message.type, request.b, request.dl)
+            finally:
+                reset_request_id(token)
+            assert answer.reply is not None  # a method that replies (checked above)
+            if not await answers.submit((request.id, answer.failed, answer.reply.model_dump_json())):
+                await self._undelivered(answer, on_undelivered, service)
+
+        outcomes = await asyncio.gather(*(one(request) for request in requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):  # our connection dropped: leave the batch unacked (redelivered)
+                self._outage.failed(f"reply not sent ({type(outcome).__name__})")
+                return
+        await self._ack(message)
+
+    async def _publish_replies(
+        self, channel: AbstractChannel, replies: str, reply_to: str, correlation_id: str | None,
+        answers: list[tuple[str, bool, str]],
+    ) -> list[bool]:
+        """Publish answers of one batch in one message; per answer, whether it could be routed to its caller."""
+        body = _BATCH_REPLIES.dump_json([BatchedReply.model_construct(id=id_, err=failed, b=reply)
+                                         for id_, failed, reply in answers])
+        properties = aiormq.spec.Basic.Properties(content_type=JSON, correlation_id=correlation_id,
+                                                  headers={BATCH_HEADER: len(answers)})
+        try:
+            await self._publish_properties(replies, reply_to, body, properties, channel)
+        except aiormq.exceptions.PublishError:
+            return [False] * len(answers)
+        return [True] * len(answers)
+
+    @staticmethod
+    async def _undelivered(answer: _Answer, on_undelivered: UndeliveredHook | None, service: str) -> None:
+        """An answer came back unroutable (its caller is gone): let the service undo what nobody was told."""
+        if on_undelivered is not None and answer.request is not None and answer.reply is not None and not answer.failed:
+            await _quietly(on_undelivered(answer.request, answer.reply), service)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
             await message.ack()
         except Exception as exc:  # the channel is gone; the broker redelivers the request
@@ -811,13 +1003,21 @@ def _expiration(seconds: float) -> str:
     return str(int(seconds * 1000))
 
 
-def _call_headers(deadline: float) -> dict[str, Any]:
-    """The call context of a request: its deadline, and the request id in force (if any)."""
+def _call_headers(deadline: float, request_id: str | None) -> dict[str, Any]:
+    """The call context of a request: its deadline, and the request id in force when it was made (if any)."""
     headers: dict[str, Any] = {DEADLINE_HEADER: f"{deadline:.6f}"}
-    request_id = current_request_id()
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     return headers
+
+
+def _batch_body(calls: list[_Outgoing]) -> bytes:
+    """A batch message's body: the JSON array of :class:`BatchedRequest`."""
+    return _BATCH_REQUESTS.dump_json([
+        BatchedRequest.model_construct(id=call.correlation_id, dl=call.deadline, rid=call.request_id,
+                                       b=call.body.decode())
+        for call in calls
+    ])
 
 
 def _header_deadline(message: AbstractIncomingMessage) -> float | None:

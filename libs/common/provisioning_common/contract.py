@@ -63,8 +63,8 @@ class Service:
     name: str
     methods: dict[str, Method] = field(default_factory=dict, repr=False)
 
-    def rpc(self, name: str, request: type[Req], reply: type[Resp]) -> Rpc[Req, Resp]:
-        return self._declare(Rpc(self, name, request, reply))
+    def rpc(self, name: str, request: type[Req], reply: type[Resp], *, batched: bool = False) -> Rpc[Req, Resp]:
+        return self._declare(Rpc(self, name, request, reply, batched))
 
     def one_way(self, name: str, request: type[Req]) -> OneWay[Req]:
         return self._declare(OneWay(self, name, request))
@@ -100,6 +100,10 @@ class Rpc(Generic[Req, Resp]):
     name: str
     request: type[Req]
     reply: type[Resp]
+    #: Concurrent calls may travel together, several requests in one message and their answers in one
+    #: message back (``BUS_CALL_BATCH_MAX``; :mod:`.bus`): for the hot methods, whose per-message cost on
+    #: the bus is most of what a call costs.
+    batched: bool = False
 
     def handler(self, func: Callable[[Req], Awaitable[Resp]]) -> Handler:
         return Handler(self, func)
@@ -170,7 +174,7 @@ def _check_annotations(handler: Handler) -> None:
 
 #: provisioning-core: the provisioning rules (every transport's request ends here).
 CORE = Service("provisioning_core")
-PROVISION = CORE.rpc("provision", ProvisionRequest, ProvisionResult)
+PROVISION = CORE.rpc("provision", ProvisionRequest, ProvisionResult, batched=True)
 #: A TLS client presented a chain whose leaf is unknown: the X509_CERTIFICATE_CHAIN strategy.
 PROVISION_X509_CHAIN = CORE.rpc("provision_x509_chain", X509ChainProvisionRequest, ProvisionResult)
 #: A gateway answered "timed out" without the core's answer: undo what the request committed.
@@ -181,7 +185,7 @@ REPORT_TIMEOUT = CORE.one_way("report_timeout", ProvisionEvent)
 
 #: credentials, the part the gateways and broker_auth call: checking a device's login.
 CREDENTIALS = Service("credentials")
-AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, AuthenticateResult)
+AUTHENTICATE = CREDENTIALS.rpc("authenticate", AuthenticateRequest, AuthenticateResult, batched=True)
 
 #: credentials.internal: hashing and minting credentials, and the device CA (signing). Served by the same
 #: process on a queue of its own, whose exchange only provisioning-core and admin-api may write to (their

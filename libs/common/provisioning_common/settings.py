@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     provision_replay_window_s: float = Field(default=600.0, ge=0, le=3600)
     #: Unacknowledged messages a consumer holds at once (per service instance).
     bus_prefetch: int = Field(default=128, ge=1, le=10_000)
+    #: Calls of a batched method (contract ``batched=True``: provision, authenticate) made while one of its
+    #: messages is being published travel together, at most this many requests in one message; a lone call
+    #: goes at once. 1: one message per call.
+    bus_call_batch_max: int = Field(default=32, ge=1, le=256)
     #: ``quorum`` (replicated, what a cluster wants) or ``classic`` request queues.
     bus_queue_type: str = Field(default="classic", pattern="^(classic|quorum)$")
 
