@@ -50,13 +50,13 @@ class Reply(BaseModel):
 
 
 ECHO = Service("bench_echo")
-CALL = ECHO.rpc("call", Request, Reply)
+CALL = ECHO.rpc("call", Request, Reply, batched=True)  # as provision is: --batch-max 1 turns batching off
 ANSWER = Reply(status="SUCCESS", device_id=str(uuid.uuid4()), credentials_type="ACCESS_TOKEN",
                credentials_value="x" * 20)
 
 
-def _settings(url: str, namespace: str) -> Settings:
-    return Settings(rabbitmq_url=url, bus_namespace=namespace, provision_timeout_s=30)
+def _settings(url: str, namespace: str, batch_max: int = 32) -> Settings:
+    return Settings(rabbitmq_url=url, bus_namespace=namespace, provision_timeout_s=30, bus_call_batch_max=batch_max)
 
 
 def serve(url: str, namespace: str, ready: Any, stop: Any, cpu: Any) -> None:
@@ -80,9 +80,9 @@ def serve(url: str, namespace: str, ready: Any, stop: Any, cpu: Any) -> None:
     asyncio.run(main())
 
 
-async def call_many(url: str, namespace: str, count: int, concurrency: int) -> tuple[float, float]:
+async def call_many(url: str, namespace: str, count: int, concurrency: int, batch_max: int) -> tuple[float, float]:
     """Wall seconds and caller CPU seconds for ``count`` calls (after 500 uncounted ones)."""
-    bus = await Bus.connect(_settings(url, namespace), "bench_caller")
+    bus = await Bus.connect(_settings(url, namespace, batch_max), "bench_caller")
     next_index = 0
 
     async def worker(until: int) -> None:
@@ -109,6 +109,8 @@ def main() -> None:
     p.add_argument("-n", "--requests", type=int, default=20000)
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--rabbitmq-url", default=os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    p.add_argument("--batch-max", type=int, default=32,
+                   help="BUS_CALL_BATCH_MAX of the caller (the method is declared batched, as provision is); 1: off")
     p.add_argument("--json", action="store_true", help="print one JSON line as well")
     args = p.parse_args()
     namespace = f"bench-bus-{uuid.uuid4().hex[:8]}."
@@ -120,15 +122,18 @@ def main() -> None:
         server.kill()
         sys.exit("the echo service did not start (is RabbitMQ at --rabbitmq-url?)")
     try:
-        wall, caller_cpu = asyncio.run(call_many(args.rabbitmq_url, namespace, args.requests, args.concurrency))
+        wall, caller_cpu = asyncio.run(call_many(args.rabbitmq_url, namespace, args.requests, args.concurrency,
+                                                args.batch_max))
     finally:
         stop.set()
         server.join(15)
     result = {"calls_per_s": round(args.requests / wall, 1),
               "caller_cpu_us_per_call": round(1e6 * caller_cpu / args.requests, 1),
-              "service_cpu_s_total": round(cpu.value, 2), "requests": args.requests, "concurrency": args.concurrency}
+              "service_cpu_s_total": round(cpu.value, 2), "requests": args.requests, "concurrency": args.concurrency,
+              "batch_max": args.batch_max}
     print(f"{result['calls_per_s']:,.0f} calls/s; caller CPU {result['caller_cpu_us_per_call']} us per call "
-          f"({args.requests} calls, {args.concurrency} at a time; echo service CPU {result['service_cpu_s_total']} s)")
+          f"({args.requests} calls, {args.concurrency} at a time, BUS_CALL_BATCH_MAX {args.batch_max}; echo service "
+          f"CPU {result['service_cpu_s_total']} s, its start and 500 warm-up calls included)")
     if args.json:
         print(json.dumps(result))
 
