@@ -13,7 +13,7 @@ from provisioning_common import metrics, runtime
 from provisioning_common.bus import Bus
 from provisioning_common.contract import CORE, DEVICE_API, EVENTS_EXCHANGE
 from provisioning_common.db import repository
-from provisioning_common.events import EventSink, EventWriter, ProvisionEvent
+from provisioning_common.events import EventSink, EventWriter, ProvisionEvent, wire_json_array
 from provisioning_common.rate_limit import PostgresStore
 from provisioning_common.secretbox import SecretBox
 
@@ -88,11 +88,11 @@ class EventPublisher:
             await self._bus.exchange(EVENTS_EXCHANGE)  # looked up, or declared on a development broker
             channel = await self._bus.open_channel()
             self._exchange = await channel.get_exchange(self._bus.settings.queue(EVENTS_EXCHANGE), ensure=False)
-        by_key: dict[str, list[bytes]] = {}
+        by_key: dict[str, list[ProvisionEvent]] = {}
         for event in batch:
-            by_key.setdefault(event.routing_key, []).append(event.wire_json())
-        for routing_key, bodies in by_key.items():
-            message = aio_pika.Message(b"[" + b",".join(bodies) + b"]", content_type="application/json",
+            by_key.setdefault(event.routing_key, []).append(event)
+        for routing_key, events in by_key.items():
+            message = aio_pika.Message(wire_json_array(events), content_type="application/json",
                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             # Not mandatory: events nobody bound a queue for are dropped by the broker, not returned to us.
             await self._exchange.publish(message, routing_key=routing_key, mandatory=False)

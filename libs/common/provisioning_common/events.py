@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -155,14 +155,63 @@ class ProvisionEvent(BaseModel):
         """``<outcome>.<transport>`` on the ``provisioning.events`` exchange, e.g. ``NOT_FOUND.HTTP``."""
         return f"{self.outcome.value}.{self.transport.value}"
 
+    @classmethod
+    def trusted(
+        cls, *, outcome: Outcome, reason: Reason, transport: Transport, dialect: Dialect | None, source_address: str,
+        device_profile_id: uuid.UUID | None, device_id: uuid.UUID | None, device_name: str | None, request_id: str,
+        latency_ms: float,
+    ) -> ProvisionEvent:
+        """The event ``ProvisionEvent(...)`` makes of these, now, without pydantic's validation: provisioning-core's
+        hot path (one per provision), where every value is already of its field's type. The validators' work
+        (client text made storable, a blank name None, no negative latency) is done here, in about half the time
+        validating takes. ``test_a_trusted_event_is_the_validated_one`` keeps the two the same."""
+        if latency_ms < 0:
+            raise ValueError("latency_ms < 0")
+        event = cls.__new__(cls)
+        _set(event, "__dict__", {
+            "time": datetime.datetime.now(datetime.UTC), "outcome": outcome, "reason": reason, "transport": transport,
+            "dialect": dialect, "source_address": _storable(source_address), "device_profile_id": device_profile_id,
+            "device_id": device_id, "device_name": _storable(device_name) or None, "request_id": _storable(request_id),
+            "latency_ms": latency_ms,
+        })
+        # What validation records (model_fields_set): every field but the defaulted time.
+        _set(event, "__pydantic_fields_set__", set(_TRUSTED_FIELDS_SET))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
+
     def wire(self) -> dict[str, Any]:
-        """The documented JSON: camelCase, ``time`` in milliseconds since the epoch (like ``createdTime``)."""
-        body = self.model_dump(mode="json", by_alias=True)
-        body["time"] = int(self.time.timestamp() * 1000)
-        return body
+        """The documented JSON: camelCase, ``time`` in milliseconds since the epoch (like ``createdTime``).
+
+        Written out rather than ``model_dump(mode="json", by_alias=True)`` (what it equals, key order included:
+        ``test_the_wire_form_is_the_model_dump``), which took about twice as long, once per event on the core."""
+        profile_id, device_id, dialect = self.device_profile_id, self.device_id, self.dialect
+        return {
+            "time": int(self.time.timestamp() * 1000),
+            "outcome": self.outcome.value,
+            "reason": self.reason.value,
+            "transport": self.transport.value,
+            "dialect": None if dialect is None else dialect.value,
+            "sourceAddress": self.source_address,
+            "deviceProfileId": None if profile_id is None else str(profile_id),
+            "deviceId": None if device_id is None else str(device_id),
+            "deviceName": self.device_name,
+            "requestId": self.request_id,
+            "latencyMs": self.latency_ms,
+        }
 
     def wire_json(self) -> bytes:
         return json.dumps(self.wire(), separators=(",", ":")).encode()
+
+
+def wire_json_array(events: Iterable[ProvisionEvent]) -> bytes:
+    """A JSON array of the events' :meth:`~ProvisionEvent.wire` forms (one message on the exchange), rendered
+    in one ``json.dumps``: the same bytes as ``b"[" + b",".join(e.wire_json() for e in events) + b"]"``."""
+    return json.dumps([event.wire() for event in events], separators=(",", ":")).encode()
+
+
+_set = object.__setattr__  # what pydantic's model_construct sets an instance's state with
+_TRUSTED_FIELDS_SET = frozenset(ProvisionEvent.model_fields) - {"time"}
 
 
 class EventSink:

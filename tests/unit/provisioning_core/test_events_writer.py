@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from provisioning_common.events import EventWriter, Outcome, ProvisionEvent, Reason
+from provisioning_common.events import EventWriter, Outcome, ProvisionEvent, Reason, wire_json_array
 from provisioning_common.models import Dialect, Transport
 
 
@@ -48,7 +48,7 @@ async def running(writer: EventWriter) -> AsyncIterator[None]:
 
 
 async def test_emit_only_queues_and_the_background_task_writes_one_batch_in_order() -> None:
-    store, published = Store(), []
+    store, published = Store(), list[ProvisionEvent]()
 
     async def publish(batch: Sequence[ProvisionEvent]) -> None:
         published.extend(batch)
@@ -167,3 +167,47 @@ def test_client_text_is_storable() -> None:
     assert e.device_name is not None and "\x00" not in e.device_name and len(e.device_name) == 255
     assert e.source_address == "s\ufffd"
     assert event(device_name="").device_name is None
+
+
+TRUSTED_CASES: list[dict[str, object]] = [
+    {"outcome": Outcome.SUCCESS, "reason": Reason.CREATED, "transport": Transport.HTTP, "dialect": Dialect.THINGSBOARD,
+     "source_address": "10.0.0.1", "device_profile_id": uuid.uuid4(), "device_id": uuid.uuid4(),
+     "device_name": "dev", "request_id": "rid", "latency_ms": 1.25},
+    {"outcome": Outcome.X509_REFUSED, "reason": Reason.CN_MISMATCH, "transport": Transport.MQTT, "dialect": None,
+     "source_address": "s\x00" + "x" * 300, "device_profile_id": None, "device_id": None,
+     "device_name": "a\x00b" + "y" * 300, "request_id": "r\x00" * 200, "latency_ms": 0.0},
+    {"outcome": Outcome.NOT_FOUND, "reason": Reason.UNKNOWN_KEY, "transport": Transport.COAP,
+     "dialect": Dialect.INNOWAY, "source_address": "", "device_profile_id": None, "device_id": None,
+     "device_name": "", "request_id": "", "latency_ms": 12.0},
+]
+
+
+@pytest.mark.parametrize("fields", TRUSTED_CASES)
+def test_a_trusted_event_is_the_validated_one(fields: dict[str, object]) -> None:
+    """The core's unvalidated constructor (its hot path) makes the event validation would."""
+    trusted = ProvisionEvent.trusted(**fields)  # type: ignore[arg-type]
+    validated = ProvisionEvent.model_validate({**fields, "time": trusted.time})
+    assert trusted == validated and trusted.model_dump() == validated.model_dump()
+    assert trusted.model_fields_set == validated.model_fields_set - {"time"}
+    assert list(trusted.__dict__) == list(ProvisionEvent.model_fields)
+    assert trusted.time.tzinfo is datetime.UTC and abs(trusted.time - datetime.datetime.now(datetime.UTC)).seconds < 5
+    assert trusted.wire_json() == validated.wire_json()
+    with pytest.raises(ValueError):
+        ProvisionEvent.trusted(**{**fields, "latency_ms": -1.0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", TRUSTED_CASES)
+def test_the_wire_form_is_the_model_dump(fields: dict[str, object]) -> None:
+    """wire() is written out for speed; it stays model_dump's JSON (keys in the same order), time in ms."""
+    e = ProvisionEvent.model_validate(fields)
+    dumped = e.model_dump(mode="json", by_alias=True)
+    dumped["time"] = int(e.time.timestamp() * 1000)
+    assert e.wire() == dumped and list(e.wire()) == list(dumped)
+    assert e.wire_json() == json.dumps(dumped, separators=(",", ":")).encode()
+
+
+def test_a_batch_renders_as_the_array_of_its_events() -> None:
+    events = [ProvisionEvent.model_validate(f) for f in TRUSTED_CASES]
+    assert wire_json_array(events) == b"[" + b",".join(e.wire_json() for e in events) + b"]"
+    assert json.loads(wire_json_array(events)) == [e.wire() for e in events]
+    assert wire_json_array([]) == b"[]"
