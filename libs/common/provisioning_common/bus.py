@@ -253,6 +253,9 @@ class Bus:
         self._reply_consumer_lock = asyncio.Lock()
         self._direct_reply_channel: AbstractChannel | None = None
         self._in_flight = 0
+        #: Requests handled at once by this process's services: BUS_PREFETCH, whether they came alone or in
+        #: batches (the prefetch window counts messages, and a batch message holds up to BATCH_MAX requests).
+        self._handling = asyncio.Semaphore(settings.bus_prefetch)
         self._idle = asyncio.Event()
         self._idle.set()
         self._outage = OutageLog(log, "RabbitMQ")
@@ -537,7 +540,20 @@ class Bus:
         return batcher
 
     async def _publish_calls(self, method: str, route: tuple[str, str], calls: list[_Outgoing]) -> list[None]:
-        """Publish ``calls`` of ``method``: one plain message for one call, else one batch message."""
+        """Publish ``calls`` of ``method``: one plain message for one call, else one batch message.
+
+        A call that ended while it waited for its batch (its caller gave up, or the connection dropped and
+        failed it) is not sent: nobody would read its answer, and its caller may already have said "timed
+        out". A publish that outlasts the calls' deadlines (a broker that stopped confirming) fails them
+        rather than holding up every later batch."""
+        calls_left = [call for call in calls if call.correlation_id in self._pending]
+        if calls_left:
+            async with asyncio.timeout(max(call.deadline for call in calls_left) - time.time()
+                                       + self._settings.bus_reply_grace_s):
+                await self._publish_calls_now(method, route, calls_left)
+        return [None] * len(calls)
+
+    async def _publish_calls_now(self, method: str, route: tuple[str, str], calls: list[_Outgoing]) -> None:
         if len(calls) == 1:
             [call] = calls
             correlation_id, message_id, deadline = call.correlation_id, call.message_id, call.deadline
@@ -564,7 +580,6 @@ class Bus:
             delivery_mode=_TRANSIENT,
         )
         await self._publish_properties(route[0], route[1], body, properties)
-        return [None] * len(calls)
 
     async def _route(self, service: str) -> tuple[str, str]:
         """``service``'s request exchange and routing key, its route made sure of (once per process)."""
@@ -879,8 +894,9 @@ class Bus:
         on_undelivered: UndeliveredHook | None,
     ) -> None:
         """A plain message: one request, answered alone, then acked."""
-        answer = await self._answer(handlers.get(message.type or ""), service, message.type, message.body,
-                                    _header_deadline(message))
+        async with self._handling:
+            answer = await self._answer(handlers.get(message.type or ""), service, message.type, message.body,
+                                        _header_deadline(message))
         if answer.retry:
             await asyncio.sleep(self._settings.bus_reconnect_interval_s)
             with contextlib.suppress(Exception):  # the channel is gone: the broker redelivers it anyway
@@ -933,7 +949,8 @@ class Bus:
         async def one(request: BatchedRequest) -> None:
             token = set_request_id(request.rid)
             try:
-                answer = await self._answer(handler, service, message.type, request.b, request.dl)
+                async with self._handling:
+                    answer = await self._answer(handler, service, message.type, request.b, request.dl)
             finally:
                 reset_request_id(token)
             assert answer.reply is not None  # a method that replies (checked above)
