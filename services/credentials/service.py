@@ -7,6 +7,9 @@ import base64
 import functools
 import json
 import logging
+import os
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,6 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from provisioning_common.bus import DeadlineExceeded, current_deadline
 from provisioning_common.certificates import name_hash, to_pem
 from provisioning_common.contract import (
     AUTHENTICATE,
@@ -48,6 +52,7 @@ from . import hashing, x509_ca
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+T = TypeVar("T")
 
 _DENIED = AuthenticateResult(authenticated=False)
 
@@ -63,6 +68,29 @@ class _Stored:
     credentials_type: CredentialsType
     secret_hash: str | None
     public: dict[str, Any]
+
+
+#: Password hashes (scrypt, ~80 ms of CPU each) computed at once, in threads; the others wait their turn in
+#: :func:`hash_off_loop`, where a request whose deadline passed meanwhile gives up instead of hashing for nobody.
+#: Without it every request held in the prefetch window queued in the thread pool, and after a burst (or a
+#: broker restart that left its callers gone) the hashes of requests nobody waited for any more delayed the
+#: next ones past their deadlines.
+HASHES_AT_ONCE = max(2, os.cpu_count() or 2)
+_hash_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+async def hash_off_loop(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` (a password hash or check) in a thread, at most :data:`HASHES_AT_ONCE` at a time; raises
+    :class:`DeadlineExceeded` instead when the request's deadline passed while it waited."""
+    loop = asyncio.get_running_loop()
+    slots = _hash_slots.get(loop)
+    if slots is None:
+        slots = _hash_slots[loop] = asyncio.Semaphore(HASHES_AT_ONCE)
+    async with slots:
+        deadline = current_deadline()
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlineExceeded("deadline passed while waiting to hash a password")
+        return await asyncio.to_thread(func, *args)
 
 
 def minted_token(length: int) -> PreparedCredentials:
@@ -103,7 +131,7 @@ async def prepare_credentials(req: PrepareCredentialsRequest) -> PreparedCredent
             credentials_id = hashing.tb_sha3(client_id)
         else:
             credentials_id = hashing.tb_sha3(client_id, username)
-        secret_hash = await asyncio.to_thread(hashing.hash_password, password) if password else None
+        secret_hash = await hash_off_loop(hashing.hash_password, password) if password else None
         return PreparedCredentials(
             credentials_type=ctype,
             credentials_id=credentials_id,
@@ -254,7 +282,7 @@ class CredentialsService:
         checks = _PasswordChecks()
         result = await self._mqtt_basic_lookup(req, checks)
         if req.password and not checks.hashed and not await self._is_token(req.password):
-            await asyncio.to_thread(hashing.verify_or_burn, req.password, None)
+            await hash_off_loop(hashing.verify_or_burn, req.password, None)
         return result
 
     async def _is_token(self, password: str) -> bool:
@@ -295,7 +323,7 @@ class CredentialsService:
             if not req.password:
                 return "PASSWORD_MISMATCH"
             checks.hashed = True
-            if not await asyncio.to_thread(hashing.verify_or_burn, req.password, stored.secret_hash):
+            if not await hash_off_loop(hashing.verify_or_burn, req.password, stored.secret_hash):
                 return "PASSWORD_MISMATCH"
         return "VALID"
 

@@ -581,6 +581,8 @@ async def check_no_stuck_devices(
         secrets_to_find.update(outcome.returned_secrets())
     texts = outputs()
     report.secrets_in_logs, report.secret_lines_in_logs, report.secret_log_examples = scan_logs(texts, secrets_to_find)
-    report.tracebacks = {service: text.count("Traceback") for service, text in texts.items() if "Traceback" in text}
+    # asyncio's "Future exception was never retrieved" is an unhandled error too, whether or not it shows a traceback.
+    report.tracebacks = {service: count for service, text in texts.items()
+                         if (count := text.count("Traceback") + text.count("exception was never retrieved"))}
     report.traceback_examples = traceback_summaries(texts)
     return report

@@ -521,6 +521,7 @@ class Bus:
             raise ConnectionLost(f"bus unavailable: {type(exc).__name__}") from None
         finally:
             self._pending.pop(correlation_id, None)
+            _retrieved(future)
         if failed:
             failure = RpcFailure.model_validate_json(body)
             if failure.code == CODE_DEADLINE:
@@ -748,6 +749,7 @@ class Bus:
             raise RpcTimeout(f"no answer on {exchange_name} within {timeout:.3g}s") from None
         finally:
             self._pending.pop(correlation_id, None)
+            _retrieved(future)
         return answer.encode() if isinstance(answer, str) else bytes(answer)
 
     async def reply(self, reply_to: str, correlation_id: str, body: bytes) -> None:
@@ -1026,6 +1028,13 @@ def _call_headers(deadline: float, request_id: str | None) -> dict[str, Any]:
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     return headers
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a reply future's exception as seen: a lost connection fails every pending call's future, also of
+    calls that end another way (their publish failed too), and asyncio would log each as never retrieved."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 def _batch_body(calls: list[_Outgoing]) -> bytes:
