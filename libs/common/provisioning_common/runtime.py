@@ -50,6 +50,12 @@ def setup_logging(settings: Settings, service: str) -> None:
     this service's name and the request id in force (:mod:`.context`), control characters escaped
     (:func:`escape_controls`): a device name with a line feed cannot forge a line."""
     formatter = make_formatter(settings.log_format, service)
+    # Neither format shows a record's source line, thread or process: skip gathering them for every record
+    # (logging's documented optimisations; the caller's frame alone was ~1.3% of a gateway's CPU per provision).
+    logging._srcfile = None  # noqa: SLF001 - the documented switch
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # stderr in batches (provisioning_common.logs): a WARNING or worse, and every lifecycle line, at once.
     logging.basicConfig(level=settings.log_level.upper(), handlers=[BatchedStreamHandler(batched_stderr())])
     metrics.set_service(service)

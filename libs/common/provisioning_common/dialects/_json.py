@@ -19,12 +19,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON literal {name}")
 
 
+#: One decoder for every request (json.loads with keyword arguments builds a new one per call).
+_DECODER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=_reject_constant)
+
+
 def loads_object(body: bytes) -> dict[str, Any]:
     """Parse a request body; numbers keep their source text, as Gson's ``getAsString`` does."""
     try:
         # Decode strictly first: json.loads(bytes) would let UTF-8-encoded surrogates through.
         text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
-        value = json.loads(text, parse_int=str, parse_float=str, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DialectError(f"Request body is not valid JSON: {_short(exc)}") from None
     except RecursionError:
