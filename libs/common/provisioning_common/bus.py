@@ -213,6 +213,18 @@ class _Answer(NamedTuple):
     retry: bool = False
 
 
+class _Serving(NamedTuple):
+    """What every message a :meth:`Bus.serve` consumer takes is handled with."""
+
+    #: The consuming channel (replies are published and acks sent on it).
+    channel: AbstractChannel
+    #: The full name of the replies exchange.
+    replies: str
+    handlers: dict[str, Handler]
+    service: str
+    on_undelivered: UndeliveredHook | None
+
+
 #: A reply as its caller reads it: whether it is an RpcFailure, and its JSON.
 _Reply = tuple[bool, bytes | str]
 
@@ -811,7 +823,7 @@ class Bus:
         queue = await self._declare_service_route(channel, service.name)
         self._declared.add(self._settings.queue(request_exchange(service.name)))
         await self.reply_exchange()  # publishing a reply to a missing exchange would close this channel
-        replies = self._settings.queue(REPLY_EXCHANGE)
+        serving = _Serving(channel, self._settings.queue(REPLY_EXCHANGE), entry_points, service.name, on_undelivered)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._in_flight += 1
@@ -821,9 +833,9 @@ class Bus:
             token = set_request_id(headers.get(REQUEST_ID_HEADER))
             try:
                 if headers.get(BATCH_HEADER):
-                    await self._handle_batch(channel, replies, entry_points, service.name, message, on_undelivered)
+                    await self._handle_batch(serving, message)
                 else:
-                    await self._handle(channel, replies, entry_points, service.name, message, on_undelivered)
+                    await self._handle(serving, message)
             finally:
                 reset_request_id(token)
                 self._in_flight -= 1
@@ -886,19 +898,11 @@ class Bus:
             metrics.series(metrics.RPC_SERVER_SECONDS, *labels).observe(time.perf_counter() - started)
             metrics.series(metrics.RPC_SERVER_CALLS, *labels, outcome).inc()
 
-    async def _handle(
-        self,
-        channel: AbstractChannel,
-        replies: str,
-        handlers: dict[str, Handler],
-        service: str,
-        message: AbstractIncomingMessage,
-        on_undelivered: UndeliveredHook | None,
-    ) -> None:
+    async def _handle(self, serving: _Serving, message: AbstractIncomingMessage) -> None:
         """A plain message: one request, answered alone, then acked."""
         async with self._handling:
-            answer = await self._answer(handlers.get(message.type or ""), service, message.type, message.body,
-                                        _header_deadline(message))
+            answer = await self._answer(serving.handlers.get(message.type or ""), serving.service, message.type,
+                                        message.body, _header_deadline(message))
         if answer.retry:
             await asyncio.sleep(self._settings.bus_reconnect_interval_s)
             with contextlib.suppress(Exception):  # the channel is gone: the broker redelivers it anyway
@@ -912,28 +916,20 @@ class Bus:
                     content_type=JSON, correlation_id=message.correlation_id,
                     message_id=message.message_id, headers={ERROR_HEADER: 1} if answer.failed else {},
                 )
-                await self._publish_properties(replies, message.reply_to, answer.reply.model_dump_json().encode(),
-                                               properties, channel)
+                await self._publish_properties(serving.replies, message.reply_to,
+                                               answer.reply.model_dump_json().encode(), properties, serving.channel)
             except aiormq.exceptions.PublishError:
                 # Returned unroutable: the caller's reply queue is gone, nobody will read this answer.
-                await self._undelivered(answer, on_undelivered, service)
+                await self._undelivered(answer, serving)
             except Exception as exc:  # our connection dropped: leave the request unacked (redelivered)
                 self._outage.failed(f"reply not sent ({type(exc).__name__})")
                 return
         await self._ack(message)
 
-    async def _handle_batch(
-        self,
-        channel: AbstractChannel,
-        replies: str,
-        handlers: dict[str, Handler],
-        service: str,
-        message: AbstractIncomingMessage,
-        on_undelivered: UndeliveredHook | None,
-    ) -> None:
+    async def _handle_batch(self, serving: _Serving, message: AbstractIncomingMessage) -> None:
         """A batch message: each request handled on its own, concurrently; the answers that are ready together
         leave in one message; acked once all are out."""
-        handler = handlers.get(message.type or "")
+        handler, service = serving.handlers.get(message.type or ""), serving.service
         try:
             requests = _BATCH_REQUESTS.validate_json(message.body)
         except ValidationError:
@@ -945,7 +941,7 @@ class Bus:
             await self._ack(message)
             return
         answers: Batcher[tuple[str, bool, str], bool] = Batcher(
-            functools.partial(self._publish_replies, channel, replies, message.reply_to, message.correlation_id),
+            functools.partial(self._publish_replies, serving, message.reply_to, message.correlation_id),
             max_batch=len(requests), name=f"reply.{service}")
 
         async def one(request: BatchedRequest) -> None:
@@ -957,7 +953,7 @@ class Bus:
                 reset_request_id(token)
             assert answer.reply is not None  # a method that replies (checked above)
             if not await answers.submit((request.id, answer.failed, answer.reply.model_dump_json())):
-                await self._undelivered(answer, on_undelivered, service)
+                await self._undelivered(answer, serving)
 
         outcomes = await asyncio.gather(*(one(request) for request in requests), return_exceptions=True)
         for outcome in outcomes:
@@ -969,8 +965,7 @@ class Bus:
         await self._ack(message)
 
     async def _publish_replies(
-        self, channel: AbstractChannel, replies: str, reply_to: str, correlation_id: str | None,
-        answers: list[tuple[str, bool, str]],
+        self, serving: _Serving, reply_to: str, correlation_id: str | None, answers: list[tuple[str, bool, str]],
     ) -> list[bool]:
         """Publish answers of one batch in one message; per answer, whether it could be routed to its caller."""
         body = _BATCH_REPLIES.dump_json([BatchedReply.model_construct(id=id_, err=failed, b=reply)
@@ -978,16 +973,17 @@ class Bus:
         properties = aiormq.spec.Basic.Properties(content_type=JSON, correlation_id=correlation_id,
                                                   headers={BATCH_HEADER: len(answers)})
         try:
-            await self._publish_properties(replies, reply_to, body, properties, channel)
+            await self._publish_properties(serving.replies, reply_to, body, properties, serving.channel)
         except aiormq.exceptions.PublishError:
             return [False] * len(answers)
         return [True] * len(answers)
 
     @staticmethod
-    async def _undelivered(answer: _Answer, on_undelivered: UndeliveredHook | None, service: str) -> None:
+    async def _undelivered(answer: _Answer, serving: _Serving) -> None:
         """An answer came back unroutable (its caller is gone): let the service undo what nobody was told."""
-        if on_undelivered is not None and answer.request is not None and answer.reply is not None and not answer.failed:
-            await _quietly(on_undelivered(answer.request, answer.reply), service)
+        hook = serving.on_undelivered
+        if hook is not None and answer.request is not None and answer.reply is not None and not answer.failed:
+            await _quietly(hook(answer.request, answer.reply), serving.service)
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
