@@ -46,6 +46,8 @@ class Served:
     #: Set to let the request "slow" finish.
     release: asyncio.Event
     settings: Settings
+    #: The texts the service handled, in order.
+    seen: list[str]
 
 
 def _batches(name: str) -> tuple[float, float]:
@@ -61,8 +63,10 @@ async def _serve(env: Env, batch_max: int) -> AsyncIterator[Served]:
     service = Service(f"batch-echo-{uuid.uuid4().hex[:8]}")
     echo = service.rpc("echo", Echo, Echoed, batched=True)
     release = asyncio.Event()
+    seen: list[str] = []
 
     async def handle(request: Echo) -> Echoed:
+        seen.append(request.text)
         if request.text == "fail":
             raise RpcError("asked to fail")
         if request.text == "slow":
@@ -73,7 +77,7 @@ async def _serve(env: Env, batch_max: int) -> AsyncIterator[Served]:
     caller = await Bus.connect(settings, "batch-caller")
     await server.serve(service, [echo.handler(handle)])
     try:
-        yield Served(service, caller, server, release, settings)
+        yield Served(service, caller, server, release, settings, seen)
     finally:
         release.set()
         await caller.close()
@@ -228,3 +232,33 @@ async def test_a_call_whose_deadline_passes_in_the_queue_is_refused_alone(served
     short, long = await asyncio.gather(*pending, return_exceptions=True)
     assert isinstance(short, DeadlineExceeded | RpcError)
     assert isinstance(long, Echoed) and long.text == "long"
+
+
+async def test_a_call_whose_caller_gave_up_before_its_batch_left_is_not_sent(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its caller may already have answered "timed out" (and sent its abandon): the request must not reach the
+    service after that."""
+    await _call(served, "warm-up", "warm-up")
+    held = asyncio.Event()
+    publishing = asyncio.Event()
+    publish = served.caller._publish_properties  # noqa: SLF001 - held to keep the next batch waiting
+
+    async def slow_publish(*args: object, **kwargs: object) -> None:
+        if not held.is_set():
+            publishing.set()
+            await held.wait()
+        await publish(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(served.caller, "_publish_properties", slow_publish)
+    first = asyncio.ensure_future(_call(served, "first", "first"))
+    await publishing.wait()  # the first message is being published: the next calls wait for the next batch
+    gave_up = asyncio.ensure_future(_call(served, "gave up", "gave-up"))
+    kept = asyncio.ensure_future(_call(served, "kept", "kept"))
+    await asyncio.sleep(0.05)
+    gave_up.cancel()  # its caller stops waiting (a time-out, a closed connection) before the batch leaves
+    held.set()
+    assert (await first).text == "first"
+    assert (await kept).text == "kept"  # its neighbour in that batch went out and was answered
+    assert "gave up" not in served.seen
+    assert served.seen[-2:] == ["first", "kept"]
