@@ -13,13 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from provisioning_common import health
 from provisioning_common.bus import Bus
-from provisioning_common.context import (
-    current_request_id,
-    new_request_id,
-    reset_request_id,
-    set_request_id,
-    valid_request_id,
-)
+from provisioning_common.context import choose_request_id, reset_request_id, set_request_id
 from provisioning_common.dialects import render_error
 from provisioning_common.models import Dialect, Transport
 from provisioning_common.settings import Settings
@@ -71,7 +65,7 @@ class ProvisionFastPath:
             if name == b"x-request-id":
                 asked = value
                 break
-        request_id = valid_request_id(asked) or current_request_id() or new_request_id()
+        request_id = choose_request_id(asked)
         token = set_request_id(request_id)
         try:
             outcome = await self._api().provision(body, transport=Transport.HTTP, source_address=source)

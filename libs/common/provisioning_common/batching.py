@@ -30,7 +30,7 @@ class Batcher(Generic[T, R]):
     ) -> None:
         self._run = run
         self._max_batch = max_batch
-        self._sizes = metrics.BATCH_SIZE.labels(name)
+        self._sizes = metrics.series(metrics.BATCH_SIZE, name)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flushing: asyncio.Task[None] | None = None
 

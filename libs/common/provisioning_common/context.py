@@ -75,11 +75,16 @@ def valid_request_id(value: object) -> str | None:
     return value if REQUEST_ID_PATTERN.fullmatch(value) else None
 
 
+def choose_request_id(request_id: object = None) -> str:
+    """The id a request runs under: ``request_id`` if it is valid, else the current one if a request is already
+    being handled, else a fresh one."""
+    return valid_request_id(request_id) or _request_id.get() or new_request_id()
+
+
 @contextlib.contextmanager
 def request_scope(request_id: object = None) -> Iterator[str]:
-    """Run the block as one request: with ``request_id`` if it is valid, else the current one if a request
-    is already being handled, else a fresh one. Yields the id in force."""
-    chosen = valid_request_id(request_id) or _request_id.get() or new_request_id()
+    """Run the block as one request, under :func:`choose_request_id`'s id. Yields the id in force."""
+    chosen = choose_request_id(request_id)
     token = _request_id.set(chosen)
     try:
         yield chosen

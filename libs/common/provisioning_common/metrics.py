@@ -197,8 +197,6 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-#: Every metric family name the services expose (histograms as their base name), for the checks of
-#: deploy/monitoring's dashboard and alert rules.
 @functools.cache
 def series(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, looked up once per label set (``labels()`` takes a lock and builds its key at
@@ -206,6 +204,8 @@ def series(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+#: Every metric family name the services expose (histograms as their base name), for the checks of
+#: deploy/monitoring's dashboard and alert rules.
 NAMES = frozenset({
     "provisioning_service_info", "provisioning_provisions_total", "provisioning_provision_duration_seconds",
     "provisioning_x509_chain_provisions_total", "provisioning_core_decisions_total",

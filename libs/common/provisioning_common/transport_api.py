@@ -267,9 +267,6 @@ class TransportApi:
             return None
 
 
-
-
-
 def is_json_document(payload: bytes) -> bool:
     """Telemetry must be a JSON object or array (ThingsBoard rejects anything else).
 
