@@ -395,21 +395,20 @@ class MqttSession:
             # A rate limit: the FAILURE answer ("retry later"), PUBACK 0x97 (quota exceeded, MQTT 5), then closed.
             self._publish_response(body)
             self._puback_then_disconnect(packet, RC_QUOTA_EXCEEDED)
-        if packet.qos == 1 and packet.packet_id is not None:
-            self._send(codec.encode_puback(packet.packet_id, protocol_level=self._level))
-        self._publish_response(body)
+        # PUBACK and the answer in one write (one system call, one segment): the order the device sees is the same.
+        puback = (codec.encode_puback(packet.packet_id, protocol_level=self._level)
+                  if packet.qos == 1 and packet.packet_id is not None else b"")
+        self._send(puback + self._response(body))
         await self._conn.drain()
         if self._limits.provision_close_s > 0:
             asyncio.get_running_loop().call_later(self._limits.provision_close_s, self._conn.close)
 
     def _publish_response(self, body: bytes) -> None:
+        self._send(self._response(body))
+
+    def _response(self, body: bytes) -> bytes:
+        """The PUBLISH of ``body`` on the response topic, at the QoS the device subscribed with (1 unsubscribed)."""
         qos = 1 if self._response_qos is None else self._response_qos
-        self._send(
-            codec.encode_publish(
-                RESPONSE_TOPIC,
-                body,
-                qos=qos,
-                packet_id=self._packet_id() if qos else None,
-                protocol_level=self._level,
-            )
+        return codec.encode_publish(
+            RESPONSE_TOPIC, body, qos=qos, packet_id=self._packet_id() if qos else None, protocol_level=self._level
         )

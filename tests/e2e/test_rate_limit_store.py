@@ -86,3 +86,19 @@ async def test_a_failing_batch_fails_each_of_its_waiters_and_the_next_batch_work
             await pool.execute("ALTER TABLE rate_limit_buckets_away RENAME TO rate_limit_buckets")
         assert all(isinstance(r, asyncpg.UndefinedTableError) for r in results)
         assert await store.admit([], [_bucket(5)]) == (0, 0.0)
+
+
+async def test_a_batch_that_only_checks_refuses_on_an_empty_bucket_and_writes_nothing(database: str) -> None:
+    """Requests with nothing to take (the right secret with no provisions limit) are decided by one read: an
+    empty checked bucket refuses, with the time until it has room; nothing is created or moved."""
+    async with asyncpg.create_pool(database, min_size=1, max_size=2) as pool:
+        store = PostgresStore(pool)
+        empty, unknown = _bucket(1), _bucket(3)
+        assert await store.admit([], [empty]) == (0, 0.0)  # takes its only token
+        before = await pool.fetchval("SELECT tat FROM rate_limit_buckets WHERE bucket = $1", empty.name)
+        verdicts = await asyncio.gather(store.admit([empty], []), store.admit([unknown], []),
+                                        store.admit([empty, unknown], []))
+        assert [code for code, _ in verdicts] == [1, 0, 1]
+        assert 55 < verdicts[0][1] <= 60 and verdicts[1] == (0, 0.0)
+        assert await pool.fetchval("SELECT tat FROM rate_limit_buckets WHERE bucket = $1", empty.name) == before
+        assert await pool.fetchval("SELECT count(*) FROM rate_limit_buckets WHERE bucket = $1", unknown.name) == 0

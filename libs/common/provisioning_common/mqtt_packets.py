@@ -740,8 +740,10 @@ async def read_packet(
     that first byte to the packet's last, so that half a packet followed by silence cannot hold a
     connection (and its descriptor) open for as long as the idle deadline allows.
     """
-    if idle_timeout is None and packet_timeout is None:
-        # Every packet has at least two bytes (type + one length byte): one await instead of two.
+    if (idle_timeout is None and packet_timeout is None) or _whole_packet_buffered(reader, 0):
+        # Every packet has at least two bytes (type + one length byte): one await instead of two. A packet
+        # already received whole (a client's SUBSCRIBE and PUBLISH in one segment) needs no deadline: nothing
+        # below waits for the network, so neither deadline could pass.
         head = await reader.readexactly(2)
         return await _read_after_head(reader, head[0], head[1], max_packet_size, protocol_level)
     try:
@@ -749,12 +751,37 @@ async def read_packet(
             first = await reader.readexactly(1)
     except TimeoutError:
         raise TimeoutError(f"no packet within {idle_timeout:g} s") from None
+    if _whole_packet_buffered(reader, -1):
+        # The usual case: the rest of the packet came with its first byte.
+        second = await reader.readexactly(1)
+        return await _read_after_head(reader, first[0], second[0], max_packet_size, protocol_level)
     try:
         async with asyncio.timeout(packet_timeout):
             second = await reader.readexactly(1)
             return await _read_after_head(reader, first[0], second[0], max_packet_size, protocol_level)
     except TimeoutError:
         raise TimeoutError(f"packet incomplete {packet_timeout:g} s after its first byte") from None
+
+
+def _whole_packet_buffered(reader: asyncio.StreamReader, offset: int) -> bool:
+    """Whether ``reader`` already holds a whole packet whose first byte is at ``offset`` of its buffer
+    (-1: that byte was just read). Reads asyncio's ``StreamReader._buffer`` (there since Python 3.4); a
+    reader without it is never "buffered", which only costs the deadlines' timers."""
+    buffered = getattr(reader, "_buffer", None)
+    if not isinstance(buffered, bytearray):
+        return False
+    have = len(buffered)
+    length = shift = 0
+    pos = offset + 1  # the first remaining-length byte
+    while True:
+        if pos >= have or shift > 21:  # not here yet, or malformed (left to _read_after_head to refuse)
+            return False
+        byte = buffered[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return have - pos >= length
+        shift += 7
 
 
 async def _read_after_head(

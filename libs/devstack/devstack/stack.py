@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ SERVICES: tuple[str, ...] = (
 #: How each service tells it is ready: an HTTP health URL (port variable) or a log line.
 _HEALTH_PORT_VAR = {"http_gateway": "HTTP_PORT", "admin_api": "ADMIN_PORT"}
 _READY_LINE = "ready"
+#: Lines of an echoed process's output kept in memory (the rest went to the terminal).
+ECHOED_LINES_KEPT = 2000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,14 +49,23 @@ def port_in_use(host: str, port: int, *, udp: bool = False) -> bool:
 
 @dataclass
 class ServiceProcess:
-    """One child process; its output is kept in ``lines`` (and echoed when ``echo`` is set)."""
+    """One child process; its output is kept in ``lines`` (and echoed when ``echo`` is set).
+
+    Echoed (``make up``, which may run for days at thousands of log lines a second) only the last
+    ``ECHOED_LINES_KEPT`` lines are kept, for the error shown when the process exits early; tests, which read
+    a short-lived stack's whole output, keep all of it.
+    """
 
     name: str
     env: Mapping[str, str]
     echo: bool = False
     proc: subprocess.Popen[str] | None = None
-    lines: list[str] = field(default_factory=list)
+    lines: deque[str] = field(default_factory=deque)
     _ready: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.echo:
+            self.lines = deque(self.lines, maxlen=ECHOED_LINES_KEPT)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(

@@ -61,6 +61,40 @@ async def test_idle_deadline_does_not_cut_a_packet_that_started_in_time() -> Non
     assert isinstance(packet, codec.PingReq)
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 10])
+async def test_packet_buffered_in_part_is_read_whatever_the_split(split: int) -> None:
+    """The packet head, a two-byte remaining length here, may arrive cut anywhere: a packet held whole in
+    the buffer is read at once, one held in part waits (within the packet deadline) for the rest."""
+    reader = asyncio.StreamReader()
+    publish = codec.encode_publish("/provision/request", b"y" * 300, qos=1, packet_id=7)
+    assert publish[1] & 0x80 and not publish[2] & 0x80  # remaining length takes two bytes
+    reader.feed_data(publish[:split])
+    asyncio.get_running_loop().call_later(0.02, reader.feed_data, publish[split:] + client_codec.encode_pingreq())
+    first = await codec.read_packet(reader, max_packet_size=1024, protocol_level=4, idle_timeout=1, packet_timeout=1)
+    assert isinstance(first, codec.Publish) and first.payload == b"y" * 300 and first.packet_id == 7
+    second = await codec.read_packet(reader, max_packet_size=1024, protocol_level=4, idle_timeout=1, packet_timeout=1)
+    assert isinstance(second, codec.PingReq)
+
+
+@pytest.mark.parametrize("missing", [1, 2, 50])
+async def test_whole_packet_then_part_of_one_still_times_out(missing: int) -> None:
+    """A packet received whole is read without deadlines; one short of even its last byte still gets one."""
+    reader = asyncio.StreamReader()
+    publish = codec.encode_publish("/provision/request", b"{}" * 50, qos=1, packet_id=1)
+    reader.feed_data(client_codec.encode_pingreq() + publish[:-missing])
+    assert isinstance(await codec.read_packet(reader, max_packet_size=1024, protocol_level=4, idle_timeout=60,
+                                              packet_timeout=0.05), codec.PingReq)
+    with pytest.raises(TimeoutError, match="packet incomplete"):
+        await codec.read_packet(reader, max_packet_size=1024, protocol_level=4, idle_timeout=60, packet_timeout=0.05)
+
+
+async def test_oversize_packet_held_whole_is_still_refused() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(codec.encode_publish("/provision/request", b"z" * 2000, qos=0))
+    with pytest.raises(codec.PacketTooLarge):
+        await codec.read_packet(reader, max_packet_size=1024, protocol_level=4, idle_timeout=1, packet_timeout=1)
+
+
 # --- episodes, the cap, descriptors ------------------------------------------------------------------
 
 

@@ -1064,7 +1064,20 @@ async def rate_limit_batch(
     every bucket's ``tat`` (a missing row is a full bucket: absent from the dict) and the database's clock
     in Unix seconds (one clock for every instance). What it returns for the ``take`` buckets is written
     back before the locks are released.
+
+    A batch that only checks (every request had the right secret, and no provisions limit is configured)
+    takes no lock and writes nothing: one statement, without the transaction's two extra round trips.
     """
+    if not take:
+        rows = await pool.fetch(
+            "SELECT bucket, tat, extract(epoch FROM clock_timestamp())::float8 AS now FROM rate_limit_buckets"
+            " WHERE bucket = ANY($1::text[])"
+            " UNION ALL SELECT NULL, NULL, extract(epoch FROM clock_timestamp())::float8",
+            list(check),
+        )
+        decide({row["bucket"]: float(row["tat"]) for row in rows if row["bucket"] is not None},
+               max(float(row["now"]) for row in rows))
+        return
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "WITH taken AS ("
