@@ -7,12 +7,18 @@
 Without --key/--secret it first creates a fresh device profile (``bench-<run>``, strategy
 ALLOW_CREATE_NEW_DEVICES) through the admin API, exactly as bench/http_provision.py does.
 
-Each of the -c workers is one aiocoap client context, i.e. one UDP socket, like one device; it
-provisions one device after another: POST ``coap://HOST:PORT/api/v1/provision`` (``/api/provision``
-with --innoway), confirmable unless --non, and waits for the answer. One socket per worker because
-aiocoap, as RFC 7252 §4.7 asks (NSTART = 1), keeps a single confirmable exchange open per endpoint:
-a shared context would send one request at a time. Latency runs from handing the request to aiocoap
-to having its answer (retransmissions and separate responses included).
+Each of the -c workers is one UDP socket, like one device; it provisions one device after another:
+POST ``coap://HOST:PORT/api/v1/provision`` (``/api/provision`` with --innoway), confirmable unless
+--non, and waits for the answer. One socket per worker because a client, as RFC 7252 §4.7 asks
+(NSTART = 1), keeps a single confirmable exchange open per endpoint: a shared socket would send one
+request at a time. Latency runs from sending the request to having its answer (retransmissions and
+separate responses included).
+
+Two clients (``--client``): ``aiocoap`` (default), one aiocoap client context per worker, a client we did
+not write; ``raw``, a minimal RFC 7252 client in this file (CON or NON POST with Uri-Path and
+Content-Format, retransmission with the RFC's timing, piggybacked or separate answers, which it
+acknowledges), for when the generator shares the machine with the server: it costs a fraction of
+aiocoap's CPU per request, so more of the machine is left to the stack being measured.
 
 One process, one asyncio loop (uvloop when importable). See bench/README.md for what the numbers mean.
 """
@@ -60,11 +66,12 @@ class Phase:
     cpu_sys_s: float = 0.0
 
 
-def classify(response: aiocoap.Message) -> str:
+def classify(response: aiocoap.Message | RawAnswer) -> str:
     """SUCCESS; the provisioning status of a 4.00 answer (NOT_FOUND, FAILURE); else ``CoAP <code>``."""
-    if response.code is Code.CREATED and _SUCCESS_MARK in response.payload:
+    code = Code(response.code)
+    if code is Code.CREATED and _SUCCESS_MARK in response.payload:
         return SUCCESS
-    if response.code is Code.BAD_REQUEST:
+    if code is Code.BAD_REQUEST:
         try:
             status = json.loads(response.payload).get("status")
         except (ValueError, AttributeError):
@@ -73,44 +80,181 @@ def classify(response: aiocoap.Message) -> str:
             return status
         if status == "FAILURE":
             return "FAILURE (4.00)"
-    return f"CoAP {response.code.dotted}"
+    return f"CoAP {code.dotted}"
+
+
+# --- the raw client (--client raw) ------------------------------------------------------------------------
+
+#: RFC 7252 §4.8: ACK_TIMEOUT, ACK_RANDOM_FACTOR, MAX_RETRANSMIT.
+ACK_TIMEOUT, ACK_RANDOM_FACTOR, MAX_RETRANSMIT = 2.0, 1.5, 4
+CON, NON, ACK, RST = 0, 1, 2, 3
+_OPT_URI_PATH, _OPT_CONTENT_FORMAT, _OPT_BLOCK2 = 11, 12, 23
+
+
+@dataclass
+class RawAnswer:
+    code: int
+    payload: bytes
+
+
+class RawError(Exception):
+    """The server reset the exchange, or answered with something this client does not take (blockwise)."""
+
+
+def _option(delta: int, value: bytes) -> bytes:
+    """One option, ``delta`` after the previous one (deltas and lengths below 269, enough here)."""
+    def nibble(n: int) -> tuple[int, bytes]:
+        return (n, b"") if n < 13 else (13, bytes([n - 13]))
+    d, dx = nibble(delta)
+    n, nx = nibble(len(value))
+    return bytes([d << 4 | n]) + dx + nx + value
+
+
+def encode_request(mtype: int, message_id: int, token: bytes, path: str, payload: bytes) -> bytes:
+    options = b""
+    number = 0
+    for segment in path.strip("/").split("/"):
+        options += _option(_OPT_URI_PATH - number, segment.encode())
+        number = _OPT_URI_PATH
+    options += _option(_OPT_CONTENT_FORMAT - number, bytes([50]))  # application/json
+    return (bytes([0x40 | mtype << 4 | len(token), Code.POST, message_id >> 8, message_id & 0xFF]) + token
+            + options + b"\xff" + payload)
+
+
+def decode_message(data: bytes) -> tuple[int, int, int, bytes, bytes, bool] | None:
+    """(type, code, message id, token, payload, has Block2) of a datagram; None if it is not CoAP."""
+    if len(data) < 4 or data[0] >> 6 != 1:
+        return None
+    mtype, tkl, code = data[0] >> 4 & 3, data[0] & 0x0F, data[1]
+    message_id = data[2] << 8 | data[3]
+    if tkl > 8 or len(data) < 4 + tkl:
+        return None
+    token, pos, number, block2 = data[4:4 + tkl], 4 + tkl, 0, False
+    while pos < len(data) and data[pos] != 0xFF:
+        delta, length = data[pos] >> 4, data[pos] & 0x0F
+        pos += 1
+        for which in (0, 1):
+            n = delta if which == 0 else length
+            if n == 13:
+                n, pos = data[pos] + 13, pos + 1
+            elif n == 14:
+                n, pos = (data[pos] << 8 | data[pos + 1]) + 269, pos + 2
+            elif n == 15:
+                return None
+            delta, length = (n, length) if which == 0 else (delta, n)
+        number += delta
+        block2 = block2 or number == _OPT_BLOCK2
+        pos += length
+    payload = data[pos + 1:] if pos < len(data) else b""
+    return mtype, code, message_id, token, payload, block2
+
+
+class RawClient(asyncio.DatagramProtocol):
+    """One UDP socket, one exchange at a time (NSTART = 1), as a device does."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self._message_id = secrets.randbelow(0x10000)
+        self._token = b""
+        self._waiting_id = -1
+        self._answer: asyncio.Future[RawAnswer] | None = None
+        self._acked: asyncio.Event = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        decoded = decode_message(data)
+        if decoded is None or self._answer is None or self._answer.done():
+            return
+        mtype, code, message_id, token, payload, block2 = decoded
+        if mtype == RST and message_id == self._waiting_id:
+            self._answer.set_exception(RawError("reset"))
+            return
+        if mtype == ACK and message_id == self._waiting_id:
+            self._acked.set()
+            if code == 0:  # empty ACK: the answer follows separately
+                return
+        elif mtype in (CON, NON):
+            if mtype == CON:  # a separate answer: acknowledge it (an empty ACK with its message id)
+                assert self.transport is not None
+                self.transport.sendto(bytes([0x60, 0, message_id >> 8, message_id & 0xFF]))
+            if token != self._token:
+                return
+        else:
+            return
+        if token != self._token:
+            return
+        if block2:
+            self._answer.set_exception(RawError("blockwise answer"))
+        else:
+            self._answer.set_result(RawAnswer(code, payload))
+
+    async def request(self, path: str, payload: bytes, confirmable: bool) -> RawAnswer:
+        assert self.transport is not None
+        self._message_id = (self._message_id + 1) & 0xFFFF
+        self._waiting_id = self._message_id
+        self._token = secrets.token_bytes(4)
+        self._acked = asyncio.Event()
+        self._answer = asyncio.get_running_loop().create_future()
+        datagram = encode_request(CON if confirmable else NON, self._message_id, self._token, path, payload)
+        self.transport.sendto(datagram)
+        if not confirmable:
+            return await self._answer
+        wait = ACK_TIMEOUT * (1 + (ACK_RANDOM_FACTOR - 1) * secrets.randbelow(1000) / 1000)
+        for _ in range(MAX_RETRANSMIT):
+            done, _ = await asyncio.wait([self._answer], timeout=wait)
+            if done or self._acked.is_set():
+                break
+            self.transport.sendto(datagram)
+            wait *= 2
+        return await self._answer
+
+
+async def open_raw_client(host: str, port: int) -> RawClient:
+    _, protocol = await asyncio.get_running_loop().create_datagram_endpoint(RawClient, remote_addr=(host, port))
+    return protocol
 
 
 class RequestFactory:
-    def __init__(self, uri: str, innoway: bool, key: str, secret: str, non: bool) -> None:
-        self.uri, self.innoway, self.key, self.secret = uri, innoway, key, secret
+    def __init__(self, uri: str, path: str, innoway: bool, key: str, secret: str, non: bool) -> None:
+        self.uri, self.path, self.innoway, self.key, self.secret, self.non = uri, path, innoway, key, secret, non
         self.tuning = aiocoap.Unreliable if non else aiocoap.Reliable
 
-    def make(self, name: str) -> aiocoap.Message:
+    def body(self, name: str) -> bytes:
         if self.innoway:
             body = {"device_name": name, "provision_key": self.key, "provision_secret": self.secret}
         else:
             body = {"deviceName": name, "provisionDeviceKey": self.key, "provisionDeviceSecret": self.secret}
-        return aiocoap.Message(code=Code.POST, uri=self.uri, payload=json.dumps(body).encode(),
-                               transport_tuning=self.tuning)
+        return json.dumps(body).encode()
+
+    async def send(self, client: aiocoap.Context | RawClient, name: str) -> aiocoap.Message | RawAnswer:
+        if isinstance(client, RawClient):
+            return await client.request(self.path, self.body(name), confirmable=not self.non)
+        message = aiocoap.Message(code=Code.POST, uri=self.uri, payload=self.body(name), transport_tuning=self.tuning)
+        return await client.request(message).response
 
 
-async def run_phase(contexts: list[aiocoap.Context], count: int, name_of, factory: RequestFactory,
-                    timeout: float, deadline: float, phase: Phase) -> None:
+async def run_phase(contexts: list[aiocoap.Context] | list[RawClient], count: int, name_of,
+                    factory: RequestFactory, timeout: float, deadline: float, phase: Phase) -> None:
     loop = asyncio.get_running_loop()
     perf = time.perf_counter
     numbers = itertools.count()
 
-    async def worker(context: aiocoap.Context) -> None:
+    async def worker(context: aiocoap.Context | RawClient) -> None:
         while True:
             i = next(numbers)
             if i >= count or loop.time() >= deadline:
                 return
             phase.attempted += 1
-            message = factory.make(name_of(i))
             t0 = perf()
             try:
                 async with asyncio.timeout(max(0.001, min(timeout, deadline - loop.time()))):
-                    response = await context.request(message).response
+                    response = await factory.send(context, name_of(i))
             except TimeoutError:
                 phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
                 continue
-            except aiocoap.error.Error as exc:
+            except (aiocoap.error.Error, RawError, OSError) as exc:
                 phase.errors[type(exc).__name__] += 1
                 await asyncio.sleep(0.05)  # an unreachable server would otherwise burn through -n at once
                 continue
@@ -133,12 +277,16 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
     path = "/api/provision" if args.innoway else "/api/v1/provision"
     host = f"[{args.host}]" if ":" in args.host else args.host
     uri = f"coap://{host}:{args.port}{path}"
-    factory = RequestFactory(uri, args.innoway, key, secret, args.non)
+    factory = RequestFactory(uri, path, args.innoway, key, secret, args.non)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.max_seconds
 
     workers = max(1, min(args.concurrency, max(args.requests, args.warmup)))
-    contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(workers)]
+    contexts: list[aiocoap.Context] | list[RawClient]
+    if args.client == "raw":
+        contexts = [await open_raw_client(args.host, args.port) for _ in range(workers)]
+    else:
+        contexts = [await aiocoap.Context.create_client_context(transports=["udp6"]) for _ in range(workers)]
     try:
         warm = Phase()
         if args.warmup > 0:
@@ -152,7 +300,11 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
             await run_phase(contexts, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
                             args.timeout, deadline, measured)
     finally:
-        await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)
+        for context in contexts:
+            if isinstance(context, RawClient) and context.transport is not None:
+                context.transport.close()
+        await asyncio.gather(*(c.shutdown() for c in contexts if not isinstance(c, RawClient)),
+                             return_exceptions=True)
 
     elapsed = measured.elapsed_s
     cpu = measured.cpu_user_s + measured.cpu_sys_s
@@ -161,6 +313,7 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
         "url": uri,
         "dialect": "innoway" if args.innoway else "thingsboard",
         "message_type": "NON" if args.non else "CON",
+        "client": args.client,
         **run_summary(run_id=run_id, loop=loop, requested=args.requests, concurrency=workers,
                       warmup_requested=args.warmup, warm=warm, measured=measured),
         "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("CoAP ")),
@@ -189,7 +342,7 @@ def render_human(result: dict, profile_note: str) -> str:
     warm = result["warmup"]
     return "\n".join([
         f"CoAP provisioning benchmark: POST {result['url']} ({result['dialect']} dialect,"
-        f" {result['message_type']}, {result['event_loop']})",
+        f" {result['message_type']}, {result['client']} client, {result['event_loop']})",
         f"  run {result['run']}; {profile_note}",
         f"  requests      {result['attempted']} sent of {result['requested']} by {result['concurrency']} workers"
         f" (one UDP socket each); warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
@@ -216,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="CoAP gateway host (default %(default)s)")
     p.add_argument("--port", type=int, default=5683, help="CoAP gateway UDP port, COAP_PORT (default %(default)s)")
     p.add_argument("--non", action="store_true", help="non-confirmable requests (default: confirmable)")
+    p.add_argument("--client", choices=("aiocoap", "raw"), default="aiocoap",
+                   help="aiocoap, or this file's minimal RFC 7252 client, cheaper on a shared machine"
+                        " (default %(default)s)")
     p.add_argument("--innoway", action="store_true",
                    help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
     add_run_arguments(p, concurrency_help='workers, one UDP socket and one request in flight each')
