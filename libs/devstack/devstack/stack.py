@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -52,20 +51,16 @@ class ServiceProcess:
     """One child process; its output is kept in ``lines`` (and echoed when ``echo`` is set).
 
     Echoed (``make up``, which may run for days at thousands of log lines a second) only the last
-    ``ECHOED_LINES_KEPT`` lines are kept, for the error shown when the process exits early; tests, which read
-    a short-lived stack's whole output, keep all of it.
+    ``ECHOED_LINES_KEPT`` lines (up to twice as many) are kept, for the error shown when the process exits
+    early; tests, which read a short-lived stack's whole output, keep all of it.
     """
 
     name: str
     env: Mapping[str, str]
     echo: bool = False
     proc: subprocess.Popen[str] | None = None
-    lines: deque[str] = field(default_factory=deque)
+    lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        if self.echo:
-            self.lines = deque(self.lines, maxlen=ECHOED_LINES_KEPT)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -84,6 +79,8 @@ class ServiceProcess:
         for line in self.proc.stdout:
             line = line.rstrip("\n")
             self.lines.append(line)
+            if self.echo and len(self.lines) >= 2 * ECHOED_LINES_KEPT:
+                del self.lines[:-ECHOED_LINES_KEPT]  # at most every ECHOED_LINES_KEPT lines: cheap
             if f"{self.name} ready" in line or f"{_READY_LINE} on queue" in line:
                 self._ready.set()
             if self.echo:
