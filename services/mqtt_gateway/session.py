@@ -101,6 +101,9 @@ class MqttSession:
         self._next_packet_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
+        #: Closes a provisioning connection MQTT_PROVISION_CLOSE_S after its answer; cancelled when the session
+        #: ends first (the device disconnected), else it would keep the whole session alive until it fired.
+        self._close_timer: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
@@ -156,6 +159,8 @@ class MqttSession:
         if self._tasks:
             # Let answers in flight reach the device before the socket goes (bounded by the bus timeout).
             await asyncio.wait(list(self._tasks), timeout=self._api.timeout + 1)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self._closed.set()
         self._conn.close()
         with contextlib.suppress(Exception):
@@ -401,7 +406,7 @@ class MqttSession:
         self._send(puback + self._response(body))
         await self._conn.drain()
         if self._limits.provision_close_s > 0:
-            asyncio.get_running_loop().call_later(self._limits.provision_close_s, self._conn.close)
+            self._close_timer = asyncio.get_running_loop().call_later(self._limits.provision_close_s, self._conn.close)
 
     def _publish_response(self, body: bytes) -> None:
         self._send(self._response(body))
