@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 import signal
@@ -188,6 +189,20 @@ def announce_ready(service: str, detail: str = "") -> None:
     logging.getLogger(LIFECYCLE_LOGGER).info("%s ready%s%s", service, separator, detail)
 
 
+def freeze_startup_heap() -> None:
+    """Keep what start-up made (modules, classes, pydantic's validators, the libraries' tables) out of every later
+    garbage collection.
+
+    A full (generation 2) collection walks every object the collector tracks, and it runs on the event loop's
+    thread: with a service's start-up heap each one stalled the loop for 20-90 ms, which every request in flight
+    waited out (the MQTT gateway's p99 at 1,000 provisions/s was 80-200 ms against a p50 of 10 ms).
+    ``gc.freeze`` moves the objects alive now into a generation no collection visits; they live for the whole
+    process anyway. Called once, before the event loop starts; the garbage made so far is collected first.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run(
     service: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]], *, stdlib_loop: bool = False
 ) -> None:
@@ -207,6 +222,7 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         await main(settings, stop)
 
+    freeze_startup_heap()
     if stdlib_loop:
         asyncio.run(runner())
         return
@@ -229,6 +245,7 @@ def serve_http(app: object, port: int, settings: Settings, *, access_log: bool =
     from .http_limits import serve
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    freeze_startup_heap()
     serve(
         app,
         host=settings.bind_host,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 import pytest
 from provisioning_common import runtime
@@ -143,3 +145,23 @@ async def test_a_service_that_does_not_serve_its_contract_does_not_start(monkeyp
     with pytest.raises(ContractError, match="unit_runner does not serve echo"):
         await runtime.serve_until("unit_runner", start, Settings(bus_namespace="unit."), asyncio.Event())
     assert broker.closed == 1  # what was opened is closed
+
+
+def test_a_service_runs_with_its_start_up_heap_out_of_the_collectors_sight() -> None:
+    """``runtime.run`` freezes what start-up made before the loop starts, so that no full garbage collection walks
+    it again (each one stalled a gateway's loop for 20-90 ms); what the service makes later is collected."""
+    script = (
+        "import asyncio, gc, sys\n"
+        "from provisioning_common import runtime\n"
+        "async def main(settings, stop):\n"
+        "    before = gc.get_freeze_count()\n"
+        "    garbage = [[] for _ in range(1000)]\n"
+        "    for item in garbage: item.append(item)  # cycles made after start-up\n"
+        "    del garbage, item\n"
+        "    print(before, gc.get_freeze_count(), gc.collect() >= 1000, flush=True)\n"
+        "runtime.run('probe', main)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    frozen, still_frozen, collected = done.stdout.split()
+    assert int(frozen) > 10_000 and still_frozen == frozen and collected == "True"
