@@ -17,8 +17,10 @@ import json
 import os
 import resource
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 SUCCESS = "SUCCESS"
@@ -189,6 +191,43 @@ def add_run_arguments(p: argparse.ArgumentParser, *, concurrency_help: str, unit
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop even if uvloop is installed")
 
 
+async def timed(phase: object, work: Awaitable[object]) -> None:
+    """Run ``work``, recording its wall time and this process's CPU time in ``phase`` (``elapsed_s``,
+    ``cpu_user_s``, ``cpu_sys_s``)."""
+    user0, sys0 = cpu_times()
+    t0 = time.perf_counter()
+    await work
+    phase.elapsed_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+    user1, sys1 = cpu_times()
+    phase.cpu_user_s, phase.cpu_sys_s = user1 - user0, sys1 - sys0  # type: ignore[attr-defined]
+
+
+def add_rate_argument(p: argparse.ArgumentParser, *, concurrency_is: str) -> None:
+    """``--rate R``: the open-loop mode of every generator (:func:`open_loop`)."""
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: start this many requests per second whatever the answers (latency counted "
+                        f"from when each was due); -c is then the most {concurrency_is} in use (default: closed loop)")
+
+
+async def open_loop(count: int, rate: float, deadline: float,
+                    start: Callable[[int, float], Awaitable[None]]) -> None:
+    """Open loop: request ``i`` is due at ``i / rate`` seconds (``time.perf_counter``) whatever the answers, so a
+    slow server cannot slow the load down and hide its latency (coordinated omission). ``start(i, due)`` runs
+    it (waiting for a free connection or socket when all are busy, its latency counted from ``due``); none
+    is started once the loop's ``deadline`` passed. Returns when every started request is done."""
+    loop = asyncio.get_running_loop()
+    began = time.perf_counter()
+    tasks = []
+    for i in range(count):
+        due = began + i / rate
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        if loop.time() >= deadline:
+            break
+        tasks.append(asyncio.create_task(start(i, due)))
+    await asyncio.gather(*tasks)
+
+
 def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse inconsistent values of the options added by :func:`add_run_arguments` (and --port)."""
     if (args.key is None) != (args.secret is None):
@@ -197,6 +236,8 @@ def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) ->
         p.error("-n and --warmup must not be negative")
     if args.concurrency < 1:
         p.error("-c must be at least 1")
+    if getattr(args, "rate", None) is not None and args.rate <= 0:
+        p.error("--rate must be positive")
     if hasattr(args, "port") and not 0 < args.port < 65536:
         p.error("--port must be 1..65535")
     if args.max_seconds <= 0 or args.timeout <= 0:

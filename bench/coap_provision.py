@@ -40,14 +40,16 @@ import aiocoap
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
+    add_rate_argument,
     add_run_arguments,
     check_run_arguments,
-    cpu_times,
     fmt_ms,
+    open_loop,
     pick_runner,
     report,
     resolve_profile,
     run_summary,
+    timed,
 )
 from aiocoap.numbers.codes import Code
 
@@ -238,7 +240,6 @@ class RequestFactory:
 async def run_phase(contexts: list[aiocoap.Context] | list[RawClient], count: int, name_of,
                     factory: RequestFactory, timeout: float, deadline: float, phase: Phase) -> None:
     loop = asyncio.get_running_loop()
-    perf = time.perf_counter
     numbers = itertools.count()
 
     async def worker(context: aiocoap.Context | RawClient) -> None:
@@ -246,31 +247,53 @@ async def run_phase(contexts: list[aiocoap.Context] | list[RawClient], count: in
             i = next(numbers)
             if i >= count or loop.time() >= deadline:
                 return
-            phase.attempted += 1
-            t0 = perf()
-            try:
-                async with asyncio.timeout(max(0.001, min(timeout, deadline - loop.time()))):
-                    response = await factory.send(context, name_of(i))
-            except TimeoutError:
-                phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
-                continue
-            except (aiocoap.error.Error, RawError, OSError) as exc:
-                phase.errors[type(exc).__name__] += 1
+            if not await attempt(context, name_of(i), factory, timeout, deadline, phase):
                 await asyncio.sleep(0.05)  # an unreachable server would otherwise burn through -n at once
-                continue
-            elapsed_ms = (perf() - t0) * 1000.0
-            outcome = classify(response)
-            phase.outcomes[outcome] += 1
-            phase.latencies_ms.append(elapsed_ms)
-            if outcome == SUCCESS:
-                phase.success_latencies_ms.append(elapsed_ms)
 
-    u0, s0 = cpu_times()
-    t0 = perf()
-    await asyncio.gather(*(worker(c) for c in contexts))
-    phase.elapsed_s = perf() - t0
-    u1, s1 = cpu_times()
-    phase.cpu_user_s, phase.cpu_sys_s = u1 - u0, s1 - s0
+    await timed(phase, asyncio.gather(*(worker(c) for c in contexts)))
+
+
+async def attempt(context: aiocoap.Context | RawClient, name: str, factory: RequestFactory, timeout: float,
+                  deadline: float, phase: Phase, due: float | None = None) -> bool:
+    """Provision device ``name`` from ``context`` and record what happened in ``phase`` (latency from ``due``
+    when given, the open loop's time the request was due); False when the request failed (no answer)."""
+    loop = asyncio.get_running_loop()
+    phase.attempted += 1
+    t0 = time.perf_counter() if due is None else due
+    try:
+        async with asyncio.timeout(max(0.001, min(timeout, deadline - loop.time()))):
+            response = await factory.send(context, name)
+    except TimeoutError:
+        phase.errors["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
+        return True
+    except (aiocoap.error.Error, RawError, OSError) as exc:
+        phase.errors[type(exc).__name__] += 1
+        return False
+    elapsed_ms = (time.perf_counter() - t0) * 1000.0
+    outcome = classify(response)
+    phase.outcomes[outcome] += 1
+    phase.latencies_ms.append(elapsed_ms)
+    if outcome == SUCCESS:
+        phase.success_latencies_ms.append(elapsed_ms)
+    return True
+
+
+async def run_open_loop(contexts: list[aiocoap.Context] | list[RawClient], count: int, rate: float, name_of,
+                        factory: RequestFactory, timeout: float, deadline: float, phase: Phase) -> None:
+    """:func:`_common.open_loop` over ``contexts``: a due request takes an idle socket, waiting for one when all
+    are busy (NSTART = 1)."""
+    idle: asyncio.Queue[aiocoap.Context | RawClient] = asyncio.Queue()
+    for context in contexts:
+        idle.put_nowait(context)
+
+    async def one(i: int, due: float) -> None:
+        context = await idle.get()
+        try:
+            await attempt(context, name_of(i), factory, timeout, deadline, phase, due)
+        finally:
+            idle.put_nowait(context)
+
+    await timed(phase, open_loop(count, rate, deadline, one))
 
 
 async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) -> dict:
@@ -297,8 +320,12 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
                 raise SetupError(f"no answer from {uri} during the warm-up: {reason}")
         measured = Phase()
         if args.requests > 0 and loop.time() < deadline:
-            await run_phase(contexts, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
-                            args.timeout, deadline, measured)
+            if args.rate:
+                await run_open_loop(contexts, args.requests, args.rate, lambda i: f"bench-{run_id}-{i}", factory,
+                                    args.timeout, deadline, measured)
+            else:
+                await run_phase(contexts, args.requests, lambda i: f"bench-{run_id}-{i}", factory,
+                                args.timeout, deadline, measured)
     finally:
         for context in contexts:
             if isinstance(context, RawClient) and context.transport is not None:
@@ -314,6 +341,7 @@ async def bench(args: argparse.Namespace, key: str, secret: str, run_id: str) ->
         "dialect": "innoway" if args.innoway else "thingsboard",
         "message_type": "NON" if args.non else "CON",
         "client": args.client,
+        "offered_rate_per_s": args.rate,
         **run_summary(run_id=run_id, loop=loop, requested=args.requests, concurrency=workers,
                       warmup_requested=args.warmup, warm=warm, measured=measured),
         "other_status": sum(v for k, v in measured.outcomes.items() if k != SUCCESS and not k.startswith("CoAP ")),
@@ -346,6 +374,8 @@ def render_human(result: dict, profile_note: str) -> str:
         f"  run {result['run']}; {profile_note}",
         f"  requests      {result['attempted']} sent of {result['requested']} by {result['concurrency']} workers"
         f" (one UDP socket each); warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
+        *([f"  offered       {result['offered_rate_per_s']:g}/s open loop (latency from when each request was due,"
+           " waiting for a free socket included)"] if result["offered_rate_per_s"] else []),
         f"  elapsed       {result['elapsed_s']:.2f} s" + ("   (stopped by --max-seconds)"
                                                         if result["stopped_by_max_seconds"] else ""),
         f"  provisions/s  {result['provisions_per_s']:.1f}   (SUCCESS answers per second;"
@@ -375,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--innoway", action="store_true",
                    help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
     add_run_arguments(p, concurrency_help='workers, one UDP socket and one request in flight each')
+    add_rate_argument(p, concurrency_is="sockets")
     args = p.parse_args(argv)
     check_run_arguments(p, args)
     return args

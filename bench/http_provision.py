@@ -26,25 +26,26 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import secrets
 import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
+    add_rate_argument,
     add_run_arguments,
     check_run_arguments,
+    open_loop,
     pick_runner,
     report,
     resolve_profile,
     run_summary,
+    timed,
 )
 
 _SUCCESS_MARK = b'"status":"SUCCESS"'
@@ -276,17 +277,6 @@ async def _exchange(conn: Connection, data: bytes, timeout: float, deadline: flo
     return True
 
 
-async def _measured(phase: Phase, work: Awaitable[object]) -> None:
-    """Run ``work``, recording its wall time and this process's CPU time in ``phase``."""
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    await work
-    phase.elapsed_s = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    phase.cpu_user_s = ru1.ru_utime - ru0.ru_utime
-    phase.cpu_sys_s = ru1.ru_stime - ru0.ru_stime
-
-
 async def run_phase(conns: list[Connection], count: int, make_name, factory: RequestFactory,
                     timeout: float, deadline: float, phase: Phase) -> None:
     """Closed loop: send ``count`` requests over ``conns``, one in flight per connection, each sent as soon as
@@ -308,16 +298,13 @@ async def run_phase(conns: list[Connection], count: int, make_name, factory: Req
                 # a refused/reset server would otherwise burn through every request in a moment
                 await asyncio.sleep(min(0.05 * failures_in_a_row, 1.0))
 
-    await _measured(phase, asyncio.gather(*(worker(c) for c in conns)))
+    await timed(phase, asyncio.gather(*(worker(c) for c in conns)))
 
 
 async def run_open_loop(conns: list[Connection], count: int, rate: float, make_name, factory: RequestFactory,
                         timeout: float, deadline: float, phase: Phase) -> None:
-    """Open loop: request ``i`` is due at ``i / rate`` seconds whatever the answers, so a slow server cannot
-    slow the load down and hide its latency (coordinated omission). A due request takes an idle connection
-    of ``conns``, waiting for one when all are busy; its latency counts from when it was due, the wait
-    included."""
-    loop = asyncio.get_running_loop()
+    """:func:`_common.open_loop` over ``conns``: a due request takes an idle connection, waiting for one when all
+    are busy."""
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     for conn in conns:
         idle.put_nowait(conn)
@@ -329,19 +316,7 @@ async def run_open_loop(conns: list[Connection], count: int, rate: float, make_n
         finally:
             idle.put_nowait(conn)
 
-    async def schedule() -> None:
-        start = time.perf_counter()
-        tasks = []
-        for i in range(count):
-            due = start + i / rate
-            if (delay := due - time.perf_counter()) > 0:
-                await asyncio.sleep(delay)
-            if loop.time() >= deadline:
-                break
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-
-    await _measured(phase, schedule())
+    await timed(phase, open_loop(count, rate, deadline, one))
 
 
 def _error_name(exc: BaseException) -> str:
@@ -477,13 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--innoway", action="store_true",
                    help="Innoway dialect: snake_case body to /api/provision (default: ThingsBoard, /api/v1/provision)")
     add_run_arguments(p, concurrency_help='keep-alive connections, one request in flight on each')
-    p.add_argument("--rate", type=float, default=None,
-                   help="open loop: start this many requests per second whatever the answers (latency counted "
-                        "from when each was due); -c is then the most connections in use (default: closed loop)")
+    add_rate_argument(p, concurrency_is="connections")
     args = p.parse_args(argv)
     check_run_arguments(p, args)
-    if args.rate is not None and args.rate <= 0:
-        p.error("--rate must be positive")
     return args
 
 

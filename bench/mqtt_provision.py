@@ -39,15 +39,17 @@ from dataclasses import dataclass, field
 from _common import (  # bench/_common.py: python puts the script's directory first on sys.path
     SUCCESS,
     SetupError,
+    add_rate_argument,
     add_run_arguments,
     check_run_arguments,
-    cpu_times,
     fmt_ms,
     latency_summary,
+    open_loop,
     pick_runner,
     report,
     resolve_profile,
     run_summary,
+    timed,
 )
 
 # The project's own MQTT packet code (pip install -e . puts it on the path): the wire format both sides
@@ -221,6 +223,37 @@ class Phase:
     cpu_sys_s: float = 0.0
 
 
+async def _attempt(host: str, port: int, name: str, factory: RequestFactory, timeout: float, deadline: float,
+                   phase: Phase, due: float | None = None) -> bool:
+    """Provision device ``name`` on a new connection and record what happened in ``phase`` (latency from
+    ``due`` when given, the open loop's time the request was due); False on a connection error."""
+    loop = asyncio.get_running_loop()
+    connect, request = factory.connect(name), factory.request(name)
+    phase.attempted += 1
+    waited_ms = 0.0 if due is None else (time.perf_counter() - due) * 1000.0
+    try:
+        async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
+            answer = await provision_once(host, port, connect, request)
+    except TimeoutError:
+        phase.timeouts["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
+        return True
+    except (codec.ProtocolError, ClientProtocolError) as exc:
+        phase.protocol_errors[_error_name(exc)] += 1
+        return True
+    except (OSError, EOFError) as exc:
+        phase.connection_errors[_error_name(exc)] += 1
+        return False
+    outcome = classify(answer.payload)
+    phase.outcomes[outcome] += 1
+    phase.latencies_ms.append(answer.latency_ms + waited_ms)
+    phase.connack_ms.append(answer.connack_ms)
+    if not answer.puback_seen:
+        phase.no_puback += 1
+    if outcome == SUCCESS:
+        phase.success_latencies_ms.append(answer.latency_ms + waited_ms)
+    return True
+
+
 async def run_phase(host: str, port: int, workers: int, count: int, make_name, factory: RequestFactory,
                     timeout: float, deadline: float, phase: Phase) -> None:
     """Provision ``count`` devices with ``workers`` concurrent sessions until done or ``deadline``."""
@@ -233,41 +266,27 @@ async def run_phase(host: str, port: int, workers: int, count: int, make_name, f
         while next_index < count and loop.time() < deadline:
             i = next_index
             next_index += 1
-            name = make_name(i)
-            connect, request = factory.connect(name), factory.request(name)
-            phase.attempted += 1
-            try:
-                async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
-                    answer = await provision_once(host, port, connect, request)
-            except TimeoutError:
-                phase.timeouts["stopped by --max-seconds" if loop.time() >= deadline else "timeout"] += 1
-                continue
-            except (codec.ProtocolError, ClientProtocolError) as exc:
-                phase.protocol_errors[_error_name(exc)] += 1
-                continue
-            except (OSError, EOFError) as exc:
-                phase.connection_errors[_error_name(exc)] += 1
+            if await _attempt(host, port, make_name(i), factory, timeout, deadline, phase):
+                failures_in_a_row = 0
+            else:
                 failures_in_a_row += 1
                 # a refused/reset server would otherwise burn through every request in a moment
                 await asyncio.sleep(min(0.05 * failures_in_a_row, 1.0))
-                continue
-            failures_in_a_row = 0
-            outcome = classify(answer.payload)
-            phase.outcomes[outcome] += 1
-            phase.latencies_ms.append(answer.latency_ms)
-            phase.connack_ms.append(answer.connack_ms)
-            if not answer.puback_seen:
-                phase.no_puback += 1
-            if outcome == SUCCESS:
-                phase.success_latencies_ms.append(answer.latency_ms)
 
-    user0, sys0 = cpu_times()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    phase.elapsed_s = time.perf_counter() - t0
-    user1, sys1 = cpu_times()
-    phase.cpu_user_s = user1 - user0
-    phase.cpu_sys_s = sys1 - sys0
+    await timed(phase, asyncio.gather(*(worker() for _ in range(workers))))
+
+
+async def run_open_loop(host: str, port: int, workers: int, count: int, rate: float, make_name,
+                        factory: RequestFactory, timeout: float, deadline: float, phase: Phase) -> None:
+    """:func:`_common.open_loop`: device ``i``'s session starts when due, or when one of the ``workers`` session
+    slots frees up if all are busy (that wait counts in its latency)."""
+    slots = asyncio.Semaphore(workers)
+
+    async def one(i: int, due: float) -> None:
+        async with slots:
+            await _attempt(host, port, make_name(i), factory, timeout, deadline, phase, due)
+
+    await timed(phase, open_loop(count, rate, deadline, one))
 
 
 @dataclass
@@ -396,8 +415,12 @@ async def bench(args: argparse.Namespace, run_id: str) -> tuple[dict, str]:
                             factory, args.timeout, deadline, warm)
         measured = Phase()
         if args.requests > 0 and loop.time() < deadline:
-            await run_phase(args.host, args.port, workers, args.requests, lambda i: f"bench-{run_id}-{i}",
-                            factory, args.timeout, deadline, measured)
+            if args.rate:
+                await run_open_loop(args.host, args.port, workers, args.requests, args.rate,
+                                    lambda i: f"bench-{run_id}-{i}", factory, args.timeout, deadline, measured)
+            else:
+                await run_phase(args.host, args.port, workers, args.requests, lambda i: f"bench-{run_id}-{i}",
+                                factory, args.timeout, deadline, measured)
         if held.conns:
             await check_held(held, min(args.timeout, HOLD_CHECK_S))
     finally:
@@ -413,6 +436,7 @@ async def bench(args: argparse.Namespace, run_id: str) -> tuple[dict, str]:
     timeouts = sum(measured.timeouts.values())
     result = {
         "target": f"mqtt://{args.host}:{args.port}",
+        "offered_rate_per_s": args.rate,
         "topic": REQUEST_TOPIC,
         **run_summary(run_id=run_id, loop=loop, requested=args.requests, concurrency=workers,
                       warmup_requested=args.warmup, warm=warm, measured=measured),
@@ -467,6 +491,8 @@ def render_human(result: dict, profile_note: str) -> str:
         f"  run {result['run']}; {profile_note}",
         f"  provisions    {result['attempted']} started of {result['requested']} by {result['concurrency']} workers,"
         f" a new connection each; warm-up {warm['attempted']} ({warm['success']} SUCCESS) not counted",
+        *([f"  offered       {result['offered_rate_per_s']:g}/s open loop (latency from when each provision was"
+           " due, waiting for a free session slot included)"] if result["offered_rate_per_s"] else []),
         f"  elapsed       {result['elapsed_s']:.2f} s" + ("   (stopped by --max-seconds)"
                                                         if result["stopped_by_max_seconds"] else ""),
         f"  provisions/s  {result['provisions_per_s']:.1f}   (SUCCESS answers per second;"
@@ -514,6 +540,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       unit="provisions",
                       max_seconds_help="hard cap on the run, opening held connections and warm-up included",
                       timeout_help="per-provision timeout in seconds, TCP connect to response")
+    add_rate_argument(p, concurrency_is="sessions")
     args = p.parse_args(argv)
     if args.hold < 0:
         p.error("--hold must not be negative")
