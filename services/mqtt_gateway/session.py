@@ -102,7 +102,7 @@ class MqttSession:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         #: Closes a provisioning connection MQTT_PROVISION_CLOSE_S after its answer; cancelled when the session
-        #: ends first (the device disconnected), else it would keep the whole session alive until it fired.
+        #: ends first (the device disconnected), else it keeps the connection (transport, streams) until it fires.
         self._close_timer: asyncio.TimerHandle | None = None
 
     @property
