@@ -167,30 +167,31 @@ class RawClient(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         decoded = decode_message(data)
-        if decoded is None or self._answer is None or self._answer.done():
+        if decoded is None:
             return
         mtype, code, message_id, token, payload, block2 = decoded
-        if mtype == RST and message_id == self._waiting_id:
-            self._answer.set_exception(RawError("reset"))
+        if mtype == CON and self.transport is not None:
+            # A separate answer: acknowledge it (an empty ACK with its message id), also a repeat that comes
+            # after its exchange ended, else the server sends it again until it gives up.
+            self.transport.sendto(bytes([0x60, 0, message_id >> 8, message_id & 0xFF]))
+        answer = self._answer
+        if answer is None or answer.done():
             return
-        if mtype == ACK and message_id == self._waiting_id:
+        if mtype in (ACK, RST):
+            if message_id != self._waiting_id:
+                return
+            if mtype == RST:
+                answer.set_exception(RawError("reset"))
+                return
             self._acked.set()
             if code == 0:  # empty ACK: the answer follows separately
                 return
-        elif mtype in (CON, NON):
-            if mtype == CON:  # a separate answer: acknowledge it (an empty ACK with its message id)
-                assert self.transport is not None
-                self.transport.sendto(bytes([0x60, 0, message_id >> 8, message_id & 0xFF]))
-            if token != self._token:
-                return
-        else:
-            return
         if token != self._token:
             return
         if block2:
-            self._answer.set_exception(RawError("blockwise answer"))
+            answer.set_exception(RawError("blockwise answer"))
         else:
-            self._answer.set_result(RawAnswer(code, payload))
+            answer.set_result(RawAnswer(code, payload))
 
     async def request(self, path: str, payload: bytes, confirmable: bool) -> RawAnswer:
         assert self.transport is not None
